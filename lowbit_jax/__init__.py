@@ -1,0 +1,56 @@
+"""lowbit-jax: bitsandbytes' low-bit weights, kernels and optimizers, natively in JAX/Flax.
+
+The public API. Names resolve lazily (PEP 562) so ``import lowbit_jax`` stays cheap and the
+optional layers (Flax modules, optimizers, converters) load only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_API = {
+    # formats
+    "NF4_CODE": "lowbit_jax.formats",
+    "FP4_CODE": "lowbit_jax.formats",
+    "create_dynamic_map": "lowbit_jax.formats",
+    "create_normal_map": "lowbit_jax.formats",
+    "create_linear_map": "lowbit_jax.formats",
+    "create_fp8_map": "lowbit_jax.formats",
+    # quantized tensors
+    "QuantizedTensor": "lowbit_jax.quant",
+    "Packed4bit": "lowbit_jax.quant",
+    "Blockwise8bit": "lowbit_jax.quant",
+    "RowwiseInt8": "lowbit_jax.quant",
+    "quantize_4bit": "lowbit_jax.quant",
+    "dequantize_4bit": "lowbit_jax.quant",
+    "quantize_blockwise": "lowbit_jax.quant",
+    "dequantize_blockwise": "lowbit_jax.quant",
+    "int8_vectorwise_quant": "lowbit_jax.quant",
+    "int8_vectorwise_dequant": "lowbit_jax.quant",
+    "quantize_int8": "lowbit_jax.quant",
+    "dequantize_int8": "lowbit_jax.quant",
+    "dequantize": "lowbit_jax.quant",
+    "footprint": "lowbit_jax.quant",
+    # ops
+    "matmul_4bit": "lowbit_jax.ops",
+    "matmul_int8": "lowbit_jax.ops",
+    "quantized_linear": "lowbit_jax.ops",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lowbit_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

@@ -1,0 +1,76 @@
+"""``x @ W.T`` for a 4-bit (NF4/FP4) weight, with a frozen-weight backward."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from lowbit_jax import quant
+from lowbit_jax.ops._grad import zero_cotangent
+
+
+def _check(x, q):
+    if not isinstance(q, quant.Packed4bit):
+        raise ValueError(f"q must be a Packed4bit (from quantize_4bit), got {type(q).__name__}")
+    if len(q.shape) != 2:
+        raise ValueError(f"q must hold a 2-D weight [out, in], got shape {q.shape}")
+    if x.shape[-1] != q.shape[1]:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal the weight's in-features ({q.shape[1]})")
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def matmul_4bit_reference(x, q, bias=None):
+    """The jnp reference: dequantize to x's dtype, then a dense matmul with fp32 accumulation.
+
+    Materialises W; used on the CPU and as the oracle for the GPU kernels.
+    """
+    w = quant.dequantize_4bit(q, x.dtype)
+    y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _forward(x, q, bias):
+    # Kernel dispatch lives here (GPU -> pallas_kernels); the reference everywhere else.
+    return matmul_4bit_reference(x, q, bias)
+
+
+def _grad_x(g, q, x_dtype):
+    w = quant.dequantize_4bit(q, g.dtype)
+    return jnp.einsum("...n,nk->...k", g, w, preferred_element_type=jnp.float32).astype(x_dtype)
+
+
+@jax.custom_vjp
+def _matmul_4bit(x, q, bias):
+    return _forward(x, q, bias)
+
+
+def _fwd_res(x, q, bias):
+    return _forward(x, q, bias), (q, bias, jnp.zeros((0,), x.dtype))
+
+
+def _bwd(res, g):
+    q, bias, x_proto = res
+    gx = _grad_x(g, q, x_proto.dtype)
+    gb = None
+    if bias is not None:
+        gb = jnp.sum(g.astype(jnp.float32).reshape(-1, g.shape[-1]), axis=0).astype(bias.dtype)
+    return gx, zero_cotangent(q), gb
+
+
+_matmul_4bit.defvjp(_fwd_res, _bwd)
+
+
+def matmul_4bit(x, q, bias=None):
+    """``x @ W.T (+ bias)`` for ``W = dequantize_4bit(q)`` of shape ``[out, in]``.
+
+    ``x`` is ``[..., in]`` in float32/bfloat16/float16; the result has x's dtype. The gradient
+    flows to ``x`` and ``bias``, never to the quantized weight.
+    """
+    x = jnp.asarray(x)
+    _check(x, q)
+    return _matmul_4bit(x, q, bias)
