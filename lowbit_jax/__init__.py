@@ -38,6 +38,9 @@ _API = {
     "matmul_4bit": "lowbit_jax.ops",
     "matmul_int8": "lowbit_jax.ops",
     "quantized_linear": "lowbit_jax.ops",
+    # Flax layers and configuration
+    "QuantConfig": "lowbit_jax.nn.config",
+    "quantize_weight": "lowbit_jax.nn.config",
 }
 
 __all__ = sorted(_API)

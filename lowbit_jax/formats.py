@@ -55,18 +55,18 @@ NF4_CODE = np.array(
 )
 
 # FP4 (1 sign, 2 exponent, 1 mantissa bit, bias 2) in *bit-pattern* order, divided by 12 in
-# float32 as bitsandbytes' get_4bit_type does. Index 8 is -0.0.
+# float32 as bitsandbytes' get_4bit_type does. Index 8 is the sign bit on zero, but bitsandbytes
+# writes it as the Python int ``-0``, which is +0.0; so do we.
 FP4_CODE = (
     np.array(
-        [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
+        [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
         dtype=np.float32,
     )
     / np.float32(12.0)
 ).astype(np.float32)
 
 # FP4 codes sorted by value, as bitsandbytes' argsort orders them. The order of the two zeros
-# matters for bit-exactness: values in (0, 0.0026] map to code 8 (-0.0), values in
-# (-0.0026, 0] to code 0 (+0.0).
+# matters for bit-exactness: values in (0, 0.0026] map to code 8, values in (-0.0026, 0] to code 0.
 FP4_SORT_ORDER = np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3], dtype=np.int32)
 
 QUANT_TYPES_4BIT = ("nf4", "fp4")
