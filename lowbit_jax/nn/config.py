@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from lowbit_jax import quant
 
 # bitsandbytes/transformers keep these in 16 bits by default: embeddings and the LM head.
-DEFAULT_SKIP_MODULES = ("embed_tokens", "embedding", "wte", "wpe", "lm_head", "embed_out", "output")
+DEFAULT_SKIP_MODULES = ("embed_tokens", "embedding", "wte", "wpe", "lm_head", "embed_out")
 
 
 @dataclasses.dataclass(frozen=True)
