@@ -644,7 +644,8 @@ def int8_vectorwise_quant(x, threshold: float = 0.0):
     else:
         outlier_cols = jnp.zeros((x2.shape[1],), bool)
     row_absmax = jnp.max(jnp.abs(x2), axis=1).astype(jnp.float32)
-    scale = jnp.float32(127.0) / row_absmax
+    # torch evaluates ``127.0 / row_stats`` as ``row_stats.reciprocal() * 127.0``: two roundings.
+    scale = _rounded(jnp.float32(1.0) / row_absmax) * jnp.float32(127.0)
     scaled = x2.astype(jnp.float32) * scale[:, None]
     codes = jnp.where(row_absmax[:, None] > 0, jnp.round(scaled), 0.0).astype(jnp.int8)
     if threshold > 0.0 and rows > 1:
