@@ -19,3 +19,16 @@ def default_backend() -> str:
 
 def on_gpu() -> bool:
     return default_backend() == "gpu"
+
+
+def shard_map(f, *, mesh, in_specs, out_specs, check: bool = True):
+    """``jax.shard_map`` (JAX >= 0.7), falling back to the experimental module's spelling.
+
+    ``check=False`` turns off replication/varying-axis checking, for bodies that do their own
+    collectives around a custom_vjp (whose backward the checker cannot type).
+    """
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check)
+    from jax.experimental.shard_map import shard_map as _shard_map  # pragma: no cover
+
+    return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=check)

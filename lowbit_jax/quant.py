@@ -48,6 +48,8 @@ __all__ = [
     "dequantize_int8",
     "dequantize",
     "unpack_4bit_codes",
+    "to_rows",
+    "to_flat",
     "absmax_4bit",
     "footprint",
     "Footprint",
@@ -462,6 +464,7 @@ def _dequantize_blockwise_arrays(codes, absmax, code, blocksize: int, n: int) ->
 def _nested_absmax_values(qabsmax, nested_absmax, offset, nested_blocksize: int, code=None) -> jax.Array:
     """Undo double quantization of an absmax vector: dequantize, then add the offset back."""
     code = formats.dynamic_map(True) if code is None else code
+    qabsmax = qabsmax.reshape(-1)
     n = qabsmax.shape[0]
     scaled = _rounded(_dequantize_blockwise_arrays(qabsmax, nested_absmax, code, nested_blocksize, n))
     return scaled + offset
@@ -588,7 +591,8 @@ def _quantize_4bit_arrays(w, blocksize: int, quant_type: str, compress_statistic
 def absmax_4bit(q: Packed4bit) -> jax.Array:
     """The float32 per-block absmax of a 4-bit tensor, undoing double quantization if any."""
     if q.double_quant:
-        return _nested_absmax_values(q.absmax, q.nested_absmax, q.offset, q.nested_blocksize)
+        values = _nested_absmax_values(q.absmax, q.nested_absmax, q.offset, q.nested_blocksize)
+        return values.reshape(q.absmax.shape)
     return q.absmax.astype(jnp.float32)
 
 
@@ -605,7 +609,7 @@ def dequantize_4bit(q: Packed4bit, dtype=None) -> jax.Array:
     n = q.size
     codes = unpack_4bit_codes(q.packed, n).astype(jnp.int32)
     values = jnp.take(jnp.asarray(q.code), codes, axis=0)
-    absmax = absmax_4bit(q)
+    absmax = absmax_4bit(q).reshape(-1)  # [blocks], or [out, blocks/out] in the "rows" layout
     nblocks = absmax.shape[0]
     values = jnp.pad(values, (0, nblocks * q.blocksize - n)).reshape(nblocks, q.blocksize)
     out = (values * absmax[:, None]).reshape(-1)[:n]
@@ -689,6 +693,37 @@ def dequantize(q, dtype=None) -> jax.Array:
         return dequantize_int8(q, dtype)
     arr = jnp.asarray(q)
     return arr if dtype is None else arr.astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Row layout: the same bytes viewed as [out, ...] so a weight can be split along either axis
+# --------------------------------------------------------------------------------------------
+
+
+def to_rows(q: Packed4bit) -> Packed4bit:
+    """View a 2-D weight's codes and absmax as ``[out, in/2]`` and ``[out, in/blocksize]``.
+
+    The bytes are the canonical bitsandbytes ones (row-major), only the array shapes change,
+    so the input dimension can be sharded in whole quantization blocks. Needs ``in`` to be a
+    multiple of the blocksize (blocks then never straddle rows). ``to_flat`` undoes it.
+    """
+    if len(q.shape) != 2:
+        raise ValueError(f"to_rows needs a 2-D weight [out, in], got shape {q.shape}")
+    out_f, in_f = q.shape
+    if in_f % q.blocksize or q.quant_storage != "uint8":
+        raise ValueError(
+            f"to_rows needs in-features ({in_f}) to be a multiple of the blocksize ({q.blocksize}) and uint8 storage"
+        )
+    return q.replace(
+        packed=q.packed.reshape(out_f, in_f // 2),
+        absmax=q.absmax.reshape(out_f, in_f // q.blocksize),
+        layout="rows",
+    )
+
+
+def to_flat(q: Packed4bit) -> Packed4bit:
+    """The canonical flat layout (what serialisation writes)."""
+    return q.replace(packed=q.packed.reshape(-1), absmax=q.absmax.reshape(-1), layout="bnb")
 
 
 # --------------------------------------------------------------------------------------------
