@@ -38,6 +38,14 @@ _API = {
     "matmul_4bit": "lowbit_jax.ops",
     "matmul_int8": "lowbit_jax.ops",
     "quantized_linear": "lowbit_jax.ops",
+    # 8-bit optimizers (optax)
+    "adamw8bit": "lowbit_jax.optim",
+    "adam8bit": "lowbit_jax.optim",
+    "lion8bit": "lowbit_jax.optim",
+    "sgd8bit": "lowbit_jax.optim",
+    "rmsprop8bit": "lowbit_jax.optim",
+    "adagrad8bit": "lowbit_jax.optim",
+    "scale_by_adam_8bit": "lowbit_jax.optim",
     # Flax layers and configuration
     "QuantConfig": "lowbit_jax.nn.config",
     "quantize_weight": "lowbit_jax.nn.config",

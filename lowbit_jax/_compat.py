@@ -32,3 +32,25 @@ def shard_map(f, *, mesh, in_specs, out_specs, check: bool = True):
     from jax.experimental.shard_map import shard_map as _shard_map  # pragma: no cover
 
     return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=check)
+
+
+def host_memory_space():
+    """``jax.memory.Space.Host`` (pinned host memory) where the backend has it, else None.
+
+    Offloaded optimizer states live there between steps. Both JAX 0.10 and 0.11 expose
+    ``jax.memory.Space``; backends without a pinned-host memory (some plugins) get None and the
+    caller keeps the state on the device.
+    """
+    space = getattr(getattr(jax, "memory", None), "Space", None)
+    if space is None:
+        return None
+    try:
+        kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+    except Exception:  # noqa: BLE001 - a backend without memory introspection offloads nothing
+        return None
+    return space.Host if "pinned_host" in kinds else None
+
+
+def device_memory_space():
+    space = getattr(getattr(jax, "memory", None), "Space", None)
+    return None if space is None else space.Device

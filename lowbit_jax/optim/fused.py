@@ -1,0 +1,156 @@
+"""AdamW 8-bit as one fused step per leaf: the Pallas kernel on 8-bit leaves, jnp on the rest.
+
+The optax chain in ``transforms`` reads like optax but makes XLA walk the parameters several
+times (dequantize, update, absmax, requantize are separate passes). Here every 8-bit leaf is
+updated by ``pallas_kernels.optim_8bit`` in one pass, with bitsandbytes' in-place formula
+``p <- p (1 - lr wd) - lr / c1 * m / (sqrt(v) / c2 + eps)``; the optax update returned is
+``p_new - p``. ``adam8bit_step_reference`` is the same formula in plain jnp over the
+quantization reference (``lowbit_jax.quant``): the kernel's test oracle.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lowbit_jax.optim import _state
+from lowbit_jax.optim._state import MIN_8BIT_SIZE, STATE_BLOCKSIZE
+from lowbit_jax.optim.transforms import (
+    ScaleByAdam8bitState,
+    _check,
+    _check_min_size,
+    _count_inc,
+    _f32,
+    _move,
+    _moments,
+    _offload_spaces,
+    _one_minus,
+    _split,
+)
+from lowbit_jax.quant import Blockwise8bit, _code_lut
+from pallas_kernels import optim_8bit as kernel
+
+
+def adam_hyper(b1, b2, eps, lr, weight_decay, count) -> jax.Array:
+    """The kernel's scalar vector (``optim_8bit.HYPER_FIELDS``) for step ``count`` (1-based)."""
+    step = _f32(count)
+    c1 = jnp.float32(1.0) - _f32(b1) ** step
+    c2 = jnp.sqrt(jnp.float32(1.0) - _f32(b2) ** step)
+    lr = _f32(lr)
+    return jnp.stack([
+        _f32(b1), _one_minus(b1), _f32(b2), _one_minus(b2), _f32(eps),
+        jnp.float32(1.0) - lr * _f32(weight_decay), -lr / c1, c2,
+    ])
+
+
+def adam8bit_step_reference(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit):
+    """bitsandbytes' 8-bit blockwise Adam(W) step on one leaf in plain jnp: (p, m, v)."""
+    b1, omb1, b2, omb2, eps, decay, step_size, c2 = (hyper[i] for i in range(8))
+    g32 = g.astype(jnp.float32)
+    m = _state.load(mq) * b1 + g32 * omb1
+    v = _state.load(vq) * b2 + (g32 * g32) * omb2
+    denom = jnp.sqrt(v) / c2 + eps
+    p_new = p.astype(jnp.float32) * decay + step_size * (m / denom)
+    return p_new.astype(p.dtype), _state.store(m, mq), _state.store(v, vq)
+
+
+def _blocks(x, nblocks: int, fill=0):
+    flat = x.reshape(-1)
+    pad = nblocks * STATE_BLOCKSIZE - flat.shape[0]
+    if pad:
+        flat = jnp.pad(flat, (0, pad), constant_values=fill)
+    return flat.reshape(nblocks, STATE_BLOCKSIZE)
+
+
+def _unblocks(x, shape, n: int):
+    return x.reshape(-1)[:n].reshape(shape)
+
+
+def adam8bit_step_fused(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit, *, interpret: bool = False):
+    """The kernel's step on one leaf: (p, m, v), equal to :func:`adam8bit_step_reference`."""
+    n = mq.size
+    nblocks = mq.absmax.shape[0]
+    outs = kernel.adam8bit_blocks(
+        hyper, _blocks(p, nblocks), _blocks(g, nblocks),
+        _blocks(mq.codes, nblocks), mq.absmax, _blocks(vq.codes, nblocks), vq.absmax,
+        mq.code, vq.code, _code_lut(mq.code), _code_lut(vq.code),
+        n=n, interpret=interpret,
+    )
+    p_new, c1, a1, c2, a2 = outs
+    shape = tuple(p.shape)
+    return (
+        _unblocks(p_new, shape, n),
+        mq.replace(codes=_unblocks(c1, shape, n), absmax=a1),
+        vq.replace(codes=_unblocks(c2, shape, n), absmax=a2),
+    )
+
+
+def _adam32_step(p, g, m, v, c1, c2, eps, lr, wd, b1, b2):
+    """bitsandbytes' 32-bit Adam(W) kernel (leaves under ``min_8bit_size``)."""
+    g32 = g.astype(jnp.float32)
+    m = m * _f32(b1) + g32 * _one_minus(b1)
+    v = v * _f32(b2) + (g32 * g32) * _one_minus(b2)
+    p32 = p.astype(jnp.float32) * (jnp.float32(1.0) - lr * wd)
+    update = m / (jnp.sqrt(v) + _f32(eps) * c2)
+    p_new = p32 + (-lr * c2 / c1) * update
+    return p_new.astype(p.dtype), m, v
+
+
+def fused_adamw_8bit(
+    learning_rate: Union[float, Callable],
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    mask: Optional[Union[Any, Callable]] = None,
+    *,
+    min_8bit_size: int = MIN_8BIT_SIZE,
+    offload_state: bool = False,
+    interpret: bool = False,
+) -> optax.GradientTransformation:
+    """AdamW 8-bit whose update of each large leaf is one fused kernel pass (needs ``params``)."""
+    _check("b1", b1, 0.0, 1.0)
+    _check("b2", b2, 0.0, 1.0)
+    min_8bit_size = _check_min_size(min_8bit_size)
+    host, device = _offload_spaces(offload_state)
+
+    def init_fn(params):
+        mu = _moments(params, True, min_8bit_size)
+        nu = _moments(params, False, min_8bit_size)
+        return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), _move(mu, host), _move(nu, host))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("params must be given to the fused adamw8bit update (it updates them in one pass)")
+        count = _count_inc(state.count)
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr = _f32(lr)
+        if mask is None:
+            decay_mask = jax.tree.map(lambda _: True, params)
+        else:
+            decay_mask = mask(params) if callable(mask) else mask
+        step = _f32(count)
+        c1 = jnp.float32(1.0) - _f32(b1) ** step
+        c2 = jnp.sqrt(jnp.float32(1.0) - _f32(b2) ** step)
+        hyper_on = adam_hyper(b1, b2, eps, lr, weight_decay, count)
+        hyper_off = adam_hyper(b1, b2, eps, lr, 0.0, count)
+        mu, nu = _move(state.mu, device), _move(state.nu, device)
+
+        def leaf(g, p, decays, mq, vq):
+            if isinstance(mq, Blockwise8bit):
+                hyper = jnp.where(jnp.asarray(decays), hyper_on, hyper_off)
+                p_new, m, v = adam8bit_step_fused(hyper, p, g, mq, vq, interpret=interpret)
+            else:
+                wd = jnp.where(jnp.asarray(decays), _f32(weight_decay), jnp.float32(0.0))
+                p_new, m, v = _adam32_step(p, g, mq, vq, c1, c2, eps, lr, wd, b1, b2)
+            u = p_new.astype(jnp.float32) - p.astype(jnp.float32)
+            return u.astype(p.dtype), m, v
+
+        out = jax.tree.map(leaf, updates, params, decay_mask, mu, nu)
+        u, mu, nu = _split(updates, out, 3)
+        return u, ScaleByAdam8bitState(count, _move(mu, host), _move(nu, host))
+
+    return optax.GradientTransformation(init_fn, update_fn)
