@@ -9,12 +9,14 @@ the rounding would cost more than they save. The moments here are ``Blockwise8bi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lowbit_jax import formats
-from lowbit_jax.quant import Blockwise8bit, dequantize_blockwise, quantize_blockwise
+from lowbit_jax.quant import _LUT_EDGES, _LUT_SIZE, Blockwise8bit, _block_absmax, dequantize_blockwise
 
 # bitsandbytes' 8-bit optimizers always quantize their states in blocks of 256.
 STATE_BLOCKSIZE = 256
@@ -54,11 +56,38 @@ def load(state) -> jax.Array:
     return state
 
 
-def store(value: jax.Array, like):
-    """``value`` (fp32) stored the way ``like`` is: requantized with fresh absmax, or as is."""
-    if isinstance(like, Blockwise8bit):
-        return quantize_blockwise(value, code=like.code, blocksize=like.blocksize)
-    return value.astype(jnp.float32)
+@functools.lru_cache(maxsize=None)
+def state_lut(signed: bool) -> np.ndarray:
+    """uint8 [65536]: bitsandbytes' CPU rounding table for a state map, built once on the host.
+
+    ``quantize_blockwise`` derives this table from its (traced) map on every call; a training
+    step would rebuild it for every leaf (a searchsorted whose loop costs a device round trip
+    per iteration on GPU, milliseconds a step). The state maps are fixed, so it is a constant.
+    """
+    code = state_code(signed).astype(np.float32)
+    mids = np.float32(0.5) * (code[:-1] + code[1:])
+    lut = np.searchsorted(mids, _LUT_EDGES, side="left").astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
+
+
+def store(value: jax.Array, like, signed: bool):
+    """``value`` (fp32) stored the way ``like`` is: requantized with fresh absmax, or as is.
+
+    The codes are :func:`lowbit_jax.quant.quantize_blockwise`'s (same rule, same bits) with the
+    rounding table taken from :func:`state_lut` instead of rebuilt.
+    """
+    if not isinstance(like, Blockwise8bit):
+        return value.astype(jnp.float32)
+    n = like.size
+    blocks, absmax = _block_absmax(value.reshape(-1).astype(jnp.float32), like.blocksize)
+    inv = jnp.float32(1.0) / jnp.where(absmax == 0, jnp.float32(1.0), absmax)
+    normed = jnp.clip(blocks * inv[:, None], -1.0, 1.0)
+    t = (normed + jnp.float32(1.0)) * jnp.float32(0.5)
+    idx = (t * jnp.float32(_LUT_SIZE - 1) + jnp.float32(0.5)).astype(jnp.int32)
+    codes = jnp.take(jnp.asarray(state_lut(signed)), idx, axis=0)
+    codes = jnp.where((absmax == 0)[:, None], jnp.uint8(0), codes)
+    return like.replace(codes=codes.reshape(-1)[:n].reshape(like.shape), absmax=absmax)
 
 
 def is_moment(x) -> bool:

@@ -30,7 +30,7 @@ from lowbit_jax.optim.transforms import (
     _one_minus,
     _split,
 )
-from lowbit_jax.quant import Blockwise8bit, _code_lut
+from lowbit_jax.quant import Blockwise8bit
 from pallas_kernels import optim_8bit as kernel
 
 
@@ -54,7 +54,7 @@ def adam8bit_step_reference(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit):
     v = _state.load(vq) * b2 + (g32 * g32) * omb2
     denom = jnp.sqrt(v) / c2 + eps
     p_new = p.astype(jnp.float32) * decay + step_size * (m / denom)
-    return p_new.astype(p.dtype), _state.store(m, mq), _state.store(v, vq)
+    return p_new.astype(p.dtype), _state.store(m, mq, True), _state.store(v, vq, False)
 
 
 def _blocks(x, nblocks: int, fill=0):
@@ -69,15 +69,19 @@ def _unblocks(x, shape, n: int):
     return x.reshape(-1)[:n].reshape(shape)
 
 
-def adam8bit_step_fused(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit, *, interpret: bool = False):
-    """The kernel's step on one leaf: (p, m, v), equal to :func:`adam8bit_step_reference`."""
+def adam8bit_step_fused(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit, *, interpret: bool = False,
+                        **kernel_options):
+    """The kernel's step on one leaf: (p, m, v), equal to :func:`adam8bit_step_reference`.
+
+    ``kernel_options`` (quantizer, rows, num_warps) go to ``optim_8bit.adam8bit_blocks``.
+    """
     n = mq.size
     nblocks = mq.absmax.shape[0]
     outs = kernel.adam8bit_blocks(
         hyper, _blocks(p, nblocks), _blocks(g, nblocks),
         _blocks(mq.codes, nblocks), mq.absmax, _blocks(vq.codes, nblocks), vq.absmax,
-        mq.code, vq.code, _code_lut(mq.code), _code_lut(vq.code),
-        n=n, interpret=interpret,
+        mq.code, vq.code, jnp.asarray(_state.state_lut(True)), jnp.asarray(_state.state_lut(False)),
+        n=n, interpret=interpret, **kernel_options,
     )
     p_new, c1, a1, c2, a2 = outs
     shape = tuple(p.shape)

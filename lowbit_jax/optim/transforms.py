@@ -153,7 +153,7 @@ def scale_by_adam_8bit(
                 u = (m / (jnp.sqrt(v) / c2 + _f32(eps))) / c1
             else:
                 u = (m / (jnp.sqrt(v) + _f32(eps) * c2)) * (c2 / c1)
-            return u.astype(g.dtype), _state.store(m, mq), _state.store(v, vq)
+            return u.astype(g.dtype), _state.store(m, mq, True), _state.store(v, vq, False)
 
         out = jax.tree.map(leaf, updates, mu, nu)
         u, mu, nu = _split(updates, out, 3)
@@ -183,7 +183,7 @@ def scale_by_lion_8bit(
             m = _state.load(mq)
             u = jnp.sign(m * _f32(b1) + g32 * _one_minus(b1))
             m = m * _f32(b2) + g32 * _one_minus(b2)
-            return u.astype(g.dtype), _state.store(m, mq)
+            return u.astype(g.dtype), _state.store(m, mq, True)
 
         out = jax.tree.map(leaf, updates, mu)
         u, mu = _split(updates, out, 2)
@@ -208,7 +208,7 @@ def trace_8bit(
 
         def leaf(g, mq):
             m = _state.load(mq) * _f32(decay) + g.astype(jnp.float32)
-            return m.astype(g.dtype), _state.store(m, mq)
+            return m.astype(g.dtype), _state.store(m, mq, True)
 
         out = jax.tree.map(leaf, updates, _move(state.trace, device))
         u, trace = _split(updates, out, 2)
@@ -237,7 +237,7 @@ def scale_by_rms_8bit(
         def leaf(g, vq):
             g32 = g.astype(jnp.float32)
             v = _state.load(vq) * _f32(decay) + (g32 * g32) * _one_minus(decay)
-            return (g32 / (jnp.sqrt(v) + _f32(eps))).astype(g.dtype), _state.store(v, vq)
+            return (g32 / (jnp.sqrt(v) + _f32(eps))).astype(g.dtype), _state.store(v, vq, True)
 
         out = jax.tree.map(leaf, updates, _move(state.nu, device))
         u, nu = _split(updates, out, 2)
@@ -262,7 +262,7 @@ def scale_by_rss_8bit(
         def leaf(g, vq):
             g32 = g.astype(jnp.float32)
             v = _state.load(vq) + g32 * g32
-            return (g32 / (jnp.sqrt(v) + _f32(eps))).astype(g.dtype), _state.store(v, vq)
+            return (g32 / (jnp.sqrt(v) + _f32(eps))).astype(g.dtype), _state.store(v, vq, True)
 
         out = jax.tree.map(leaf, updates, _move(state.sum_of_squares, device))
         u, ss = _split(updates, out, 2)
