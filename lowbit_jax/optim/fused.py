@@ -111,7 +111,7 @@ def fused_adamw_8bit(
     weight_decay: float = 1e-2,
     mask: Optional[Union[Any, Callable]] = None,
     *,
-    min_8bit_size: int = MIN_8BIT_SIZE,
+    min_8bit_size: Optional[int] = None,
     offload_state: bool = False,
     interpret: bool = False,
 ) -> optax.GradientTransformation:

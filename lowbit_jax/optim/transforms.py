@@ -9,6 +9,9 @@ requantizes with a fresh absmax. The public optimizers compose them with optax's
 ``add_decayed_weights`` and ``scale_by_learning_rate``, so schedules, masks, ``MultiSteps``,
 ``inject_hyperparams`` and ``chain`` work as for any optax optimizer.
 
+Size thresholds default to ``None`` (= 4096) so that ``optax.inject_hyperparams`` leaves them
+static; pass ``static_args=("min_8bit_size",)`` to it when setting one explicitly.
+
 ``offload_state=True`` keeps the moments in pinned host memory between steps (bitsandbytes'
 paged optimizers' use case): each step streams them to the device and back.
 """
@@ -64,6 +67,9 @@ def _check(name: str, value, low: float, high: float, high_open: bool = True) ->
 
 
 def _check_min_size(min_8bit_size) -> int:
+    """None means bitsandbytes' 4096 (a None default keeps it static under inject_hyperparams)."""
+    if min_8bit_size is None:
+        return MIN_8BIT_SIZE
     if not isinstance(min_8bit_size, int) or min_8bit_size < 1:
         raise ValueError(f"min_8bit_size must be a positive int, got {min_8bit_size!r}")
     return min_8bit_size
@@ -117,7 +123,7 @@ def scale_by_adam_8bit(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
-    min_8bit_size: int = MIN_8BIT_SIZE,
+    min_8bit_size: Optional[int] = None,
     offload_state: bool = False,
 ) -> optax.GradientTransformation:
     """Adam's direction ``m_hat / (sqrt(v_hat) + eps)`` with 8-bit moments (bitsandbytes ``adam``).
@@ -163,7 +169,7 @@ def scale_by_adam_8bit(
 
 
 def scale_by_lion_8bit(
-    b1: float = 0.9, b2: float = 0.99, *, min_8bit_size: int = MIN_8BIT_SIZE, offload_state: bool = False
+    b1: float = 0.9, b2: float = 0.99, *, min_8bit_size: Optional[int] = None, offload_state: bool = False
 ) -> optax.GradientTransformation:
     """Lion's direction ``sign(b1 m + (1 - b1) g)``, then ``m <- b2 m + (1 - b2) g`` (8-bit m)."""
     _check("b1", b1, 0.0, 1.0)
@@ -193,7 +199,7 @@ def scale_by_lion_8bit(
 
 
 def trace_8bit(
-    decay: float = 0.9, *, min_8bit_size: int = MIN_8BIT_SIZE, offload_state: bool = False
+    decay: float = 0.9, *, min_8bit_size: Optional[int] = None, offload_state: bool = False
 ) -> optax.GradientTransformation:
     """Heavy-ball momentum ``m <- decay m + g`` with an 8-bit trace (bitsandbytes ``momentum``)."""
     _check("decay", decay, 0.0, 1.0)
@@ -218,7 +224,7 @@ def trace_8bit(
 
 
 def scale_by_rms_8bit(
-    decay: float = 0.99, eps: float = 1e-8, *, min_8bit_size: int = MIN_8BIT_SIZE, offload_state: bool = False
+    decay: float = 0.99, eps: float = 1e-8, *, min_8bit_size: Optional[int] = None, offload_state: bool = False
 ) -> optax.GradientTransformation:
     """RMSprop's ``g / (sqrt(v) + eps)``, ``v <- decay v + (1 - decay) g^2`` (bitsandbytes ``rmsprop``).
 
@@ -247,7 +253,7 @@ def scale_by_rms_8bit(
 
 
 def scale_by_rss_8bit(
-    eps: float = 1e-10, *, min_8bit_size: int = MIN_8BIT_SIZE, offload_state: bool = False
+    eps: float = 1e-10, *, min_8bit_size: Optional[int] = None, offload_state: bool = False
 ) -> optax.GradientTransformation:
     """Adagrad's ``g / (sqrt(sum g^2) + eps)`` with an 8-bit sum of squares (bitsandbytes ``adagrad``)."""
     min_8bit_size = _check_min_size(min_8bit_size)
@@ -288,7 +294,7 @@ def adam8bit(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
-    min_8bit_size: int = MIN_8BIT_SIZE,
+    min_8bit_size: Optional[int] = None,
     offload_state: bool = False,
 ) -> optax.GradientTransformation:
     """Adam with 8-bit states (``bitsandbytes.optim.Adam8bit``)."""
@@ -306,7 +312,7 @@ def adamw8bit(
     weight_decay: float = 1e-2,
     mask: Optional[Union[Any, Callable]] = None,
     *,
-    min_8bit_size: int = MIN_8BIT_SIZE,
+    min_8bit_size: Optional[int] = None,
     offload_state: bool = False,
     fused: Optional[bool] = None,
     interpret: bool = False,
@@ -342,7 +348,7 @@ def lion8bit(
     weight_decay: float = 1e-3,
     mask: Optional[Union[Any, Callable]] = None,
     *,
-    min_8bit_size: int = MIN_8BIT_SIZE,
+    min_8bit_size: Optional[int] = None,
     offload_state: bool = False,
 ) -> optax.GradientTransformation:
     """Lion with an 8-bit momentum (``bitsandbytes.optim.Lion8bit``): decoupled weight decay."""
@@ -359,7 +365,7 @@ def sgd8bit(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     *,
-    min_8bit_size: int = MIN_8BIT_SIZE,
+    min_8bit_size: Optional[int] = None,
     offload_state: bool = False,
 ) -> optax.GradientTransformation:
     """SGD with an 8-bit momentum buffer (``bitsandbytes.optim.SGD8bit``).
@@ -382,7 +388,7 @@ def rmsprop8bit(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     *,
-    min_8bit_size: int = MIN_8BIT_SIZE,
+    min_8bit_size: Optional[int] = None,
     offload_state: bool = False,
 ) -> optax.GradientTransformation:
     """RMSprop with an 8-bit second moment (``bitsandbytes.optim.RMSprop8bit``, L2 weight decay)."""
@@ -398,7 +404,7 @@ def adagrad8bit(
     eps: float = 1e-10,
     weight_decay: float = 0.0,
     *,
-    min_8bit_size: int = MIN_8BIT_SIZE,
+    min_8bit_size: Optional[int] = None,
     offload_state: bool = False,
 ) -> optax.GradientTransformation:
     """Adagrad with an 8-bit sum of squares (``bitsandbytes.optim.Adagrad8bit``, L2 weight decay)."""
