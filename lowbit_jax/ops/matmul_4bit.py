@@ -7,7 +7,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from lowbit_jax import quant
+from lowbit_jax import _compat, quant
+from lowbit_jax.ops import _matmul_4bit_kernels as _kernels
 from lowbit_jax.ops._grad import zero_cotangent
 
 
@@ -34,28 +35,46 @@ def matmul_4bit_reference(x, q, bias=None):
     return y.astype(x.dtype)
 
 
-def _forward(x, q, bias):
-    # Kernel dispatch lives here (GPU -> pallas_kernels); the reference everywhere else.
-    return matmul_4bit_reference(x, q, bias)
+IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
 
 
-def _grad_x(g, q, x_dtype):
-    w = quant.dequantize_4bit(q, g.dtype)
-    return jnp.einsum("...n,nk->...k", g, w, preferred_element_type=jnp.float32).astype(x_dtype)
+def _resolve(impl, q):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if (_compat.on_gpu() and _kernels.supported(q)) else "reference"
+    if impl != "reference" and not _kernels.supported(q):
+        raise ValueError(
+            f"the 4-bit kernels need in-features ({q.shape[1]}) to be a multiple of the blocksize "
+            f"({q.blocksize}); use impl='reference' (or 'auto') for this weight")
+    return impl
 
 
-@jax.custom_vjp
-def _matmul_4bit(x, q, bias):
-    return _forward(x, q, bias)
+def _forward(x, q, bias, impl):
+    if impl == "reference":
+        return matmul_4bit_reference(x, q, bias)
+    return _kernels.forward(x, q, bias, interpret=impl == "pallas_interpret")
 
 
-def _fwd_res(x, q, bias):
-    return _forward(x, q, bias), (q, bias, jnp.zeros((0,), x.dtype))
+def _grad_x(g, q, x_dtype, impl):
+    if impl == "reference":
+        w = quant.dequantize_4bit(q, g.dtype)
+        return jnp.einsum("...n,nk->...k", g, w, preferred_element_type=jnp.float32).astype(x_dtype)
+    return _kernels.backward(g, q, interpret=impl == "pallas_interpret").astype(x_dtype)
 
 
-def _bwd(res, g):
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _matmul_4bit(x, q, bias, impl):
+    return _forward(x, q, bias, impl)
+
+
+def _fwd_res(x, q, bias, impl):
+    return _forward(x, q, bias, impl), (q, bias, jnp.zeros((0,), x.dtype))
+
+
+def _bwd(impl, res, g):
     q, bias, x_proto = res
-    gx = _grad_x(g, q, x_proto.dtype)
+    gx = _grad_x(g, q, x_proto.dtype, impl)
     gb = None
     if bias is not None:
         gb = jnp.sum(g.astype(jnp.float32).reshape(-1, g.shape[-1]), axis=0).astype(bias.dtype)
@@ -65,12 +84,18 @@ def _bwd(res, g):
 _matmul_4bit.defvjp(_fwd_res, _bwd)
 
 
-def matmul_4bit(x, q, bias=None):
+def matmul_4bit(x, q, bias=None, *, impl: str = "auto"):
     """``x @ W.T (+ bias)`` for ``W = dequantize_4bit(q)`` of shape ``[out, in]``.
 
     ``x`` is ``[..., in]`` in float32/bfloat16/float16; the result has x's dtype. The gradient
     flows to ``x`` and ``bias``, never to the quantized weight.
+
+    ``impl``: "auto" runs the fused Pallas kernels on a GPU (GEMV for few rows, GEMM above the
+    measured crossover; the backward is a transposed fused kernel, so W is never expanded in
+    HBM) and the jnp reference elsewhere or when in-features are not a multiple of the
+    blocksize. "reference", "pallas" and "pallas_interpret" (the kernels in Pallas' interpreter,
+    for CPU tests) force one.
     """
     x = jnp.asarray(x)
     _check(x, q)
-    return _matmul_4bit(x, q, bias)
+    return _matmul_4bit(x, q, bias, _resolve(impl, q))

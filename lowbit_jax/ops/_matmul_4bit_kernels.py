@@ -1,0 +1,141 @@
+"""Glue between ``Packed4bit`` and the Pallas 4-bit kernels: operand views, tiling, crossover.
+
+The kernels read the canonical bitsandbytes bytes (no second copy of the weight, nothing to
+re-serialise): ``packed`` viewed as ``[N, K/2]`` and absmax as ``[N, K/blocksize]``, which
+is exact whenever K is a multiple of the blocksize (no block straddles two rows). Double
+quantization is undone in-kernel (uint8 absmax codes, nested scales, offset).
+
+Launch parameters live in ``GPU_CONFIG`` so a benchmark can sweep them; the values here are
+the ones measured best on an H100 (benchmarks/RESULTS.md). ``GEMV_MAX_M`` is the measured
+GEMV/GEMM crossover in rows of x.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lowbit_jax import quant
+from pallas_kernels import gemm_4bit, gemv_4bit
+
+GPU_CONFIG = {
+    "gemv": dict(block_n=64, block_h=128, splits=4, decode="select", num_warps=4, num_stages=3),
+    "gemm": dict(block_m=64, block_n=64, block_h=64, decode="select", num_warps=4, num_stages=3),
+    "bwd": dict(block_m=64, block_n=64, block_h=64, decode="select", num_warps=4, num_stages=3),
+}
+GEMV_MAX_M = 16  # rows of x up to which the split-K GEMV runs
+
+
+def supported(q: quant.Packed4bit) -> bool:
+    k = q.shape[1]
+    return len(q.shape) == 2 and k % q.blocksize == 0 and k % 2 == 0
+
+
+def operands(q: quant.Packed4bit) -> dict:
+    """Kernel views of the canonical arrays (reshapes and a bitcast only: no copy of W)."""
+    n, k = q.shape
+    packed = q.packed
+    if packed.dtype != jnp.uint8:
+        packed = jax.lax.bitcast_convert_type(packed, jnp.uint8)
+    ops = dict(packed=packed.reshape(n, k // 2), absmax=q.absmax.reshape(n, k // q.blocksize),
+               quant_type=q.quant_type, blocksize=q.blocksize)
+    if q.double_quant:
+        ops.update(nested_absmax=q.nested_absmax.reshape(-1), offset=q.offset,
+                   nested_code=jnp.asarray(q.nested_code, jnp.float32),
+                   nested_blocksize=q.nested_blocksize)
+    return ops
+
+
+def _pow2_divisor(n: int, cap: int, floor: int = 16) -> int | None:
+    """The largest power of two in [floor, cap] dividing n, or None."""
+    b = cap
+    while b >= floor:
+        if n % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def _block_h(kh: int, cap: int, half_block: int) -> int:
+    """Byte-tile width dividing K/2 that nests with blocksize/2 (one of them divides the other)."""
+    b = cap
+    while b >= 16:
+        if kh % b == 0 and (b % half_block == 0 or half_block % b == 0):
+            return b
+        b //= 2
+    raise ValueError(f"no byte tile divides K/2={kh}")  # unreachable when supported()
+
+
+def _pad_rows(a, mult):
+    pad = (-a.shape[0]) % mult
+    return a if pad == 0 else jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+
+
+def _weight_rows(ops, n, block_n_cap):
+    """Pick block_n dividing N; pad the weight rows only when no power of two >= 16 does."""
+    bn = _pow2_divisor(n, block_n_cap)
+    if bn is None:  # ragged N (not a multiple of 16): pads W's rows (a copy) -- rare in models
+        bn = block_n_cap
+        ops = dict(ops, packed=_pad_rows(ops["packed"], bn), absmax=_pad_rows(ops["absmax"], bn))
+    return ops, bn
+
+
+def forward(x, q, bias=None, *, interpret=False):
+    """``x @ W.T (+ bias)`` through the GEMV (M <= GEMV_MAX_M) or GEMM kernel."""
+    n, k = q.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    ops = operands(q)
+    kh = k // 2
+    half_block = q.blocksize // 2
+    if m <= GEMV_MAX_M:
+        cfg = dict(GPU_CONFIG["gemv"])
+        ops, bn = _weight_rows(ops, n, cfg.pop("block_n"))
+        bh = _block_h(kh, cfg.pop("block_h"), half_block)
+        splits = cfg.pop("splits")
+        # splits must cut K/2 into whole byte tiles holding whole quantization blocks
+        while splits > 1 and (kh % (splits * bh) or (2 * kh // splits) % q.blocksize):
+            splits //= 2
+        mp = 1 if m == 1 else 2 if m == 2 else 4 if m <= gemv_4bit.FMA_MAX_ROWS else -(-m // 16) * 16
+        xp = _pad_rows(x2, mp)
+        b = None if bias is None else _pad_rows(bias, bn)
+        y = gemv_4bit.gemv_4bit(xp[:, 0::2], xp[:, 1::2], ops["packed"], ops["absmax"], **_rest(ops), bias=b,
+                                block_n=bn, block_h=bh, splits=splits, interpret=interpret, **cfg)
+    else:
+        cfg = dict(GPU_CONFIG["gemm"])
+        ops, bn = _weight_rows(ops, n, cfg.pop("block_n"))
+        bh = _block_h(kh, cfg.pop("block_h"), half_block)
+        bm = min(cfg.pop("block_m"), max(16, 1 << (m - 1).bit_length()))
+        xp = _pad_rows(x2, bm)
+        b = None if bias is None else _pad_rows(bias, bn)
+        y = gemm_4bit.fused_forward(xp[:, 0::2], xp[:, 1::2], ops["packed"], ops["absmax"],
+                                    **_rest(ops), bias=b, block_m=bm, block_n=bn, block_h=bh,
+                                    interpret=interpret, **cfg)
+    return y[:m, :n].reshape(*lead, n)
+
+
+def _rest(ops):
+    """Keyword operands besides the positional packed and absmax."""
+    return {key: val for key, val in ops.items() if key not in ("packed", "absmax")}
+
+
+def backward(g, q, *, interpret=False):
+    """``g @ W`` ([..., N] -> [..., K], fp32-accumulated, g's dtype) without expanding W."""
+    n, k = q.shape
+    lead = g.shape[:-1]
+    g2 = g.reshape(-1, n)
+    m = g2.shape[0]
+    ops = operands(q)
+    cfg = dict(GPU_CONFIG["bwd"])
+    ops, bn = _weight_rows(ops, n, cfg.pop("block_n"))
+    bh = _block_h(k // 2, cfg.pop("block_h"), q.blocksize // 2)
+    bm = min(cfg.pop("block_m"), max(16, 1 << (m - 1).bit_length()))
+    gp = _pad_rows(g2, bm)
+    if gp.shape[1] != ops["packed"].shape[0]:  # W rows were padded: pad g's columns with zeros
+        gp = jnp.pad(gp, ((0, 0), (0, ops["packed"].shape[0] - n)))
+    packed, absmax = ops["packed"], ops["absmax"]
+    even, odd = gemm_4bit.fused_backward(gp, packed, absmax, **_rest(ops), block_m=bm, block_n=bn,
+                                         block_h=bh, interpret=interpret, **cfg)
+    dx = jnp.stack([even[:m], odd[:m]], axis=-1).reshape(m, k)
+    return dx.reshape(*lead, k)
