@@ -42,6 +42,7 @@ _API = {
     "adamw8bit": "lowbit_jax.optim",
     "adam8bit": "lowbit_jax.optim",
     "lion8bit": "lowbit_jax.optim",
+    "ademamix8bit": "lowbit_jax.optim",
     "sgd8bit": "lowbit_jax.optim",
     "rmsprop8bit": "lowbit_jax.optim",
     "adagrad8bit": "lowbit_jax.optim",

@@ -14,6 +14,7 @@ from lowbit_jax.optim import (
     adagrad8bit,
     adam8bit,
     adamw8bit,
+    ademamix8bit,
     lion8bit,
     rmsprop8bit,
     sgd8bit,
@@ -46,6 +47,7 @@ def _steps(tx, params, rng, n=3):
 @pytest.mark.parametrize("make", [
     lambda: adamw8bit(1e-3, fused=False), lambda: adam8bit(1e-3), lambda: lion8bit(1e-4),
     lambda: sgd8bit(1e-2), lambda: rmsprop8bit(1e-3), lambda: adagrad8bit(1e-2),
+    lambda: ademamix8bit(1e-3, t_alpha=5, t_beta3=5),
 ])
 def test_each_optimizer_steps_under_jit(rng, make):
     params = _params(rng)

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from lowbit_jax.optim import adam8bit, adamw8bit, lion8bit, sgd8bit
+from lowbit_jax.optim import adam8bit, adamw8bit, ademamix8bit, lion8bit, sgd8bit
 from lowbit_jax.quant import Blockwise8bit
 
 # 6144 (8-bit, whole blocks), 11100 (8-bit, ragged last block), 600 (< 4096: fp32 states)
@@ -111,6 +111,25 @@ def test_lion_matches_bitsandbytes(torch, bnb_optim, rng):
             m_diff = _code_mismatch(opt, tparams[i], state[0].mu[i], "state1")
             print(f"lion {shape}: state codes differing {m_diff:.2e}")
             assert m_diff <= 1e-3
+
+
+@pytest.mark.parametrize("schedules", [False, True])
+def test_ademamix_matches_bitsandbytes(torch, bnb_optim, rng, schedules):
+    t = dict(t_alpha=10, t_beta3=10) if schedules else {}
+    opt, tparams, jparams, state = _run(
+        torch, rng, bnb_optim.AdEMAMix8bit, dict(lr=LR, weight_decay=1e-2, **t),
+        ademamix8bit(LR, weight_decay=1e-2, **t),
+    )
+    for i, shape in enumerate(SHAPES):
+        # alpha = 5 amplifies the slow EMA: its fp32 rounding (and any one-code difference) moves p ~5x more
+        _assert_params_close(jparams[i], tparams[i], 1e-4, f"ademamix {shape}", max_abs=0.1 * LR * STEPS)
+        if np.prod(shape) >= 4096:
+            theirs = opt.state[tparams[i]]["state1"].numpy()  # [2, *shape]: m1, m2
+            m1 = float(np.mean(theirs[0] != np.asarray(state[0].m1[i].codes)))
+            m2 = float(np.mean(theirs[1] != np.asarray(state[0].m2[i].codes)))
+            nu = _code_mismatch(opt, tparams[i], state[0].nu[i], "state2")
+            print(f"ademamix {shape}: state codes differing m1 {m1:.2e} m2 {m2:.2e} nu {nu:.2e}")
+            assert max(m1, m2, nu) <= 1e-3
 
 
 def test_sgd_momentum_matches_bitsandbytes(torch, bnb_optim, rng):

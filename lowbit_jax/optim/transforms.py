@@ -18,6 +18,7 @@ paged optimizers' use case): each step streams them to the device and back.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -36,6 +37,13 @@ class ScaleByAdam8bitState(NamedTuple):
     count: jax.Array
     mu: Any  # first moment: Blockwise8bit (signed map) or fp32 per leaf
     nu: Any  # second moment: Blockwise8bit (unsigned map) or fp32 per leaf
+
+
+class ScaleByAdEMAMix8bitState(NamedTuple):
+    count: jax.Array
+    m1: Any  # fast EMA (b1), signed map
+    m2: Any  # slow EMA (b3), signed map
+    nu: Any  # second moment, unsigned map
 
 
 class ScaleByLion8bitState(NamedTuple):
@@ -84,6 +92,14 @@ def _one_minus(b) -> jax.Array:
     if isinstance(b, (int, float)):
         return jnp.float32(1.0 - float(b))
     return jnp.float32(1.0) - _f32(b)
+
+
+def _log(b) -> jax.Array:
+    """log(b) from the double value for Python floats: log of 0.9999 rounded to fp32 first is
+    off by 3e-4 relative, which AdEMAMix's beta3 schedule would carry into 1 - beta3_t."""
+    if isinstance(b, (int, float)):
+        return jnp.float32(math.log(float(b)))
+    return jnp.log(_f32(b))
 
 
 def _moments(params, signed: bool, min_8bit_size: int):
@@ -164,6 +180,75 @@ def scale_by_adam_8bit(
         out = jax.tree.map(leaf, updates, mu, nu)
         u, mu, nu = _split(updates, out, 3)
         return u, ScaleByAdam8bitState(count, _move(mu, host), _move(nu, host))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_ademamix_8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    alpha: float = 5.0,
+    eps: float = 1e-8,
+    t_alpha: Optional[int] = None,
+    t_beta3: Optional[int] = None,
+    *,
+    min_8bit_size: Optional[int] = None,
+    offload_state: bool = False,
+) -> optax.GradientTransformation:
+    """AdEMAMix's direction ``(m1 / c1 + alpha_t m2) / (sqrt(nu) / c2 + eps)`` (bitsandbytes').
+
+    ``m2`` is a slow EMA with ``beta3``; ``t_alpha``/``t_beta3`` ramp alpha linearly and beta3
+    by bitsandbytes' log-space schedule over that many steps. bitsandbytes keeps m1 and m2 as
+    one doubled buffer whose halves are quantized separately; here they are two moments.
+    """
+    for name, b in (("b1", b1), ("b2", b2), ("b3", b3)):
+        _check(name, b, 0.0, 1.0)
+    _check("alpha", alpha, 0.0, float("inf"))
+    min_8bit_size = _check_min_size(min_8bit_size)
+    host, device = _offload_spaces(offload_state)
+
+    def init_fn(params):
+        return ScaleByAdEMAMix8bitState(
+            jnp.zeros([], jnp.int32),
+            _move(_moments(params, True, min_8bit_size), host),
+            _move(_moments(params, True, min_8bit_size), host),
+            _move(_moments(params, False, min_8bit_size), host),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = _count_inc(state.count)
+        step = _f32(count)
+        alpha_t = _f32(alpha)
+        if t_alpha:
+            alpha_t = jnp.minimum(step * _f32(alpha) / _f32(t_alpha), _f32(alpha))
+        beta3_t, omb3 = _f32(b3), _one_minus(b3)
+        if t_beta3:
+            # bitsandbytes computes this in double; in fp32, 1 - beta3_t is taken as -expm1(log
+            # beta3_t) so the slow EMA's small increment keeps its relative precision.
+            ln_b1, ln_b3 = _log(b1), _log(b3)
+            scale = step / _f32(t_beta3)
+            log_b3t = (ln_b1 * ln_b3) / ((1 - scale) * ln_b3 + scale * ln_b1)
+            capped = log_b3t >= ln_b3
+            beta3_t = jnp.where(capped, _f32(b3), jnp.exp(log_b3t))
+            omb3 = jnp.where(capped, _one_minus(b3), -jnp.expm1(log_b3t))
+        c1 = jnp.float32(1.0) - _f32(b1) ** step
+        c2 = jnp.sqrt(jnp.float32(1.0) - _f32(b2) ** step)
+        m1s, m2s, nus = (_move(x, device) for x in (state.m1, state.m2, state.nu))
+
+        def leaf(g, m1q, m2q, vq):
+            g32 = g.astype(jnp.float32)
+            m1 = _state.load(m1q) * _f32(b1) + g32 * _one_minus(b1)
+            m2 = _state.load(m2q) * beta3_t + g32 * omb3
+            v = _state.load(vq) * _f32(b2) + (g32 * g32) * _one_minus(b2)
+            u = (m1 / c1 + alpha_t * m2) / (jnp.sqrt(v) / c2 + _f32(eps))
+            return (u.astype(g.dtype), _state.store(m1, m1q, True), _state.store(m2, m2q, True),
+                    _state.store(v, vq, False))
+
+        out = jax.tree.map(leaf, updates, m1s, m2s, nus)
+        u, m1s, m2s, nus = _split(updates, out, 4)
+        return u, ScaleByAdEMAMix8bitState(count, _move(m1s, host), _move(m2s, host), _move(nus, host))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -336,6 +421,31 @@ def adamw8bit(
         )
     return optax.chain(
         scale_by_adam_8bit(b1, b2, eps, min_8bit_size=min_8bit_size, offload_state=offload_state),
+        *_decayed(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def ademamix8bit(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    alpha: float = 5.0,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    t_alpha: Optional[int] = None,
+    t_beta3: Optional[int] = None,
+    mask: Optional[Union[Any, Callable]] = None,
+    *,
+    min_8bit_size: Optional[int] = None,
+    offload_state: bool = False,
+) -> optax.GradientTransformation:
+    """AdEMAMix with 8-bit states (``bitsandbytes.optim.AdEMAMix8bit``): decoupled weight decay."""
+    _check("weight_decay", weight_decay, 0.0, float("inf"))
+    return optax.chain(
+        scale_by_ademamix_8bit(b1, b2, b3, alpha, eps, t_alpha, t_beta3,
+                               min_8bit_size=min_8bit_size, offload_state=offload_state),
         *_decayed(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
