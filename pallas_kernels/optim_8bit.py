@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 BLOCK = 256  # bitsandbytes' state blocksize
-MAX_ROWS = 16  # blocks per program: 4096 values, 16 KiB of fp32 p per operand
+MAX_ROWS = 32  # blocks per program: 8192 values; fastest of 8/16/32 on the H100 (benchmarks/RESULTS.md)
 LUT_SIZE = 65536
 QUANTIZER = "lut"  # default table reading, see _requantize
 # order of the scalars in ``hyper``

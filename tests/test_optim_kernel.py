@@ -74,3 +74,25 @@ def test_fused_needs_params(rng):
     p = {"w": jnp.ones((64, 64))}
     with pytest.raises(ValueError, match="params"):
         tx.update(p, tx.init(p))
+
+
+def test_inplace_step_matches_optax_path(rng):
+    """adamw8bit_inplace writes the same parameters and state as the optax transformation."""
+    from lowbit_jax.optim import adamw8bit_inplace
+
+    params = {"w": jnp.asarray(rng.standard_normal((40, 128)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal((7,)), jnp.float32)}
+    tx = adamw8bit(1e-2, fused=False)
+    opt = adamw8bit_inplace(1e-2, interpret=True)
+    pa, sa = params, tx.init(params)
+    pb, sb = params, opt.init(params)
+    step = jax.jit(opt.step, donate_argnums=(1, 2))
+    for _ in range(3):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+        u, sa = jax.jit(tx.update)(g, sa, pa)
+        pa = optax.apply_updates(pa, u)
+        pb, sb = step(g, sb, pb)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(pa[k]), np.asarray(pb[k]), rtol=0, atol=2e-6)
+    assert int(sb.count) == 3
+    assert float(np.mean(np.asarray(sa[0].nu["w"].codes) != np.asarray(sb.nu["w"].codes))) <= 1e-3

@@ -5,6 +5,7 @@ instead of 8. See ``transforms`` for the transformations and ``fused`` for the o
 """
 
 from lowbit_jax.optim._state import MIN_8BIT_SIZE, STATE_BLOCKSIZE, state_nbytes
+from lowbit_jax.optim.fused import InplaceOptimizer, adamw8bit_inplace
 from lowbit_jax.optim.transforms import (
     ScaleByAdam8bitState,
     ScaleByAdEMAMix8bitState,
@@ -28,6 +29,8 @@ from lowbit_jax.optim.transforms import (
 )
 
 __all__ = [
+    "InplaceOptimizer",
+    "adamw8bit_inplace",
     "MIN_8BIT_SIZE",
     "STATE_BLOCKSIZE",
     "ScaleByAdam8bitState",

@@ -10,7 +10,7 @@ quantization reference (``lowbit_jax.quant``): the kernel's test oracle.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -103,21 +103,22 @@ def _adam32_step(p, g, m, v, c1, c2, eps, lr, wd, b1, b2):
     return p_new.astype(p.dtype), m, v
 
 
-def fused_adamw_8bit(
-    learning_rate: Union[float, Callable],
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-2,
-    mask: Optional[Union[Any, Callable]] = None,
-    *,
-    min_8bit_size: Optional[int] = None,
-    offload_state: bool = False,
-    interpret: bool = False,
-) -> optax.GradientTransformation:
-    """AdamW 8-bit whose update of each large leaf is one fused kernel pass (needs ``params``)."""
+class InplaceOptimizer(NamedTuple):
+    """``init(params) -> state`` and ``step(grads, state, params) -> (params, state)``.
+
+    The optax protocol returns updates that ``apply_updates`` adds in a second pass over the
+    parameters (12 more bytes a parameter); ``step`` writes the new parameters from the kernel
+    directly. Donate ``params`` and ``state`` to the jitted step so the writes are in place.
+    """
+
+    init: Callable
+    step: Callable
+
+
+def _fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size, offload_state, interpret):
     _check("b1", b1, 0.0, 1.0)
     _check("b2", b2, 0.0, 1.0)
+    _check("weight_decay", weight_decay, 0.0, float("inf"))
     min_8bit_size = _check_min_size(min_8bit_size)
     host, device = _offload_spaces(offload_state)
 
@@ -126,7 +127,8 @@ def fused_adamw_8bit(
         nu = _moments(params, False, min_8bit_size)
         return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), _move(mu, host), _move(nu, host))
 
-    def update_fn(updates, state, params=None):
+    def step_fn(grads, state, params):
+        """(new params, new state): bitsandbytes' in-place step, the kernel on 8-bit leaves."""
         if params is None:
             raise ValueError("params must be given to the fused adamw8bit update (it updates them in one pass)")
         count = _count_inc(state.count)
@@ -146,15 +148,61 @@ def fused_adamw_8bit(
         def leaf(g, p, decays, mq, vq):
             if isinstance(mq, Blockwise8bit):
                 hyper = jnp.where(jnp.asarray(decays), hyper_on, hyper_off)
-                p_new, m, v = adam8bit_step_fused(hyper, p, g, mq, vq, interpret=interpret)
-            else:
-                wd = jnp.where(jnp.asarray(decays), _f32(weight_decay), jnp.float32(0.0))
-                p_new, m, v = _adam32_step(p, g, mq, vq, c1, c2, eps, lr, wd, b1, b2)
-            u = p_new.astype(jnp.float32) - p.astype(jnp.float32)
-            return u.astype(p.dtype), m, v
+                return adam8bit_step_fused(hyper, p, g, mq, vq, interpret=interpret)
+            wd = jnp.where(jnp.asarray(decays), _f32(weight_decay), jnp.float32(0.0))
+            return _adam32_step(p, g, mq, vq, c1, c2, eps, lr, wd, b1, b2)
 
-        out = jax.tree.map(leaf, updates, params, decay_mask, mu, nu)
-        u, mu, nu = _split(updates, out, 3)
-        return u, ScaleByAdam8bitState(count, _move(mu, host), _move(nu, host))
+        out = jax.tree.map(leaf, grads, params, decay_mask, mu, nu)
+        new_params, mu, nu = _split(grads, out, 3)
+        return new_params, ScaleByAdam8bitState(count, _move(mu, host), _move(nu, host))
+
+    return init_fn, step_fn
+
+
+def fused_adamw_8bit(
+    learning_rate: Union[float, Callable],
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    mask: Optional[Union[Any, Callable]] = None,
+    *,
+    min_8bit_size: Optional[int] = None,
+    offload_state: bool = False,
+    interpret: bool = False,
+) -> optax.GradientTransformation:
+    """AdamW 8-bit as an optax transformation whose large leaves update in one kernel pass.
+
+    The update it returns is ``p_new - p`` (it needs ``params``).
+    """
+    init_fn, step_fn = _fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size,
+                                    offload_state, interpret)
+
+    def update_fn(updates, state, params=None):
+        new_params, state = step_fn(updates, state, params)
+        u = jax.tree.map(lambda n, p: (n.astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype),
+                         new_params, params)
+        return u, state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw8bit_inplace(
+    learning_rate: Union[float, Callable],
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    mask: Optional[Union[Any, Callable]] = None,
+    *,
+    min_8bit_size: Optional[int] = None,
+    offload_state: bool = False,
+    interpret: bool = False,
+) -> InplaceOptimizer:
+    """The fastest AdamW 8-bit step: ``step(grads, state, params) -> (params, state)``.
+
+    Same numerics and state as ``adamw8bit(..., fused=True)``, without optax's separate
+    ``apply_updates`` pass (benchmarks/RESULTS.md has both timings).
+    """
+    return InplaceOptimizer(*_fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size,
+                                          offload_state, interpret))
