@@ -88,13 +88,17 @@ def forward_body(xe_ref, xo_ref, p_ref, a_ref, *rest, bh, half_block, n_ktiles, 
             # round the weights to x's dtype, as the reference does, then accumulate in fp32
             hi = hi.astype(cdt).astype(jnp.float32)
             lo = lo.astype(cdt).astype(jnp.float32)
-            xe = xe_ref[:, pl.ds(kb * bh, bh)].astype(jnp.float32)
-            xo = xo_ref[:, pl.ds(kb * bh, bh)].astype(jnp.float32)
-            return tuple(accs[m] + hi * xe[m][None, :] + lo * xo[m][None, :] for m in range(bm))
+            # rows come straight from the refs: value slicing and stack do not lower in Triton
+            cols = pl.ds(kb * bh, bh)
+            return tuple(accs[m] + hi * xe_ref[pl.ds(m, 1), cols].astype(jnp.float32)
+                         + lo * xo_ref[pl.ds(m, 1), cols].astype(jnp.float32) for m in range(bm))
 
         accs = jax.lax.fori_loop(0, n_ktiles, body,
                                  tuple(jnp.zeros((block_n, bh), jnp.float32) for _ in range(bm)))
-        acc = jnp.stack([jnp.sum(a, axis=1) for a in accs], axis=0)
+        row = jax.lax.broadcasted_iota(jnp.int32, (bm, block_n), 0)
+        acc = jnp.zeros((bm, block_n), jnp.float32)
+        for m, a in enumerate(accs):
+            acc = jnp.where(row == m, jnp.sum(a, axis=1)[None, :], acc)
     if has_bias:
         acc = acc + bias_ref[...].astype(jnp.float32)[None, :]
     o_ref[...] = acc.reshape(o_ref.shape).astype(o_ref.dtype)

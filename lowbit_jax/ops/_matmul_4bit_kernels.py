@@ -24,6 +24,11 @@ GPU_CONFIG = {
     "bwd": dict(block_m=64, block_n=64, block_h=64, decode="select", num_warps=4, num_stages=3),
 }
 GEMV_MAX_M = 16  # rows of x up to which the split-K GEMV runs
+# rows of x from which W is decoded in chunks of TILE_ROWS output rows to bf16 and multiplied
+# by XLA's dot (cuBLAS): with many rows the in-kernel decode, repeated for every M tile, costs
+# more than one decode pass plus a vendor GEMM. Only one chunk (TILE_ROWS x K) is ever expanded.
+TILED_MIN_M = 1 << 30
+TILE_ROWS = 2048
 
 
 def supported(q: quant.Packed4bit) -> bool:
@@ -89,6 +94,8 @@ def forward(x, q, bias=None, *, interpret=False):
     ops = operands(q)
     kh = k // 2
     half_block = q.blocksize // 2
+    if m >= TILED_MIN_M:
+        return tiled_forward(x2, q, bias).reshape(*lead, n)
     if m <= GEMV_MAX_M:
         cfg = dict(GPU_CONFIG["gemv"])
         ops, bn = _weight_rows(ops, n, cfg.pop("block_n"))
@@ -126,6 +133,8 @@ def backward(g, q, *, interpret=False):
     lead = g.shape[:-1]
     g2 = g.reshape(-1, n)
     m = g2.shape[0]
+    if m >= TILED_MIN_M:
+        return tiled_backward(g2, q).reshape(*lead, k)
     ops = operands(q)
     cfg = dict(GPU_CONFIG["bwd"])
     ops, bn = _weight_rows(ops, n, cfg.pop("block_n"))
@@ -139,3 +148,43 @@ def backward(g, q, *, interpret=False):
                                          block_h=bh, interpret=interpret, **cfg)
     dx = jnp.stack([even[:m], odd[:m]], axis=-1).reshape(m, k)
     return dx.reshape(*lead, k)
+
+
+def _decode_rows(q, packed, absmax, r0, r1, dtype):
+    """W[r0:r1] in ``dtype``: one chunk, decoded by XLA (elementwise, fused into one pass)."""
+    p = packed[r0:r1]
+    code = jnp.asarray(q.code, jnp.float32)
+    vals = jnp.stack([code[(p >> 4).astype(jnp.int32)], code[(p & 15).astype(jnp.int32)]], -1)
+    rows, kh = p.shape
+    blocks = vals.reshape(rows, absmax.shape[1], q.blocksize) * absmax[r0:r1, :, None]
+    return blocks.reshape(rows, 2 * kh).astype(dtype)
+
+
+def tiled_forward(x2, q, bias=None):
+    """``x2 @ W.T`` for many rows: W decoded TILE_ROWS output rows at a time, then XLA's dot."""
+    n, k = q.shape
+    ops = operands(q)
+    absmax = quant.absmax_4bit(q).reshape(n, k // q.blocksize)
+    outs = []
+    for r0 in range(0, n, TILE_ROWS):
+        r1 = min(n, r0 + TILE_ROWS)
+        w = _decode_rows(q, ops["packed"], absmax, r0, r1, x2.dtype)
+        y = jnp.dot(x2, w.T, preferred_element_type=jnp.float32)
+        if bias is not None:
+            y = y + bias[r0:r1].astype(jnp.float32)
+        outs.append(y.astype(x2.dtype))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def tiled_backward(g2, q):
+    """``g2 @ W`` for many rows, W decoded TILE_ROWS rows at a time."""
+    n, k = q.shape
+    ops = operands(q)
+    absmax = quant.absmax_4bit(q).reshape(n, k // q.blocksize)
+    acc = None
+    for r0 in range(0, n, TILE_ROWS):
+        r1 = min(n, r0 + TILE_ROWS)
+        w = _decode_rows(q, ops["packed"], absmax, r0, r1, g2.dtype)
+        part = jnp.dot(g2[:, r0:r1], w, preferred_element_type=jnp.float32)
+        acc = part if acc is None else acc + part
+    return acc.astype(g2.dtype)

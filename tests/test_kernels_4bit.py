@@ -1,0 +1,158 @@
+"""The Pallas 4-bit kernels (GEMV, GEMM, transposed backward) against the jnp reference.
+
+Run in Pallas' interpreter on the CPU (``impl="pallas_interpret"``), where every output buffer
+starts as NaN (``pallas.primitives.uninitialized_value``): a tile the kernel never writes
+shows up as a non-finite value, so each test also asserts the result is finite.
+
+Tolerances are relative to max|y| of an fp32/fp64 oracle (exact dequantized weights, float64
+matmul): the kernel rounds each decoded weight to x's dtype, as the reference does, then
+accumulates in fp32; what remains is the output rounding and summation order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit_jax import formats, quant
+from lowbit_jax.ops import _matmul_4bit_kernels as kern
+from lowbit_jax.ops import matmul_4bit, matmul_4bit_reference
+from pallas_kernels import _4bit_common as c4
+
+# max |kernel - oracle| / max |oracle|, per activation dtype
+TOL = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 2e-2}
+# the kernel against the jnp reference in the same dtype (same rounding of W, other sum order)
+TOL_REF = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+def _case(rng, m, k, n, quant_type, dq, dtype, blocksize=64, lead=()):
+    w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    q = quant.quantize_4bit(w, blocksize, quant_type, compress_statistics=dq)
+    x = jnp.asarray(rng.standard_normal((*lead, m, k)), dtype)
+    return x, q
+
+
+def _oracle(x, q):
+    w = np.asarray(quant.dequantize_4bit(q, jnp.float32), np.float64)
+    return np.asarray(x, np.float64) @ w.T
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+CASES = [
+    # m, k, n, quant_type, double quant, dtype
+    (1, 64, 40, "nf4", False, "bfloat16"),     # GEMV, one row (fma mode)
+    (3, 4160, 100, "fp4", True, "float32"),    # GEMV fma, ragged K (4160/2 bytes) and ragged N
+    (1, 1024, 48, "nf4", True, "float16"),     # GEMV split-K (4 splits)
+    (16, 64, 100, "fp4", False, "float16"),    # GEMV through the tensor cores (dot mode)
+    (17, 4160, 40, "nf4", True, "bfloat16"),   # GEMM, ragged M and K
+    (130, 64, 48, "nf4", False, "float32"),    # GEMM, M over two tiles
+    (130, 256, 100, "fp4", True, "bfloat16"),  # GEMM, double quant, ragged N (padded rows)
+]
+
+
+@pytest.mark.parametrize("m,k,n,quant_type,dq,dtype", CASES)
+def test_forward_matches_reference(rng, m, k, n, quant_type, dq, dtype):
+    x, q = _case(rng, m, k, n, quant_type, dq, dtype)
+    y = matmul_4bit(x, q, impl="pallas_interpret")
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    assert bool(jnp.all(jnp.isfinite(y))), "unwritten (NaN-poisoned) output tile"
+    assert _rel(y, _oracle(x, q)) < TOL[dtype]
+    assert _rel(y, matmul_4bit_reference(x, q)) < TOL_REF[dtype]
+
+
+@pytest.mark.parametrize("m,k,n,quant_type,dq,dtype", [
+    (1, 64, 40, "nf4", True, "bfloat16"),
+    (3, 4160, 100, "fp4", False, "float32"),
+    (17, 128, 48, "nf4", True, "float16"),
+    (130, 64, 100, "nf4", False, "bfloat16"),
+])
+def test_grad_x_matches_reference(rng, m, k, n, quant_type, dq, dtype):
+    x, q = _case(rng, m, k, n, quant_type, dq, dtype)
+    bias = jnp.asarray(rng.standard_normal((n,)), dtype)
+    ct = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+
+    def loss(impl):
+        return lambda x, b: jnp.sum(matmul_4bit(x, q, b, impl=impl).astype(jnp.float32) * ct)
+
+    gx, gb = jax.grad(loss("pallas_interpret"), argnums=(0, 1))(x, bias)
+    rx, rb = jax.grad(loss("reference"), argnums=(0, 1))(x, bias)
+    assert gx.dtype == x.dtype and bool(jnp.all(jnp.isfinite(gx)))
+    assert _rel(gx, rx) < TOL_REF[dtype]
+    assert _rel(gb, rb) < TOL_REF[dtype]
+    # and against the fp64 oracle dx = ct @ W
+    w = np.asarray(quant.dequantize_4bit(q, jnp.float32), np.float64)
+    assert _rel(gx, np.asarray(ct, np.float64) @ w) < TOL[dtype]
+
+
+def test_bias_and_batch_dims(rng):
+    x, q = _case(rng, 5, 128, 48, "nf4", True, "bfloat16", lead=(2,))
+    bias = jnp.asarray(rng.standard_normal((48,)), jnp.bfloat16)
+    y = jax.jit(lambda x, q, b: matmul_4bit(x, q, b, impl="pallas_interpret"))(x, q, bias)
+    ref = _oracle(x, q) + np.asarray(bias, np.float64)
+    assert y.shape == (2, 5, 48)
+    assert _rel(y, ref) < TOL["bfloat16"]
+
+
+def test_k4096_gemv_split_k(rng):
+    x, q = _case(rng, 1, 4096, 32, "nf4", True, "bfloat16")
+    y = matmul_4bit(x, q, impl="pallas_interpret")
+    assert _rel(y, _oracle(x, q)) < TOL["bfloat16"]
+
+
+@pytest.mark.parametrize("section", ["gemv", "gemm", "bwd"])
+def test_gather_decode_and_blocksize_128(rng, monkeypatch, section):
+    cfg = {key: dict(val) for key, val in kern.GPU_CONFIG.items()}
+    cfg[section]["decode"] = "gather"
+    monkeypatch.setattr(kern, "GPU_CONFIG", cfg)
+    m = 2 if section == "gemv" else 24
+    x, q = _case(rng, m, 512, 48, "fp4", True, "float32", blocksize=128)
+    if section == "bwd":
+        ct = jnp.asarray(rng.standard_normal((m, 48)), jnp.float32)
+        g = jax.grad(lambda x: jnp.sum(matmul_4bit(x, q, impl="pallas_interpret") * ct))(x)
+        w = np.asarray(quant.dequantize_4bit(q, jnp.float32), np.float64)
+        assert _rel(g, np.asarray(ct, np.float64) @ w) < TOL["float32"]
+    else:
+        y = matmul_4bit(x, q, impl="pallas_interpret")
+        assert _rel(y, _oracle(x, q)) < TOL["float32"]
+
+
+def test_tiled_large_m_path(rng, monkeypatch):
+    monkeypatch.setattr(kern, "TILED_MIN_M", 32)
+    monkeypatch.setattr(kern, "TILE_ROWS", 32)
+    x, q = _case(rng, 40, 128, 100, "nf4", True, "bfloat16")
+    y = matmul_4bit(x, q, impl="pallas_interpret")
+    assert _rel(y, _oracle(x, q)) < TOL["bfloat16"]
+    ct = jnp.asarray(rng.standard_normal((40, 100)), jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(matmul_4bit(x, q, impl="pallas_interpret").astype(jnp.float32) * ct))(x)
+    w = np.asarray(quant.dequantize_4bit(q, jnp.float32), np.float64)
+    assert _rel(g, np.asarray(ct, np.float64) @ w) < TOL["bfloat16"]
+
+
+def test_code_tables_match_formats():
+    for qt in ("nf4", "fp4"):
+        np.testing.assert_array_equal(np.asarray(c4.table(qt), np.float32),
+                                      np.asarray(formats.get_4bit_code(qt), np.float32))
+
+
+def test_weight_gets_no_gradient(rng):
+    x, q = _case(rng, 3, 64, 40, "nf4", False, "float32")
+    gq = jax.grad(lambda q: jnp.sum(matmul_4bit(x, q, impl="pallas_interpret")), allow_int=True)(q)
+    assert float(jnp.max(jnp.abs(gq.absmax))) == 0.0
+
+
+def test_bad_input_errors(rng):
+    x, q = _case(rng, 2, 96, 40, "nf4", False, "float32")  # 96 is not a multiple of 64
+    with pytest.raises(ValueError, match="multiple of the blocksize"):
+        matmul_4bit(x, q, impl="pallas_interpret")
+    with pytest.raises(ValueError, match="impl"):
+        matmul_4bit(x, q, impl="cuda")
+    # auto falls back to the reference for such a weight
+    assert _rel(matmul_4bit(x, q), _oracle(x, q)) < TOL["float32"]
+    with pytest.raises(ValueError, match="quant_type"):
+        c4.table("int4")
