@@ -167,3 +167,29 @@ def test_trains_like_32bit_adamw(rng):
     print(f"loss start {start:.4f}, adamw8bit {l8:.4f}, optax.adamw {l32:.4f}")
     assert l8 < 0.2 * start and l32 < 0.2 * start
     assert abs(l8 - l32) <= 0.15 * l32 + 1e-3
+
+
+def test_sharded_params_update_like_unsharded(rng):
+    """Parameters sharded over a device mesh: the jitted 8-bit step runs, its codes keep the
+    parameter's shape (so they shard like it), and the result equals the single-device one."""
+    devices = jax.devices()
+    if len(devices) < 2:
+        pytest.skip("needs several devices (scripts/test.sh forces 8 host devices)")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(devices[: 2 * (len(devices) // 2)]).reshape(2, -1), ("data", "model"))
+    params = {"w": jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)}
+    grads = {"w": jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)}
+    tx = adamw8bit(1e-2, fused=False)
+    sharding = {"w": NamedSharding(mesh, P("data", "model"))}
+    p_sh = jax.device_put(params, sharding)
+    g_sh = jax.device_put(grads, sharding)
+    s_sh = jax.jit(tx.init)(p_sh)
+    u_sh, s_sh = jax.jit(tx.update)(g_sh, s_sh, p_sh)
+    u, s = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_array_equal(np.asarray(u_sh["w"]), np.asarray(u["w"]))
+    np.testing.assert_array_equal(np.asarray(s_sh[0].mu["w"].codes), np.asarray(s[0].mu["w"].codes))
+    assert s_sh[0].mu["w"].codes.shape == (256, 64)
+    # a state placed with the parameter's sharding is accepted as is
+    codes = jax.device_put(s_sh[0].mu["w"].codes, sharding["w"])
+    assert codes.sharding.is_equivalent_to(sharding["w"], 2)
