@@ -144,6 +144,31 @@ def test_sgd_momentum_matches_bitsandbytes(torch, bnb_optim, rng):
             assert m_diff <= 1e-3
 
 
+def test_adamw_bf16_params_match_bitsandbytes(torch, bnb_optim, rng):
+    """bf16 parameters: both update in fp32 and round p once to bf16."""
+    shapes = SHAPES[:2]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    tparams = [torch.nn.Parameter(torch.from_numpy(p).bfloat16()) for p in params]
+    opt = bnb_optim.AdamW8bit(tparams, lr=LR)
+    jparams = [jnp.asarray(p, jnp.bfloat16) for p in params]
+    tx = adamw8bit(LR, fused=False)
+    state, update = tx.init(jparams), jax.jit(tx.update)
+    for _ in range(STEPS):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        for t, g in zip(tparams, grads):
+            t.grad = torch.from_numpy(g).bfloat16()
+        opt.step()
+        u, state = update([jnp.asarray(g, jnp.bfloat16) for g in grads], state, jparams)
+        jparams = optax.apply_updates(jparams, u)
+    for i, shape in enumerate(shapes):
+        ours = np.asarray(jparams[i].astype(jnp.float32))
+        theirs = tparams[i].detach().float().numpy()
+        beyond_ulp = float(np.mean(np.abs(ours - theirs) > np.abs(theirs) * 2.0**-7))
+        m_diff = _code_mismatch(opt, tparams[i], state[0].mu[i], "state1")
+        print(f"adamw bf16 {shape}: params beyond 1 bf16 ulp {beyond_ulp:.2e}, m codes differing {m_diff:.2e}")
+        assert beyond_ulp <= 1e-3 and m_diff <= 1e-3
+
+
 def test_parity_detects_a_wrong_beta(torch, bnb_optim, rng):
     """The comparison above can fail: b2 off by 1e-3 is visible in the parameters."""
     opt, tparams, jparams, _ = _run(

@@ -180,8 +180,8 @@ def fused_adamw_8bit(
 
     def update_fn(updates, state, params=None):
         new_params, state = step_fn(updates, state, params)
-        u = jax.tree.map(lambda n, p: (n.astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype),
-                         new_params, params)
+        # fp32: for bf16 params p + (p_new - p) is then exactly p_new after apply_updates' rounding
+        u = jax.tree.map(lambda n, p: n.astype(jnp.float32) - p.astype(jnp.float32), new_params, params)
         return u, state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -9,6 +9,9 @@ requantizes with a fresh absmax. The public optimizers compose them with optax's
 ``add_decayed_weights`` and ``scale_by_learning_rate``, so schedules, masks, ``MultiSteps``,
 ``inject_hyperparams`` and ``chain`` work as for any optax optimizer.
 
+Updates come out in fp32 whatever the parameter dtype: ``optax.apply_updates`` then adds them
+to bf16 parameters in fp32 and rounds once, as bitsandbytes' kernels write ``p``.
+
 Size thresholds default to ``None`` (= 4096) so that ``optax.inject_hyperparams`` leaves them
 static; pass ``static_args=("min_8bit_size",)`` to it when setting one explicitly.
 
@@ -175,7 +178,7 @@ def scale_by_adam_8bit(
                 u = (m / (jnp.sqrt(v) / c2 + _f32(eps))) / c1
             else:
                 u = (m / (jnp.sqrt(v) + _f32(eps) * c2)) * (c2 / c1)
-            return u.astype(g.dtype), _state.store(m, mq, True), _state.store(v, vq, False)
+            return u, _state.store(m, mq, True), _state.store(v, vq, False)
 
         out = jax.tree.map(leaf, updates, mu, nu)
         u, mu, nu = _split(updates, out, 3)
@@ -243,7 +246,7 @@ def scale_by_ademamix_8bit(
             m2 = _state.load(m2q) * beta3_t + g32 * omb3
             v = _state.load(vq) * _f32(b2) + (g32 * g32) * _one_minus(b2)
             u = (m1 / c1 + alpha_t * m2) / (jnp.sqrt(v) / c2 + _f32(eps))
-            return (u.astype(g.dtype), _state.store(m1, m1q, True), _state.store(m2, m2q, True),
+            return (u, _state.store(m1, m1q, True), _state.store(m2, m2q, True),
                     _state.store(v, vq, False))
 
         out = jax.tree.map(leaf, updates, m1s, m2s, nus)
@@ -274,7 +277,7 @@ def scale_by_lion_8bit(
             m = _state.load(mq)
             u = jnp.sign(m * _f32(b1) + g32 * _one_minus(b1))
             m = m * _f32(b2) + g32 * _one_minus(b2)
-            return u.astype(g.dtype), _state.store(m, mq, True)
+            return u, _state.store(m, mq, True)
 
         out = jax.tree.map(leaf, updates, mu)
         u, mu = _split(updates, out, 2)
@@ -299,7 +302,7 @@ def trace_8bit(
 
         def leaf(g, mq):
             m = _state.load(mq) * _f32(decay) + g.astype(jnp.float32)
-            return m.astype(g.dtype), _state.store(m, mq, True)
+            return m, _state.store(m, mq, True)
 
         out = jax.tree.map(leaf, updates, _move(state.trace, device))
         u, trace = _split(updates, out, 2)
@@ -328,7 +331,7 @@ def scale_by_rms_8bit(
         def leaf(g, vq):
             g32 = g.astype(jnp.float32)
             v = _state.load(vq) * _f32(decay) + (g32 * g32) * _one_minus(decay)
-            return (g32 / (jnp.sqrt(v) + _f32(eps))).astype(g.dtype), _state.store(v, vq, True)
+            return g32 / (jnp.sqrt(v) + _f32(eps)), _state.store(v, vq, True)
 
         out = jax.tree.map(leaf, updates, _move(state.nu, device))
         u, nu = _split(updates, out, 2)
@@ -353,7 +356,7 @@ def scale_by_rss_8bit(
         def leaf(g, vq):
             g32 = g.astype(jnp.float32)
             v = _state.load(vq) + g32 * g32
-            return (g32 / (jnp.sqrt(v) + _f32(eps))).astype(g.dtype), _state.store(v, vq, True)
+            return g32 / (jnp.sqrt(v) + _f32(eps)), _state.store(v, vq, True)
 
         out = jax.tree.map(leaf, updates, _move(state.sum_of_squares, device))
         u, ss = _split(updates, out, 2)
