@@ -1,22 +1,55 @@
 """LLM.int8: ``x @ W.T`` with int8 weights and outlier decomposition, frozen-weight backward.
 
-Outlier handling under jit: the set of outlier columns is data-dependent, and jit needs static
-shapes. The reference uses a dense column mask: the int8 part sees x with outlier columns
-zeroed (exactly bitsandbytes' quantization of the rest), and the 16-bit part multiplies
-``x * mask`` by the dequantized weight. That is exact to the algorithm for any number of
-outliers; the GPU path may trade it for a static cap (see ``pallas_kernels``).
+Outlier columns under jit. The set of outlier feature columns (any ``|x| >= threshold``) is
+data-dependent; jit needs static shapes. Two schemes were possible:
+
+* a dense mask: the 16-bit part multiplies ``x * mask`` [M, K] by the whole dequantized weight
+  [N, K]. Exact for any number of outliers, but it is a full 16-bit GEMM plus a 16-bit copy of
+  W in HBM: slower than plain bf16, which defeats the point.
+* a static cap (used here): ``max_outliers`` (C, default 64) column indices are gathered with
+  ``jnp.nonzero(mask, size=...)``; the 16-bit part is ``x[:, idx] @ dequant(CB[:, idx]).T``, a
+  [M, C] x [C, N] product against a gathered [N, C] slice of W, which costs ~C/K of a GEMM.
+  Unused slots are masked to zero, so whenever ``#outliers <= C`` the result is exactly
+  bitsandbytes' algorithm (same columns, same int8 codes, same dequantized weight columns).
+  When the cap is exceeded the remaining outlier columns are processed in further chunks of C
+  by a ``lax.while_loop`` that runs zero times in the common case: still exact, just slower,
+  and never a full 16-bit copy of W.
+
+The trade-off: C bounds the fast path's extra work (gather N*C bytes, an M*C*N 16-bit GEMM);
+LLM.int8's own measurements put outlier features at a handful of columns per layer, so 64 is
+generous; raise it if a model routinely has more.
+
+Rounding: the int8 part is exact integer arithmetic with bitsandbytes' scales. The kernels
+then add the int8 part, the outlier part and bias in fp32 and cast once; bitsandbytes casts
+the int8 part to the output dtype first and adds the outlier product in that dtype. Results
+therefore differ from bitsandbytes by at most a couple of output-dtype roundings.
+
+On a GPU the int8 part runs in ``pallas_kernels.int8_gemm`` (int8 tensor cores, fused
+epilogue adding the outlier part and bias; a split-K variant for M <= 16); elsewhere in XLA.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
-from lowbit_jax import quant
+from lowbit_jax import _compat, quant
 from lowbit_jax.ops._grad import zero_cotangent
+from pallas_kernels import int8_gemm
 
 # bitsandbytes' int8_mm_dequant constant: 1 / 127**2 as float32.
 _INV_127_SQ = 6.200124e-05
+MAX_OUTLIERS = 64
+IMPLS = ("auto", "reference", "xla", "pallas", "pallas_interpret")
+
+# Launch configs per regime (rows of x), measured on an H100 (benchmarks/RESULTS.md).
+GPU_CONFIG = {
+    "small": dict(block_m=16, block_n=64, block_k=256, splits=4, num_warps=4, num_stages=4),
+    "large": dict(block_m=128, block_n=128, block_k=128, splits=1, num_warps=8, num_stages=4),
+}
+SMALL_MAX_M = 16
 
 
 def _check(x, w8):
@@ -31,7 +64,10 @@ def _check(x, w8):
 
 
 def matmul_int8_reference(x, w8, threshold: float = 6.0, bias=None):
-    """The jnp reference of bitsandbytes' ``Linear8bitLt`` forward (inference weights)."""
+    """The jnp reference of bitsandbytes' ``Linear8bitLt`` forward with a dense outlier mask.
+
+    Materialises the dequantized W: the oracle for tests, not a production path.
+    """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     codes, row_absmax, outlier_cols = quant.int8_vectorwise_quant(x2, threshold=threshold)
@@ -49,48 +85,125 @@ def matmul_int8_reference(x, w8, threshold: float = 6.0, bias=None):
     return out.reshape(*lead, w8.shape[0])
 
 
-def _forward(x, w8, bias, threshold):
-    # Kernel dispatch lives here (GPU -> pallas_kernels); the reference everywhere else.
-    return matmul_int8_reference(x, w8, threshold, bias)
+def outlier_part(x2, w8, outlier_cols, max_outliers):
+    """``x[:, cols] @ dequant(CB[:, cols]).T`` in fp32 [M, N], cols = the mask's set, capped gathers.
+
+    The first ``max_outliers`` outlier columns go through one gathered product; any beyond go
+    through further chunks in a while_loop (zero trips unless the cap is exceeded).
+    """
+    k = x2.shape[1]
+    cap = min(int(max_outliers), k)
+    count = jnp.sum(outlier_cols.astype(jnp.int32))
+    n_chunks = (k + cap - 1) // cap
+    # All outlier indices first (in column order), padded to a whole number of chunks.
+    idx_all = jnp.nonzero(outlier_cols, size=n_chunks * cap, fill_value=0)[0].astype(jnp.int32)
+    slot = jnp.arange(cap, dtype=jnp.int32)
+
+    def chunk(c):
+        idx = jax.lax.dynamic_slice(idx_all, (c * cap,), (cap,))
+        valid = (c * cap + slot) < count
+        sub_x = jnp.where(valid[None, :], jnp.take(x2, idx, axis=1), jnp.zeros((), x2.dtype))
+        sub_w = quant.int8_vectorwise_dequant(jnp.take(w8.codes, idx, axis=1), w8.row_absmax).astype(x2.dtype)
+        return jnp.einsum("mc,nc->mn", sub_x, sub_w, preferred_element_type=jnp.float32)
+
+    first = chunk(0)
+    if n_chunks == 1:
+        return first
+
+    def cond(state):
+        c, _ = state
+        return c * cap < count
+
+    def body(state):
+        c, acc = state
+        return c + 1, acc + chunk(c)
+
+    _, total = jax.lax.while_loop(cond, body, (jnp.int32(1), first))
+    return total
 
 
-def _matmul_int8_impl(threshold):
-    @jax.custom_vjp
-    def f(x, w8, bias):
-        return _forward(x, w8, bias, threshold)
-
-    def fwd(x, w8, bias):
-        return _forward(x, w8, bias, threshold), (w8, bias, jnp.zeros((0,), x.dtype))
-
-    def bwd(res, g):
-        w8, bias, x_proto = res
-        w = quant.int8_vectorwise_dequant(w8.codes, w8.row_absmax).astype(g.dtype)
-        gx = jnp.einsum("...n,nk->...k", g, w, preferred_element_type=jnp.float32).astype(x_proto.dtype)
-        gb = None
-        if bias is not None:
-            gb = jnp.sum(g.astype(jnp.float32).reshape(-1, g.shape[-1]), axis=0).astype(bias.dtype)
-        return gx, zero_cotangent(w8), gb
-
-    f.defvjp(fwd, bwd)
-    return f
+def _int8_part(codes, sx, w8, extra, bias, out_dtype, impl):
+    m = codes.shape[0]
+    if impl == "xla":  # XLA's int8 dot_general, the same epilogue arithmetic
+        return int8_gemm.reference(codes, w8.codes, sx, w8.row_absmax, extra, bias, out_dtype)
+    cfg = dict(GPU_CONFIG["small" if m <= SMALL_MAX_M else "large"])
+    return int8_gemm.fused_matmul(codes, sx, w8.codes, w8.row_absmax, extra, bias, out_dtype=out_dtype,
+                                  interpret=impl == "pallas_interpret", **cfg)
 
 
-_IMPLS: dict = {}
+def _forward(x, w8, bias, threshold, max_outliers, impl):
+    if impl == "reference":
+        return matmul_int8_reference(x, w8, threshold, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    codes, sx, outlier_cols = quant.int8_vectorwise_quant(x2, threshold=threshold)
+    extra = None
+    if threshold > 0.0:
+        # Rounded to x's dtype as bitsandbytes' 16-bit addmm result is; halves the epilogue's read.
+        extra = outlier_part(x2, w8, outlier_cols, max_outliers).astype(x.dtype)
+    out = _int8_part(codes, sx, w8, extra, bias, x.dtype, impl)
+    return out.reshape(*lead, w8.shape[0])
 
 
-def matmul_int8(x, w8, threshold: float = 6.0, bias=None):
+def _grad_x(g, w8, x_dtype):
+    # dx = g @ W with W = CB * SCB / 127 folded into g's columns, so W is never expanded in HBM
+    # (XLA fuses the int8 -> 16-bit convert into the GEMM's operand load).
+    g2 = g.reshape(-1, g.shape[-1])
+    gs = (g2.astype(jnp.float32) * (w8.row_absmax * jnp.float32(1.0 / 127.0))[None, :]).astype(g.dtype)
+    dx = jnp.einsum("mn,nk->mk", gs, w8.codes.astype(g.dtype), preferred_element_type=jnp.float32)
+    return dx.astype(x_dtype).reshape(*g.shape[:-1], w8.shape[1])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _matmul_int8(x, w8, bias, threshold, max_outliers, impl):
+    return _forward(x, w8, bias, threshold, max_outliers, impl)
+
+
+def _fwd_res(x, w8, bias, threshold, max_outliers, impl):
+    return _forward(x, w8, bias, threshold, max_outliers, impl), (w8, bias, jnp.zeros((0,), x.dtype))
+
+
+def _bwd(threshold, max_outliers, impl, res, g):
+    w8, bias, x_proto = res
+    gx = _grad_x(g, w8, x_proto.dtype)
+    gb = None
+    if bias is not None:
+        gb = jnp.sum(g.astype(jnp.float32).reshape(-1, g.shape[-1]), axis=0).astype(bias.dtype)
+    return gx, zero_cotangent(w8), gb
+
+
+_matmul_int8.defvjp(_fwd_res, _bwd)
+
+
+def _resolve(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if _compat.on_gpu() else "xla"
+    return impl
+
+
+def matmul_int8(x, w8, threshold: float = 6.0, bias=None, *, max_outliers: int = MAX_OUTLIERS,
+                impl: str = "auto"):
     """``x @ W.T (+ bias)`` for an LLM.int8 weight ``w8`` (``[out, in]``), bitsandbytes' algorithm.
 
     Columns of ``x`` with any ``|x| >= threshold`` go through a 16-bit matmul with the matching
     dequantized weight columns; the rest through row-wise int8 quantization of x and an int8
     matmul with int32 accumulation. ``threshold=0`` is the plain int8 path. Gradient: x and bias.
+
+    ``max_outliers``: static cap on outlier columns for the fast gathered path (exact below it,
+    chunked and slower above it; see the module docstring). ``impl``: "auto" (Pallas int8
+    tensor-core kernel on a GPU, XLA's int8 dot elsewhere), "xla", "pallas",
+    "pallas_interpret" (the kernel in Pallas' interpreter, for CPU tests), or "reference"
+    (dense-mask oracle that materialises W).
     """
     x = jnp.asarray(x)
     _check(x, w8)
     threshold = float(threshold)
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    impl = _IMPLS.get(threshold)
-    if impl is None:
-        impl = _IMPLS[threshold] = _matmul_int8_impl(threshold)
-    return impl(x, w8, bias)
+    if int(max_outliers) < 1:
+        raise ValueError(f"max_outliers must be >= 1, got {max_outliers}")
+    if bias is not None and tuple(jnp.shape(bias)) != (w8.shape[0],):
+        raise ValueError(f"bias must have shape ({w8.shape[0]},), got {tuple(jnp.shape(bias))}")
+    return _matmul_int8(x, w8, bias, threshold, int(max_outliers), _resolve(impl))

@@ -1,0 +1,190 @@
+"""Int8 x int8 -> int32 GEMM on the tensor cores with LLM.int8's dequantizing epilogue fused.
+
+``y = (codes_x @ codes_w.T) * sx[:, None] * sw[None, :] / 127^2 + extra + bias``, cast to the
+output dtype. ``codes_x`` [M, K] are x's row-wise int8 codes (outlier columns already zeroed),
+``codes_w`` [N, K] the weight's (bitsandbytes' ``CB``), ``sx``/``sw`` their fp32 row absmax
+(``SCA``/``SCB``), and ``extra`` [M, N] the 16-bit outlier product. The int32 accumulator
+lives in registers only: the epilogue rescales it, adds the outlier part and bias, and writes
+the final dtype, so no int32 or fp32 [M, N] tensor reaches HBM (bitsandbytes writes the int32
+result, then dequantizes it in a second kernel, then adds the outlier matmul in a third).
+
+Small M (decode, M <= 16) is bandwidth-bound on the int8 weight: there ``splits > 1`` cuts K
+into chunks handled by separate programs (more programs than SMs, so the whole HBM bandwidth
+is used), each writing exact int32 partials; the caller sums them (integer adds are exact)
+and applies the same epilogue with :func:`epilogue`.
+
+Launch config at the top, the jnp reference beside the kernel, the public wrapper at the
+bottom. Imports only jax.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+BM, BN, BK = 128, 128, 128
+NUM_WARPS, NUM_STAGES = 8, 3
+# bitsandbytes' int8_mm_dequant constant: 1 / 127**2 in float32.
+INV_127_SQ = 6.200124e-05
+
+
+def reference(codes_x, codes_w, sx, sw, extra=None, bias=None, out_dtype=jnp.float32):
+    """The jnp oracle: the same arithmetic in XLA (int32 dot, fp32 epilogue, one final cast)."""
+    acc = jax.lax.dot_general(codes_x, codes_w, (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    return epilogue(acc, sx, sw, extra, bias, out_dtype)
+
+
+def epilogue(acc, sx, sw, extra=None, bias=None, out_dtype=jnp.float32):
+    """int32 [M, N] -> ``out_dtype``: rescale, add outlier part and bias, cast once."""
+    out = acc.astype(jnp.float32) * (sx.astype(jnp.float32)[:, None] * sw.astype(jnp.float32)[None, :])
+    out = out * jnp.float32(INV_127_SQ)
+    if extra is not None:
+        out = out + extra.astype(jnp.float32)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)[None, :]
+    return out.astype(out_dtype)
+
+
+def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_extra, has_bias, fused):
+    rest = list(rest)
+    sx_ref = sw_ref = extra_ref = bias_ref = None
+    if fused:
+        sx_ref, sw_ref = rest.pop(0), rest.pop(0)
+        extra_ref = rest.pop(0) if has_extra else None
+        bias_ref = rest.pop(0) if has_bias else None
+    (o_ref,) = rest
+    bm, bn = x_ref.shape[0], w_ref.shape[0]
+    dims = (((1,), (1,)), ((), ()))
+
+    def body(kb, acc):
+        xs = x_ref[:, pl.ds(kb * block_k, block_k)]
+        ws = w_ref[:, pl.ds(kb * block_k, block_k)]
+        return acc + jax.lax.dot_general(xs, ws, dims, preferred_element_type=jnp.int32)
+
+    acc = jax.lax.fori_loop(0, n_ktiles, body, jnp.zeros((bm, bn), jnp.int32))
+    if not fused:
+        o_ref[...] = acc.reshape(o_ref.shape)
+        return
+    out = acc.astype(jnp.float32) * (sx_ref[...][:, None] * sw_ref[...][None, :])
+    out = out * jnp.float32(INV_127_SQ)
+    if has_extra:
+        out = out + extra_ref[...].astype(jnp.float32)
+    if has_bias:
+        out = out + bias_ref[...].astype(jnp.float32)[None, :]
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def raw(codes_x, codes_w, sx=None, sw=None, extra=None, bias=None, *, out_dtype=jnp.float32,
+        block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES, interpret=False):
+    """The launch. Shapes must tile exactly (``fused_matmul`` pads):
+
+    codes_x [M, K] int8, codes_w [N, K] int8; M % block_m == N % block_n == 0,
+    K % (splits * block_k) == 0. ``splits == 1``: fused epilogue, returns [M, N] ``out_dtype``.
+    ``splits > 1``: returns exact int32 partials [splits, M, N] (no epilogue).
+    """
+    m, k = codes_x.shape
+    n = codes_w.shape[0]
+    if codes_x.dtype != jnp.int8 or codes_w.dtype != jnp.int8:
+        raise ValueError(f"codes_x and codes_w must be int8, got {codes_x.dtype} and {codes_w.dtype}")
+    if codes_w.shape[1] != k:
+        raise ValueError(f"codes_w must be [N, {k}], got {codes_w.shape}")
+    kc = k // splits
+    if m % block_m or n % block_n or k % splits or kc % block_k:
+        raise ValueError(f"untiled launch: M={m}, N={n}, K={k}, tiles {block_m}x{block_n}x{block_k}, splits {splits}")
+    fused = splits == 1
+    in_specs = [pl.BlockSpec((block_m, kc), lambda i, j, s: (i, s)),
+                pl.BlockSpec((block_n, kc), lambda i, j, s: (j, s))]
+    args = [codes_x, codes_w]
+    if fused:
+        if sx is None or sw is None:
+            raise ValueError("sx and sw are required for the fused launch (splits == 1)")
+        args += [sx.astype(jnp.float32), sw.astype(jnp.float32)]
+        in_specs += [pl.BlockSpec((block_m,), lambda i, j, s: (i,)),
+                     pl.BlockSpec((block_n,), lambda i, j, s: (j,))]
+        if extra is not None:
+            args.append(extra)
+            in_specs.append(pl.BlockSpec((block_m, block_n), lambda i, j, s: (i, j)))
+        if bias is not None:
+            args.append(bias)
+            in_specs.append(pl.BlockSpec((block_n,), lambda i, j, s: (j,)))
+        out_shape = jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype))
+        out_spec = pl.BlockSpec((block_m, block_n), lambda i, j, s: (i, j))
+    else:
+        if extra is not None or bias is not None:
+            raise ValueError("extra and bias are added by the caller when splits > 1")
+        out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.int32)
+        out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j))
+    kernel = functools.partial(_kernel, block_k=block_k, n_ktiles=kc // block_k,
+                               has_extra=extra is not None, has_bias=bias is not None, fused=fused)
+    params = None
+    if not interpret:
+        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(m // block_m, n // block_n, splits),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        compiler_params=params,
+        interpret=interpret,
+    )(*args)
+
+
+def _fit(dim: int, cap: int, floor: int = 16) -> int:
+    """The largest power of two in [floor, cap] dividing dim, else cap (the caller pads)."""
+    b = cap
+    while b >= floor:
+        if dim % b == 0:
+            return b
+        b //= 2
+    return cap
+
+
+def _pad(a, axis, mult):
+    pad = (-a.shape[axis]) % mult
+    if pad == 0:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(a, widths)
+
+
+def fused_matmul(codes_x, sx, codes_w, sw, extra=None, bias=None, *, out_dtype=jnp.float32,
+                 block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
+                 num_stages=NUM_STAGES, interpret=False):
+    """``(codes_x @ codes_w.T) * sx * sw / 127^2 + extra + bias`` for any shapes.
+
+    Tiles are shrunk to powers of two dividing N and K where possible; otherwise the operands
+    are zero-padded (zero codes add nothing). M is always padded to the row tile, which is
+    cheap (activations); padding N or K copies the weight, which real layer shapes
+    (multiples of 128) never need. ``splits > 1`` is the small-M split-K path.
+    """
+    m, k = codes_x.shape
+    n = codes_w.shape[0]
+    block_n = _fit(n, block_n)
+    block_k = _fit(k // splits if k % splits == 0 else k, block_k)
+    block_m = max(16, min(block_m, 1 << max(4, (m - 1).bit_length())))
+    kmult = block_k * splits
+    xp = _pad(_pad(codes_x, 0, block_m), 1, kmult)
+    wp = _pad(_pad(codes_w, 0, block_n), 1, kmult)
+    mp, np_ = xp.shape[0], wp.shape[0]
+    sxp = _pad(sx.astype(jnp.float32), 0, block_m)
+    swp = _pad(sw.astype(jnp.float32), 0, block_n)
+    kw = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
+              num_stages=num_stages, interpret=interpret)
+    if splits > 1:
+        parts = raw(xp, wp, splits=splits, **kw)
+        acc = jnp.sum(parts, axis=0)[:m, :n]
+        return epilogue(acc, sx, sw, extra, bias, out_dtype)
+    ep = None if extra is None else _pad(_pad(extra, 0, block_m), 1, block_n)
+    bp = None if bias is None else _pad(bias, 0, block_n)
+    out = raw(xp, wp, sxp, swp, ep, bp, out_dtype=out_dtype, **kw)
+    if (mp, np_) != (m, n):
+        out = out[:m, :n]
+    return out

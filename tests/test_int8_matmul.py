@@ -1,0 +1,169 @@
+"""LLM.int8 matmul: parity with bitsandbytes' Linear8bitLt, the capped outlier scheme, the Pallas
+int8 GEMM in interpret mode, gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit_jax import ops, quant
+from pallas_kernels import int8_gemm
+
+# bitsandbytes casts its int8 result to fp16 before adding the fp16 outlier product; we add in
+# fp32 and cast once. The int8 parts are bit-identical, so outputs may differ by at most two
+# fp16 roundings of the largest output: 2 ulp = 2**-9 relative to max|y|.
+FP16_PARITY_RTOL = 2.0**-9
+
+
+def _planted(rng, m, k, cols, value=8.0):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    for c in cols:
+        x[rng.integers(0, m), c] = value * np.sign(rng.standard_normal() or 1.0)
+    return x
+
+
+def _bnb_linear(torch, w, b, threshold):
+    import bitsandbytes as bnb
+
+    n, k = w.shape
+    lin = bnb.nn.Linear8bitLt(k, n, bias=True, has_fp16_weights=False, threshold=threshold)
+    lin.weight = bnb.nn.Int8Params(torch.from_numpy(w).half(), requires_grad=False, has_fp16_weights=False)
+    lin.bias = torch.nn.Parameter(torch.from_numpy(b).half())
+    # eval(): in training mode bitsandbytes' CPU path dequantizes W and skips LLM.int8 entirely.
+    return lin.to("cpu").eval()
+
+
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_parity_with_bnb_linear8bitlt(torch, bnbF, rng, threshold, impl):
+    k, n, m = 160, 96, 24
+    w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+    b = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    cols = sorted(rng.choice(k, size=5, replace=False).tolist())
+    x = _planted(rng, m, k, cols)
+    lin = _bnb_linear(torch, w, b, threshold)
+    with torch.no_grad():
+        y_bnb = lin(torch.from_numpy(x).half()).float().numpy()
+
+    w8 = quant.quantize_int8(jnp.asarray(w, jnp.float16))
+    np.testing.assert_array_equal(np.asarray(w8.codes), lin.state.CB.numpy())
+    np.testing.assert_array_equal(np.asarray(w8.row_absmax), lin.state.SCB.numpy())
+    xj = jnp.asarray(x, jnp.float16)
+    y = np.asarray(ops.matmul_int8(xj, w8, threshold, jnp.asarray(b, jnp.float16), impl=impl), np.float32)
+
+    if threshold > 0:
+        _, _, mask = quant.int8_vectorwise_quant(xj, threshold=threshold)
+        ours = np.flatnonzero(np.asarray(mask)).tolist()
+        assert ours == cols == lin.state.idx.tolist()
+        np.testing.assert_allclose(y, y_bnb, rtol=0, atol=FP16_PARITY_RTOL * np.abs(y_bnb).max())
+    else:
+        np.testing.assert_array_equal(y, y_bnb)  # no outlier part: one identical rounding
+    # LLM.int8 keeps outlier columns precise; plain int8 crushes them.
+    exact = x @ w.T + b
+    err = np.abs(y - exact).max() / np.abs(exact).max()
+    assert err < (0.02 if threshold > 0 else 0.1)
+
+
+def test_cap_exceeded_is_exact_just_chunked(rng):
+    k, n, m = 96, 40, 7
+    w8 = quant.quantize_int8(jnp.asarray(rng.standard_normal((n, k)) * 0.1, jnp.float32))
+    cols = rng.choice(k, size=11, replace=False)
+    x = jnp.asarray(_planted(rng, m, k, cols), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    full = ops.matmul_int8(x, w8, 6.0, b, max_outliers=64, impl="xla")
+    for cap in (1, 4, 11):  # 11 chunks, 3 chunks (ragged), exactly one
+        capped = jax.jit(lambda x: ops.matmul_int8(x, w8, 6.0, b, max_outliers=cap, impl="xla"))(x)
+        np.testing.assert_allclose(np.asarray(capped), np.asarray(full), rtol=1e-6, atol=1e-5)
+    ref = ops.matmul_int8(x, w8, 6.0, b, impl="reference")  # dense-mask oracle
+    np.testing.assert_allclose(np.asarray(full), np.asarray(ref), rtol=1e-5, atol=1e-4)
+    # The outlier part alone, against a dense product over the masked columns.
+    _, _, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
+    part = ops.matmul_int8.__globals__["outlier_part"](x, w8, mask, 4)
+    wd = np.asarray(quant.dequantize_int8(w8))
+    dense = (np.asarray(x) * np.asarray(mask)[None, :]) @ wd.T
+    np.testing.assert_allclose(np.asarray(part), dense, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "m,k,n,cfg",
+    [
+        (1, 96, 40, dict(block_m=16, block_n=32, block_k=32, splits=1)),
+        (3, 200, 72, dict(block_m=16, block_n=32, block_k=32, splits=2)),  # K and N ragged
+        (17, 128, 48, dict(block_m=16, block_n=16, block_k=64, splits=1)),  # M ragged
+        (40, 256, 64, dict(block_m=32, block_n=64, block_k=64, splits=4)),
+    ],
+)
+def test_int8_gemm_interpret_matches_reference(rng, m, k, n, cfg):
+    cx = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
+    cw = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
+    sx = jnp.asarray(rng.uniform(0.1, 4.0, m), jnp.float32)
+    sw = jnp.asarray(rng.uniform(0.1, 4.0, n), jnp.float32)
+    extra = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    for out_dtype in (jnp.float32, jnp.bfloat16):
+        y = int8_gemm.fused_matmul(cx, sx, cw, sw, extra, bias, out_dtype=out_dtype, interpret=True, **cfg)
+        ref = int8_gemm.reference(cx, cw, sx, sw, extra, bias, out_dtype)
+        assert y.shape == (m, n) and y.dtype == out_dtype
+        # int32 accumulation is exact and the epilogue is the same op order: equal up to fp32 ulps.
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=1e-6, atol=1e-6)
+    # int32 partials of the split-K path are the exact integer product.
+    if cfg["splits"] > 1:
+        y = int8_gemm.fused_matmul(cx, jnp.full((m,), 127.0), cw, jnp.full((n,), 127.0),
+                                   out_dtype=jnp.float32, interpret=True, **cfg)
+        exact = np.asarray(cx, np.int64) @ np.asarray(cw, np.int64).T
+        np.testing.assert_allclose(np.asarray(y), exact * (127.0 * 127.0 * 6.200124e-05), rtol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_ops_pallas_interpret_matches_xla(rng, m):
+    k, n = 128, 80
+    w8 = quant.quantize_int8(jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.float32))
+    x = jnp.asarray(_planted(rng, m, k, [7, 100]), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
+    for thr in (6.0, 0.0):
+        a = ops.matmul_int8(x, w8, thr, b, impl="pallas_interpret")
+        r = ops.matmul_int8(x, w8, thr, b, impl="xla")
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(r, np.float32), rtol=1e-2, atol=1e-2)
+        assert float(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32)).max()) <= float(
+            2.0**-7 * jnp.abs(r.astype(jnp.float32)).max())
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_grad_x_and_bias(rng, impl):
+    k, n = 64, 48
+    w8 = quant.quantize_int8(jnp.asarray(rng.standard_normal((n, k)) * 0.1, jnp.float32))
+    wd = quant.dequantize_int8(w8)
+    x = jnp.asarray(_planted(rng, 2 * 5, k, [9]).reshape(2, 5, k), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    t = jnp.asarray(rng.standard_normal((2, 5, n)), jnp.float32)
+
+    def loss(x, b, w8):
+        return jnp.sum(jnp.sin(ops.matmul_int8(x, w8, 6.0, b, impl=impl)) * t)
+
+    gx, gb, gw = jax.grad(loss, argnums=(0, 1, 2), allow_int=True)(x, b, w8)
+    # The backward is the straight-through gradient of x @ dequant(W).T at the quantized output.
+    y = ops.matmul_int8(x, w8, 6.0, b, impl=impl)
+    g = jnp.cos(y) * t
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(g @ wd), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gb), np.asarray(g.sum((0, 1))), rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(gw.row_absmax).max()) == 0.0
+    assert gx.shape == x.shape and float(jnp.abs(gx).max()) > 0
+
+
+def test_bad_input_errors(rng):
+    w8 = quant.quantize_int8(jnp.asarray(rng.standard_normal((8, 16)), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((2, 16)), jnp.float32)
+    with pytest.raises(ValueError, match="in-features"):
+        ops.matmul_int8(x[:, :8], w8)
+    with pytest.raises(ValueError, match="threshold"):
+        ops.matmul_int8(x, w8, threshold=-1.0)
+    with pytest.raises(ValueError, match="max_outliers"):
+        ops.matmul_int8(x, w8, max_outliers=0)
+    with pytest.raises(ValueError, match="impl"):
+        ops.matmul_int8(x, w8, impl="cuda")
+    with pytest.raises(ValueError, match="bias"):
+        ops.matmul_int8(x, w8, bias=jnp.zeros((3,)))
+    with pytest.raises(ValueError, match="int8"):
+        int8_gemm.fused_matmul(x, jnp.ones(2), w8.codes, w8.row_absmax)
