@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from lowbit_jax.optim import _state
-from lowbit_jax.optim._state import MIN_8BIT_SIZE, STATE_BLOCKSIZE
+from lowbit_jax.optim._state import STATE_BLOCKSIZE
 from lowbit_jax.optim.transforms import (
     ScaleByAdam8bitState,
     _check,
