@@ -90,8 +90,12 @@ def check():
     cases = [(1, 4096, 4096, "nf4", True, "bfloat16"), (16, 4096, 14336, "nf4", True, "bfloat16"),
              (128, 4096, 4096, "fp4", False, "float16"), (3, 4160, 100, "nf4", True, "float32"),
              (17, 4160, 100, "fp4", True, "bfloat16"), (1024, 4096, 4096, "nf4", True, "bfloat16")]
-    for m, k, n, qt, dq, dt in cases:
-        key = f"M{m}_K{k}_N{n}_{qt}_dq{int(dq)}_{dt}"
+    from lowbit_jax.ops import _matmul_4bit_kernels as kern
+
+    base = {key: dict(val) for key, val in kern.GPU_CONFIG.items()}
+    for (m, k, n, qt, dq, dt), decode in itertools.product(cases, ("select", "prmt")):
+        key = f"M{m}_K{k}_N{n}_{qt}_dq{int(dq)}_{dt}_{decode}"
+        kern.GPU_CONFIG = {sec: dict(val, decode=decode) for sec, val in base.items()}
         try:
             w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
             q = quant.quantize_4bit(w, 64, qt, compress_statistics=dq)
@@ -106,6 +110,7 @@ def check():
         except Exception as e:  # noqa: BLE001 - a failing case is reported, the run goes on
             res[key] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
         print("check", key, res[key], flush=True)
+    kern.GPU_CONFIG = base
     return res
 
 
@@ -134,17 +139,21 @@ def bench_jax(ms, ns, bw):
             row = {}
             for name, fn, arg in [("xla_bf16", bf16, ws)]:
                 row[name] = jax_time(fn, x, arg)
-            saved = kern.GEMV_MAX_M
-            for name, cross in [("lowbit", saved), ("lowbit_gemv", 1 << 30), ("lowbit_gemm", 0)]:
-                if name == "lowbit_gemv" and m > 16 or name != "lowbit" and m > 128:
+            saved = (kern.GEMV_MAX_M, kern.TILED_MIN_M)
+            for name, cross in [("lowbit", saved), ("lowbit_gemv", (1 << 30, 1 << 30)),
+                                ("lowbit_gemm", (0, 1 << 30)), ("lowbit_tiled", (0, 0))]:
+                if name == "lowbit_gemv" and m > 16 or name == "lowbit_gemm" and m > 1024 or name == "lowbit_tiled" and m < 128:
                     continue
-                kern.GEMV_MAX_M = cross
+                kern.GEMV_MAX_M, kern.TILED_MIN_M = cross
                 try:
                     row[name] = jax_time(lowbit_fn(), x, qs)
+                    if m >= 1024:  # scratch HBM of the 8-layer jit: shows whether W is expanded whole
+                        mem = lowbit_fn().lower(x, qs).compile().memory_analysis()
+                        row[name + "_temp_MB"] = getattr(mem, "temp_size_in_bytes", -1) / 1e6
                 except Exception as e:  # noqa: BLE001
                     row[name] = f"ERR {type(e).__name__}: {str(e)[:300]}"
                 finally:
-                    kern.GEMV_MAX_M = saved
+                    kern.GEMV_MAX_M, kern.TILED_MIN_M = saved
             if isinstance(row.get("lowbit"), float):
                 row["lowbit_pct_hbm"] = 100 * nbytes / (row["lowbit"] * 1e-6) / (bw * 1e12)
             row["weight_bytes"] = nbytes
@@ -197,7 +206,8 @@ def bench_bnb(ms, ns):
 
 
 def sweep(budget_s=240):
-    """Time launch configurations of the GEMV (M=1, 16) and GEMM (M=128, 4096) at N=14336."""
+    """Time launch configurations at N=14336: GEMV (M=1 fma, M=16 dot), GEMM (M=128, 4096),
+    decode by select tree vs inline-PTX prmt, and the tiled decode + XLA dot path."""
     import jax
     import jax.numpy as jnp
 
@@ -207,33 +217,37 @@ def sweep(budget_s=240):
     qs = [q for q, _ in weights(14336, K)]
     res = {}
     base = {k: dict(v) for k, v in kern.GPU_CONFIG.items()}
-    gemv_space = [dict(block_n=bn, block_h=bh, splits=s, decode=d, num_warps=w, num_stages=st)
-                  for d, bn, bh, s, w, st in itertools.product(
-                      ["select", "gather"], [32, 64, 128], [64, 128, 256], [1, 2, 4, 8], [4, 8], [3])]
-    gemm_space = [dict(block_m=bm, block_n=bn, block_h=bh, decode=d, num_warps=w, num_stages=st)
-                  for d, bm, bn, bh, w, st in itertools.product(
-                      ["select", "gather"], [64, 128], [64, 128], [32, 64], [4, 8], [3, 4])]
-    rs = np.random.default_rng(0)
     plan = []
-    for m in (1, 16):
-        plan += [(m, "gemv", c) for c in [gemv_space[i] for i in rs.permutation(len(gemv_space))[:22]]]
-    for m in (128, 4096):
-        plan += [(m, "gemm", c) for c in [gemm_space[i] for i in rs.permutation(len(gemm_space))[:14]]]
+    for d in ("prmt", "select"):
+        for bn, bh, sp in [(64, 128, 4), (64, 128, 8), (32, 128, 8), (128, 64, 8), (64, 256, 4), (32, 256, 8)]:
+            plan.append((1, "gemv_fma", dict(block_n=bn, block_h=bh, splits=sp, decode=d, num_warps=4, num_stages=3)))
+        for (bn, bh, sp), w in itertools.product([(64, 128, 4), (32, 256, 4), (64, 128, 8), (128, 128, 8)], [4, 8]):
+            plan.append((16, "gemv_dot", dict(block_n=bn, block_h=bh, splits=sp, decode=d, num_warps=w, num_stages=3)))
+        for bm, bn, bh, w, st in [(128, 64, 32, 4, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 64, 64, 4, 3)]:
+            plan.append((128, "gemm", dict(block_m=bm, block_n=bn, block_h=bh, decode=d, num_warps=w, num_stages=st)))
+    for bm, bn, bh, w, st in [(128, 64, 32, 4, 4), (128, 128, 32, 8, 4)]:
+        plan.append((4096, "gemm", dict(block_m=bm, block_n=bn, block_h=bh, decode="prmt", num_warps=w, num_stages=st)))
+    for m in (128, 1024, 4096):
+        for rows in (2048, 4096):
+            plan.append((m, "tiled", dict(tile_rows=rows)))
     for m, kind, cfg in plan:
         if time.time() > t_end:
             break
         x = jax.random.normal(jax.random.PRNGKey(7), (m, K), jnp.bfloat16)
-        kern.GPU_CONFIG[kind] = cfg
-        saved = kern.GEMV_MAX_M
-        kern.GEMV_MAX_M = 16 if kind == "gemv" else 0
+        saved = (kern.GEMV_MAX_M, kern.TILED_MIN_M, kern.TILE_ROWS)
+        if kind == "tiled":
+            kern.TILED_MIN_M, kern.TILE_ROWS = 0, cfg["tile_rows"]
+        else:
+            kern.GPU_CONFIG[kind] = cfg
+            kern.GEMV_MAX_M = 16 if kind.startswith("gemv") else 0
         key = f"M{m}_{kind}_" + "_".join(f"{k}{v}" for k, v in cfg.items())
         try:
             res[key] = jax_time(lowbit_fn(), x, qs, reps=10)
         except Exception as e:  # noqa: BLE001
-            res[key] = f"ERR {type(e).__name__}: {str(e)[:200]}"
+            res[key] = f"ERR {type(e).__name__}: {str(e)[:300]}"
         finally:
-            kern.GPU_CONFIG[kind] = base[kind]
-            kern.GEMV_MAX_M = saved
+            kern.GPU_CONFIG = {k: dict(v) for k, v in base.items()}
+            kern.GEMV_MAX_M, kern.TILED_MIN_M, kern.TILE_ROWS = saved
         print("sweep", key, res[key], flush=True)
     best = {}
     for key, v in res.items():
@@ -279,8 +293,8 @@ def main():
 
 def table():
     print(f"\n==== per-matmul us, K={K}, L={L}, {R['env']}, copy {R['copy_TBps']:.2f} TB/s ====")
-    print("| N | M | lowbit-jax | gemv | gemm | XLA bf16 | bnb NF4 | lowbit/bf16 | lowbit/bnb | % HBM |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | M | lowbit-jax | gemv | gemm | tiled | XLA bf16 | bnb NF4 | lowbit/bf16 | lowbit/bnb | % HBM |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key, row in R.get("jax", {}).items():
         if not isinstance(row, dict):
             continue
@@ -289,7 +303,7 @@ def table():
         f = lambda v: f"{v:.1f}" if isinstance(v, float) else ("-" if v is None else str(v)[:20])
         lb, bf, bn = row.get("lowbit"), row.get("xla_bf16"), b.get("bnb_nf4_dq")
         ratio = lambda a, c: f"{a / c:.2f}" if isinstance(a, float) and isinstance(c, float) else "-"
-        print(f"| {n} | {m} | {f(lb)} | {f(row.get('lowbit_gemv'))} | {f(row.get('lowbit_gemm'))} | {f(bf)} | {f(bn)} | "
+        print(f"| {n} | {m} | {f(lb)} | {f(row.get('lowbit_gemv'))} | {f(row.get('lowbit_gemm'))} | {f(row.get('lowbit_tiled'))} | {f(bf)} | {f(bn)} | "
               f"{ratio(lb, bf)} | {ratio(lb, bn)} | {f(row.get('lowbit_pct_hbm'))} |")
 
 

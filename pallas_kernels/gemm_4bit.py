@@ -46,7 +46,8 @@ def _tile_absmax(a_ref, kb, bh, half_block, nested_args, row0, col_base):
 
 
 def forward_body(xe_ref, xo_ref, p_ref, a_ref, *rest, bh, half_block, n_ktiles, values, decode,
-                 nested, has_bias, mode, block_n, blocks_per_row, nested_blocksize, kchunk_blocks):
+                 nested, has_bias, mode, block_n, blocks_per_row, nested_blocksize, kchunk_blocks,
+                 interpret):
     """One output tile: loop over byte tiles of this program's K range, decode, accumulate."""
     rest = list(rest)
     lut_ref = rest.pop(0) if decode == "gather" else None
@@ -64,7 +65,7 @@ def forward_body(xe_ref, xo_ref, p_ref, a_ref, *rest, bh, half_block, n_ktiles, 
     def weights(kb):
         p = p_ref[:, pl.ds(kb * bh, bh)]
         a = _tile_absmax(a_ref, kb, bh, half_block, nested_args, row0, col_base)
-        hi, lo = c4.decode_nibbles(p, values, lut_ref, decode)
+        hi, lo = c4.decode_nibbles(p, values, lut_ref, decode, interpret)
         return c4.scale_tile(hi, a, half_block), c4.scale_tile(lo, a, half_block)
 
     if mode == "dot":
@@ -131,6 +132,8 @@ def fused_forward(xe, xo, packed, absmax, *, quant_type, blocksize, nested_absma
     nested = nested_absmax is not None
     values = c4.table(quant_type)
     out_dtype = jnp.dtype(out_dtype or xe.dtype)
+    if decode == "prmt" and xe.dtype == jnp.float32:
+        decode = "select"  # fp16 code values would cost fp32 activations precision
 
     in_specs = [
         pl.BlockSpec((block_m, kc), lambda i, j, s: (i, s)),
@@ -162,7 +165,7 @@ def fused_forward(xe, xo, packed, absmax, *, quant_type, blocksize, nested_absma
         forward_body, bh=block_h, half_block=half_block, n_ktiles=kc // block_h, values=values,
         decode=decode, nested=nested, has_bias=bias is not None, mode=mode, block_n=block_n,
         blocks_per_row=blocks_per_row, nested_blocksize=nested_blocksize,
-        kchunk_blocks=kchunk_blocks)
+        kchunk_blocks=kchunk_blocks, interpret=interpret)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -175,7 +178,7 @@ def fused_forward(xe, xo, packed, absmax, *, quant_type, blocksize, nested_absma
 
 
 def backward_body(g_ref, p_ref, a_ref, *rest, bh, half_block, n_ntiles, block_n, values, decode,
-                  nested, blocks_per_row, nested_blocksize):
+                  nested, blocks_per_row, nested_blocksize, interpret):
     """dx tile [BM, 2*BH] = g [BM, N] @ W[:, this byte range]: loop over N, decode, two dots."""
     rest = list(rest)
     lut_ref = rest.pop(0) if decode == "gather" else None
@@ -199,7 +202,7 @@ def backward_body(g_ref, p_ref, a_ref, *rest, bh, half_block, n_ntiles, block_n,
         p = p_ref[rows, :]
         nested_t = None if nested_args is None else (*nested_args[:3], nb * block_n, col, *nested_args[3:])
         a = c4.absmax_tile(a_ref, rows, pl.ds(col, nbt), nested_t)
-        hi, lo = c4.decode_nibbles(p, values, lut_ref, decode)
+        hi, lo = c4.decode_nibbles(p, values, lut_ref, decode, interpret)
         hi = c4.scale_tile(hi, a, half_block).astype(cdt)
         lo = c4.scale_tile(lo, a, half_block).astype(cdt)
         g = g_ref[:, rows]
@@ -227,6 +230,8 @@ def fused_backward(g, packed, absmax, *, quant_type, blocksize, nested_absmax=No
         raise ValueError(f"block_h ({block_h}) and blocksize/2 ({half_block}) must nest")
     nested = nested_absmax is not None
     values = c4.table(quant_type)
+    if decode == "prmt" and g.dtype == jnp.float32:
+        decode = "select"
     nbt = max(1, block_h // half_block)
     blocks_per_row = kh * 2 // blocksize
     in_specs = [
@@ -249,7 +254,7 @@ def fused_backward(g, packed, absmax, *, quant_type, blocksize, nested_absmax=No
     kernel = functools.partial(
         backward_body, bh=block_h, half_block=half_block, n_ntiles=n // block_n, block_n=block_n,
         values=values, decode=decode, nested=nested, blocks_per_row=blocks_per_row,
-        nested_blocksize=nested_blocksize)
+        nested_blocksize=nested_blocksize, interpret=interpret)
     out = jax.ShapeDtypeStruct((m, kh), g.dtype)
     spec = pl.BlockSpec((block_m, block_h), lambda i, k: (i, k))
     return pl.pallas_call(

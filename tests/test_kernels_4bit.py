@@ -105,12 +105,12 @@ def test_k4096_gemv_split_k(rng):
     assert _rel(y, _oracle(x, q)) < TOL["bfloat16"]
 
 
-@pytest.mark.parametrize("section", ["gemv", "gemm", "bwd"])
+@pytest.mark.parametrize("section", ["gemv_fma", "gemm", "bwd"])
 def test_gather_decode_and_blocksize_128(rng, monkeypatch, section):
     cfg = {key: dict(val) for key, val in kern.GPU_CONFIG.items()}
     cfg[section]["decode"] = "gather"
     monkeypatch.setattr(kern, "GPU_CONFIG", cfg)
-    m = 2 if section == "gemv" else 24
+    m = 2 if section == "gemv_fma" else 24
     x, q = _case(rng, m, 512, 48, "fp4", True, "float32", blocksize=128)
     if section == "bwd":
         ct = jnp.asarray(rng.standard_normal((m, 48)), jnp.float32)
@@ -156,3 +156,60 @@ def test_bad_input_errors(rng):
     assert _rel(matmul_4bit(x, q), _oracle(x, q)) < TOL["float32"]
     with pytest.raises(ValueError, match="quant_type"):
         c4.table("int4")
+
+
+@pytest.mark.parametrize("m", [2, 16, 24])
+def test_prmt_decode_numerics_bf16(rng, monkeypatch, m):
+    """The prmt decode goes through fp16 code values; in the interpreter it is emulated."""
+    cfg = {key: dict(val, decode="prmt") for key, val in kern.GPU_CONFIG.items()}
+    monkeypatch.setattr(kern, "GPU_CONFIG", cfg)
+    x, q = _case(rng, m, 256, 48, "nf4", True, "bfloat16")
+    y = matmul_4bit(x, q, impl="pallas_interpret")
+    assert _rel(y, _oracle(x, q)) < TOL["bfloat16"]
+
+
+def _run_ptx(asm: str, r: int) -> list[int]:
+    """A bit-level interpreter for the few PTX instructions the prmt decode uses."""
+    def prmt(a, b, c):
+        src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+        d = 0
+        for k in range(4):
+            sel = (c >> (4 * k)) & 0xF
+            v = src[sel & 7]
+            if sel & 8:  # sign-replicate mode
+                v = 0xFF if v & 0x80 else 0
+            d |= v << (8 * k)
+        return d
+
+    def lop3(a, b, c, lut):
+        return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
+                   for i in range(32))
+
+    regs = {"$4": r}
+    for line in asm.replace("{", "").replace("}", "").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        a = [t.strip() for t in rest.split(",")]
+        v = [regs[t] if t in regs else int(t, 0) for t in a[1:]]
+        regs[a[0]] = {"mov.b32": lambda: v[0], "shr.b32": lambda: v[0] >> v[1],
+                      "and.b32": lambda: v[0] & v[1], "or.b32": lambda: v[0] | v[1],
+                      "prmt.b32": lambda: prmt(*v), "lop3.b32": lambda: lop3(*v)}[op]()
+    return [regs[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_prmt_asm_decodes_every_byte(quant_type):
+    """The inline PTX, run by an interpreter of its instructions, gives the fp16 code values."""
+    asm = c4._prmt_asm(c4.table(quant_type))
+    table16 = np.asarray(c4.table(quant_type), np.float16).view(np.uint16)
+    for start in range(0, 256, 4):
+        byts = np.arange(start, start + 4) ^ 0xA5  # every byte value once, shuffled in the word
+        word = int(sum(int(b) << (8 * i) for i, b in enumerate(byts)))
+        o = _run_ptx(asm, word)
+        halves = lambda w: [w & 0xFFFF, w >> 16]
+        hi = np.array(halves(o[0]) + halves(o[1]), np.uint16)
+        lo = np.array(halves(o[2]) + halves(o[3]), np.uint16)
+        np.testing.assert_array_equal(hi, table16[byts >> 4])
+        np.testing.assert_array_equal(lo, table16[byts & 15])

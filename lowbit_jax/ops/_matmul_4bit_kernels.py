@@ -19,7 +19,9 @@ from lowbit_jax import quant
 from pallas_kernels import gemm_4bit, gemv_4bit
 
 GPU_CONFIG = {
-    "gemv": dict(block_n=64, block_h=128, splits=4, decode="select", num_warps=4, num_stages=3),
+    # GEMV with 1..4 rows (elementwise fma) and with 5..GEMV_MAX_M rows (dot, x padded to 16)
+    "gemv_fma": dict(block_n=64, block_h=128, splits=4, decode="select", num_warps=4, num_stages=3),
+    "gemv_dot": dict(block_n=64, block_h=128, splits=4, decode="select", num_warps=4, num_stages=3),
     "gemm": dict(block_m=64, block_n=64, block_h=64, decode="select", num_warps=4, num_stages=3),
     "bwd": dict(block_m=64, block_n=64, block_h=64, decode="select", num_warps=4, num_stages=3),
 }
@@ -97,7 +99,7 @@ def forward(x, q, bias=None, *, interpret=False):
     if m >= TILED_MIN_M:
         return tiled_forward(x2, q, bias).reshape(*lead, n)
     if m <= GEMV_MAX_M:
-        cfg = dict(GPU_CONFIG["gemv"])
+        cfg = dict(GPU_CONFIG["gemv_fma" if m <= gemv_4bit.FMA_MAX_ROWS else "gemv_dot"])
         ops, bn = _weight_rows(ops, n, cfg.pop("block_n"))
         bh = _block_h(kh, cfg.pop("block_h"), half_block)
         splits = cfg.pop("splits")
