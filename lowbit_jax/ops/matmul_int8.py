@@ -104,7 +104,12 @@ def outlier_part(x2, w8, outlier_cols, max_outliers):
         valid = (c * cap + slot) < count
         sub_x = jnp.where(valid[None, :], jnp.take(x2, idx, axis=1), jnp.zeros((), x2.dtype))
         sub_w = quant.int8_vectorwise_dequant(jnp.take(w8.codes, idx, axis=1), w8.row_absmax).astype(x2.dtype)
-        return jnp.einsum("mc,nc->mn", sub_x, sub_w, preferred_element_type=jnp.float32)
+        if not _compat.on_gpu():
+            # XLA:CPU lacks some bf16 x bf16 -> f32 dots; 16-bit products are exact in fp32,
+            # so an fp32 product at HIGHEST precision is the same arithmetic.
+            sub_x, sub_w = sub_x.astype(jnp.float32), sub_w.astype(jnp.float32)
+        return jnp.einsum("mc,nc->mn", sub_x, sub_w, preferred_element_type=jnp.float32,
+                          precision=jax.lax.Precision.HIGHEST if not _compat.on_gpu() else None)
 
     first = chunk(0)
     if n_chunks == 1:
