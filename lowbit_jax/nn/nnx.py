@@ -144,6 +144,7 @@ class LoRALinear(nnx.Module):
         self.scale = config.scale
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
         self.merged = False
+        self.saved_kernel = nnx.data(None)  # the quantized base while merged into bf16, for exact unmerge
 
     def __call__(self, x):
         y = self.base(x)
@@ -165,14 +166,24 @@ class LoRALinear(nnx.Module):
             self.base.kernel = nnx.Param((k.astype(jnp.float32) + dw).astype(k.dtype))
 
     def merge(self, *, requantize: bool = False, dtype=jnp.bfloat16):
-        """Fold the adapter into the base kernel (quantized bases: into ``dtype`` or requantized)."""
+        """Fold the adapter into the base kernel (quantized bases: into ``dtype``, keeping the
+        quantized original for an exact ``unmerge``, or requantized in place)."""
         if not self.merged:
+            k = self.base.kernel
+            if isinstance(k.value, quant.QuantizedTensor) and not requantize:
+                self.saved_kernel = QuantWeight(k.value)
             self._update_kernel(1.0, requantize, dtype)
             self.merged = True
 
-    def unmerge(self, *, requantize: bool = False, dtype=jnp.bfloat16):
+    def unmerge(self):
+        """Take the adapter back out: restores a bf16-merged quantized base exactly; a
+        requantized one is dequantized, unmerged and quantized again (not bit-exact)."""
         if self.merged:
-            self._update_kernel(-1.0, requantize, dtype)
+            if self.saved_kernel is not None:
+                self.base.kernel = self.saved_kernel
+                self.saved_kernel = nnx.data(None)
+            else:
+                self._update_kernel(-1.0, True, None)
             self.merged = False
 
 
