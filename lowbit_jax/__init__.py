@@ -50,6 +50,22 @@ _API = {
     # Flax layers and configuration
     "QuantConfig": "lowbit_jax.nn.config",
     "quantize_weight": "lowbit_jax.nn.config",
+    "quantize_params": "lowbit_jax.nn.quantize",
+    "memory_footprint": "lowbit_jax.nn.quantize",
+    "QuantReport": "lowbit_jax.nn.quantize",
+    "QuantDense": "lowbit_jax.nn.linen",
+    "quant_context": "lowbit_jax.nn.linen",
+    "QuantLinear": "lowbit_jax.nn.nnx",
+    "quantize_model": "lowbit_jax.nn.nnx",
+    "LoraConfig": "lowbit_jax.nn.lora",
+    "add_lora": "lowbit_jax.nn.lora",
+    "merge_lora": "lowbit_jax.nn.lora",
+    "unmerge_lora": "lowbit_jax.nn.lora",
+    "split_trainable": "lowbit_jax.nn.lora",
+    "combine": "lowbit_jax.nn.lora",
+    "trainable_mask": "lowbit_jax.nn.lora",
+    "print_trainable_parameters": "lowbit_jax.nn.lora",
+    "prepare_for_kbit_training": "lowbit_jax.nn.lora",
 }
 
 __all__ = sorted(_API)
