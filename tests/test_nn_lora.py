@@ -246,3 +246,32 @@ def test_nnx_qlora_train_merge(rng, capsys):
     err = jnp.abs(model(x) - ref2)
     # one more NF4 rounding of q_proj and v_proj, amplified by their product: ~12% measured
     assert 0 < float(err.mean()) < 0.25 * float(jnp.abs(ref2).mean())
+
+
+def test_quant_dense_lora_dropout_and_optax_mask(rng):
+    from lowbit_jax.nn.linen import QuantDense
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return QuantDense(32, name="q_proj", quant=QCFG)(x)
+
+    x = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
+    cfg = LoraConfig(r=4, alpha=8, dropout=0.5, target_modules=["q_proj"])
+    params = add_lora(M().init(jax.random.key(0), x)["params"], cfg, jax.random.key(1))
+    params["q_proj"]["lora_B"] = jnp.asarray(rng.standard_normal((4, 32)), jnp.float32)
+    base = M().apply({"params": params}, x)
+    with quant_context(lora=cfg):
+        det = M().apply({"params": params}, x)
+    with quant_context(lora=cfg, deterministic=False):
+        drop1 = M().apply({"params": params}, x, rngs={"dropout": jax.random.key(3)})
+        drop2 = M().apply({"params": params}, x, rngs={"dropout": jax.random.key(4)})
+    a, b = params["q_proj"]["lora_A"], params["q_proj"]["lora_B"]
+    np.testing.assert_allclose(np.asarray(det - base), np.asarray(x @ a @ b * cfg.scale), atol=1e-4)
+    assert float(jnp.abs(drop1 - det).max()) > 1e-3 and float(jnp.abs(drop1 - drop2).max()) > 1e-3
+    # optax.masked over the whole tree: the quantized kernel is masked out, its state empty
+    tx = optax.masked(optax.adam(1e-3), trainable_mask(params))
+    state = tx.init(params)
+    mu = state.inner_state[0].mu
+    assert mu["q_proj"]["lora_A"].shape == (64, 4)
+    assert not any(hasattr(leaf, "dtype") and leaf.dtype == jnp.uint8 for leaf in jax.tree.leaves(mu))
