@@ -48,7 +48,7 @@ def decode_select(codes, values):
     return jnp.where((codes & 8) != 0, lvl[1], lvl[0])
 
 
-def _prmt_asm(values) -> str:
+def _prmt_asm(values, nibble: str) -> str:
     """PTX decoding the 8 nibbles of 4 packed bytes to 8 fp16 table values with byte permutes.
 
     The fp16 table is split into its low and high bytes, 4 registers each (L0..L3, H0..H3).
@@ -82,22 +82,24 @@ def _prmt_asm(values) -> str:
  prmt.b32 {o0}, lo, hi, 0x5140;
  prmt.b32 {o1}, lo, hi, 0x7362;
 """
-    return ("{\n .reg .b32 t, u, s, idx, m8, sm, msk, a, b, lo, hi, zero, sgn, L0, L1, L2, L3, H0, H1, H2, H3;\n"
-            " mov.b32 zero, 0;\n mov.b32 sgn, 0x80808080;\n" + consts +
-            # high nibbles: codes to the low nibble of each byte, then pairs of bytes to one byte
-            " shr.b32 t, $4, 4;\n and.b32 t, t, 0x0F0F0F0F;\n shr.b32 u, t, 4;\n or.b32 u, u, t;\n"
-            + half("u", "$0", "$1") +
-            " and.b32 t, $4, 0x0F0F0F0F;\n shr.b32 u, t, 4;\n or.b32 u, u, t;\n"
-            + half("u", "$2", "$3") + "}")
+    head = ("{\n .reg .b32 t, u, s, idx, m8, sm, msk, a, b, lo, hi, zero, sgn, L0, L1, L2, L3, H0, H1, H2, H3;\n"
+            " mov.b32 zero, 0;\n mov.b32 sgn, 0x80808080;\n" + consts)
+    # one asm per nibble (Pallas lowers single-result inline asm only): outputs $0,$1, input $2.
+    # The codes go to the low nibble of each byte, then pairs of bytes into one byte.
+    if nibble == "hi":
+        body = " shr.b32 t, $2, 4;\n and.b32 t, t, 0x0F0F0F0F;\n"
+    else:
+        body = " and.b32 t, $2, 0x0F0F0F0F;\n"
+    return head + body + " shr.b32 u, t, 4;\n or.b32 u, u, t;\n" + half("u", "$0", "$1") + "}"
 
 
 def decode_prmt(p, values):
     from jax.experimental.pallas import triton as pltriton
 
     out = jax.ShapeDtypeStruct(p.shape, jnp.float16)
-    hi, lo = pltriton.elementwise_inline_asm(
-        _prmt_asm(values), args=[p], constraints="=r,=r,=r,=r,r", pack=4,
-        result_shape_dtypes=[out, out])
+    hi, lo = (pltriton.elementwise_inline_asm(_prmt_asm(values, nib), args=[p], constraints="=r,=r,r",
+                                              pack=4, result_shape_dtypes=[out])[0]
+              for nib in ("hi", "lo"))
     return hi, lo
 
 

@@ -20,16 +20,19 @@ from pallas_kernels import gemm_4bit, gemv_4bit
 
 GPU_CONFIG = {
     # GEMV with 1..4 rows (elementwise fma) and with 5..GEMV_MAX_M rows (dot, x padded to 16)
-    "gemv_fma": dict(block_n=64, block_h=128, splits=4, decode="select", num_warps=4, num_stages=3),
-    "gemv_dot": dict(block_n=64, block_h=128, splits=4, decode="select", num_warps=4, num_stages=3),
-    "gemm": dict(block_m=64, block_n=64, block_h=64, decode="select", num_warps=4, num_stages=3),
+    "gemv_fma": dict(block_n=128, block_h=64, splits=8, decode="select", num_warps=4, num_stages=3),
+    "gemv_dot": dict(block_n=64, block_h=128, splits=4, decode="select", num_warps=8, num_stages=3),
+    "gemm": dict(block_m=128, block_n=128, block_h=64, decode="select", num_warps=8, num_stages=4),
     "bwd": dict(block_m=64, block_n=64, block_h=64, decode="select", num_warps=4, num_stages=3),
 }
+# Crossovers measured on an H100 at K=4096, N=14336 (benchmarks/RESULTS.md): the GEMV beat the
+# GEMM at M=1 and 16; the GEMM beat the tiled path at M=128 and lost at M=1024.
 GEMV_MAX_M = 16  # rows of x up to which the split-K GEMV runs
 # rows of x from which W is decoded in chunks of TILE_ROWS output rows to bf16 and multiplied
 # by XLA's dot (cuBLAS): with many rows the in-kernel decode, repeated for every M tile, costs
-# more than one decode pass plus a vendor GEMM. Only one chunk (TILE_ROWS x K) is ever expanded.
-TILED_MIN_M = 1 << 30
+# more than one decode pass plus a vendor GEMM. A scan over the chunks keeps one chunk
+# (TILE_ROWS x K in x's dtype) alive at a time.
+TILED_MIN_M = 512
 TILE_ROWS = 2048
 
 
@@ -152,41 +155,51 @@ def backward(g, q, *, interpret=False):
     return dx.reshape(*lead, k)
 
 
-def _decode_rows(q, packed, absmax, r0, r1, dtype):
-    """W[r0:r1] in ``dtype``: one chunk, decoded by XLA (elementwise, fused into one pass)."""
-    p = packed[r0:r1]
+def _chunks(q):
+    """packed [C, rows, K/2] and fp32 absmax [C, rows, K/bs] in TILE_ROWS-row chunks (rows padded)."""
+    n, k = q.shape
+    rows = min(TILE_ROWS, n)
+    packed = _pad_rows(operands(q)["packed"], rows)
+    absmax = _pad_rows(quant.absmax_4bit(q).reshape(n, k // q.blocksize), rows)
+    c = packed.shape[0] // rows
+    return packed.reshape(c, rows, k // 2), absmax.reshape(c, rows, -1), rows
+
+
+def _decode_chunk(q, p, a, dtype):
     code = jnp.asarray(q.code, jnp.float32)
     vals = jnp.stack([code[(p >> 4).astype(jnp.int32)], code[(p & 15).astype(jnp.int32)]], -1)
     rows, kh = p.shape
-    blocks = vals.reshape(rows, absmax.shape[1], q.blocksize) * absmax[r0:r1, :, None]
-    return blocks.reshape(rows, 2 * kh).astype(dtype)
+    return (vals.reshape(rows, a.shape[1], q.blocksize) * a[:, :, None]).reshape(rows, 2 * kh).astype(dtype)
 
 
 def tiled_forward(x2, q, bias=None):
-    """``x2 @ W.T`` for many rows: W decoded TILE_ROWS output rows at a time, then XLA's dot."""
+    """``x2 @ W.T`` for many rows: a scan decodes TILE_ROWS output rows of W, then XLA's dot."""
     n, k = q.shape
-    ops = operands(q)
-    absmax = quant.absmax_4bit(q).reshape(n, k // q.blocksize)
-    outs = []
-    for r0 in range(0, n, TILE_ROWS):
-        r1 = min(n, r0 + TILE_ROWS)
-        w = _decode_rows(q, ops["packed"], absmax, r0, r1, x2.dtype)
-        y = jnp.dot(x2, w.T, preferred_element_type=jnp.float32)
-        if bias is not None:
-            y = y + bias[r0:r1].astype(jnp.float32)
-        outs.append(y.astype(x2.dtype))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    packed, absmax, rows = _chunks(q)
+
+    def step(_, chunk):
+        p, a = chunk
+        w = _decode_chunk(q, p, a, x2.dtype)
+        return None, jnp.dot(x2, w.T, preferred_element_type=jnp.float32)
+
+    _, ys = jax.lax.scan(step, None, (packed, absmax))  # [C, M, rows]
+    y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], -1)[:, :n]
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x2.dtype)
 
 
 def tiled_backward(g2, q):
-    """``g2 @ W`` for many rows, W decoded TILE_ROWS rows at a time."""
+    """``g2 @ W`` for many rows, W decoded TILE_ROWS rows at a time inside a scan."""
     n, k = q.shape
-    ops = operands(q)
-    absmax = quant.absmax_4bit(q).reshape(n, k // q.blocksize)
-    acc = None
-    for r0 in range(0, n, TILE_ROWS):
-        r1 = min(n, r0 + TILE_ROWS)
-        w = _decode_rows(q, ops["packed"], absmax, r0, r1, g2.dtype)
-        part = jnp.dot(g2[:, r0:r1], w, preferred_element_type=jnp.float32)
-        acc = part if acc is None else acc + part
+    packed, absmax, rows = _chunks(q)
+    c = packed.shape[0]
+    gc = jnp.moveaxis(jnp.pad(g2, ((0, 0), (0, c * rows - n))).reshape(g2.shape[0], c, rows), 1, 0)
+
+    def step(acc, chunk):
+        p, a, g = chunk
+        w = _decode_chunk(q, p, a, g2.dtype)
+        return acc + jnp.dot(g, w, preferred_element_type=jnp.float32), None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros((g2.shape[0], k), jnp.float32), (packed, absmax, gc))
     return acc.astype(g2.dtype)
