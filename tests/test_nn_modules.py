@@ -11,6 +11,7 @@ from flax import nnx
 from lowbit_jax import quant
 from lowbit_jax.nn import QuantConfig, memory_footprint, quantize_params
 from lowbit_jax.nn.linen import QuantDense, quant_context
+from lowbit_jax.nn.quantize import dequantize_params
 from lowbit_jax.nn.nnx import QuantLinear, QuantWeight, quantize_model
 
 CONFIGS = {
@@ -102,6 +103,9 @@ def test_quantize_params_skips_exactly_embeddings_norms_head(rng):
             assert a is b
     for name in ("q_proj", "v_proj", "down_proj"):
         assert isinstance(qp[name]["kernel"], quant.Packed4bit) and qp[name]["bias"] is fp[name]["bias"]
+    deq = dequantize_params(qp, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(deq["q_proj"]["kernel"]), np.asarray(quant.dequantize(qp["q_proj"]["kernel"], jnp.float32).T))
+    assert isinstance(qp["q_proj"]["kernel"], quant.Packed4bit) and deq["lm_head"]["kernel"] is fp["lm_head"]["kernel"]
     # include / exclude regexes, qwix-style
     qp2, rep2 = quantize_params(fp, QuantConfig(min_size=0, include=(r"_proj$",), exclude=(r"^v_",)))
     assert sorted(r[0] for r in rep2.quantized) == ["down_proj", "q_proj"]
