@@ -27,7 +27,7 @@ from lowbit_jax.nn import nnx as lnnx
 from lowbit_jax.nn.linen import quant_context
 
 QCFG = QuantConfig(load_in_4bit=True, double_quant=True, compute_dtype="float32", min_size=0)
-LCFG = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+LCFG = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 
 
 class Block(nn.Module):
@@ -257,7 +257,7 @@ def test_quant_dense_lora_dropout_and_optax_mask(rng):
             return QuantDense(32, name="q_proj", quant=QCFG)(x)
 
     x = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
-    cfg = LoraConfig(r=4, alpha=8, dropout=0.5, target_modules=["q_proj"])
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"])
     params = add_lora(M().init(jax.random.key(0), x)["params"], cfg, jax.random.key(1))
     params["q_proj"]["lora_B"] = jnp.asarray(rng.standard_normal((4, 32)), jnp.float32)
     base = M().apply({"params": params}, x)

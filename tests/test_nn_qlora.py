@@ -78,7 +78,7 @@ def _train(params, dtype, lora, steps=300):
 
 def test_qlora_matches_bf16_lora_on_synthetic_task():
     fp = TinyLM().init(jax.random.key(0), jnp.zeros((1, T), jnp.int32))["params"]
-    lora = LoraConfig(r=8, alpha=16, target_modules=r".*(q|k|v|o|up|down)_proj")
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=r".*(q|k|v|o|up|down)_proj")
     qcfg = QuantConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="bfloat16", min_size=0)
     qp, report = quantize_params(fp, qcfg)
     assert len(report.quantized) == 6 * LAYERS

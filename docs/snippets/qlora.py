@@ -12,7 +12,7 @@ model, x = MLP(), jax.random.normal(jax.random.key(0), (64, 128))
 y = jnp.sin(x[:, :16] * 3.0)
 params = model.init(jax.random.key(1), x)["params"]
 params, report = quantize_params(params, QuantConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, min_size=0))
-lora = LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=["q_proj", "up_proj", "down_proj"])
+lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "up_proj", "down_proj"])
 params = prepare_for_kbit_training(add_lora(params, lora, jax.random.key(2)))
 print_trainable_parameters(params)
 trainable, frozen = split_trainable(params)  # the 4-bit bases stay frozen, outside jax.grad

@@ -90,5 +90,7 @@ def quantize_weight(w_out_in, config: QuantConfig):
             w_out_in, blocksize=config.blocksize, quant_type=config.quant_type, compress_statistics=config.double_quant
         )
     if config.load_in_8bit:
-        return quant.quantize_int8(w_out_in)
+        # bitsandbytes' Int8Params quantizes the float16 copy of the weight; so do we, for the
+        # same codes (and float16 is where LLM.int8's weights come from anyway).
+        return quant.quantize_int8(jnp.asarray(w_out_in).astype(jnp.float16))
     return jnp.asarray(w_out_in)

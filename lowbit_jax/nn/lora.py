@@ -28,29 +28,38 @@ _NORM_HINTS = ("norm", "ln_", "ln", "layernorm", "rmsnorm")
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """PEFT's LoraConfig: ``r``, ``alpha`` (scale = alpha / r), ``dropout`` on the LoRA input,
+    """PEFT's LoraConfig, same field names: ``r``, ``lora_alpha`` (scale = lora_alpha / r),
+    ``lora_dropout`` on the LoRA input,
     ``target_modules``: a list of module names (a layer matches when its path equals a name or
     ends with "/name"), or one string taken as a regex that must match the full path.
     """
 
     r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
     target_modules: Union[str, Sequence[str]] = ("q_proj", "v_proj")
 
     def __post_init__(self):
         if not isinstance(self.r, (int, np.integer)) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive int, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
             if not self.target_modules:
                 raise ValueError("LoraConfig.target_modules must name at least one module")
 
     @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha)
+
+    @property
+    def dropout(self) -> float:
+        return float(self.lora_dropout)
+
+    @property
     def scale(self) -> float:
-        return float(self.alpha) / float(self.r)
+        return float(self.lora_alpha) / float(self.r)
 
     def matches(self, path: str) -> bool:
         if isinstance(self.target_modules, str):
