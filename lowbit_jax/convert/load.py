@@ -1,0 +1,159 @@
+"""Quantize-on-load: a Hugging Face Llama-family checkpoint into a (quantized) parameter tree.
+
+Tensors are read one at a time (memory-mapped), moved to the accelerator, quantized there, and
+the full-precision copy is dropped before the next one is read: peak host memory is about one
+tensor, peak device memory about the quantized model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax import quant
+from lowbit_jax.convert.safetensors_io import checkpoint_files, iter_tensors, read_config
+from lowbit_jax.models.config import LlamaConfig
+from lowbit_jax.nn.config import QuantConfig, quantize_weight
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER_NAMES = {
+    "input_layernorm.weight": ("input_norm", None),
+    "post_attention_layernorm.weight": ("post_norm", None),
+    "self_attn.q_proj.weight": ("q_proj", "kernel"),
+    "self_attn.k_proj.weight": ("k_proj", "kernel"),
+    "self_attn.v_proj.weight": ("v_proj", "kernel"),
+    "self_attn.o_proj.weight": ("o_proj", "kernel"),
+    "self_attn.q_proj.bias": ("q_proj", "bias"),
+    "self_attn.k_proj.bias": ("k_proj", "bias"),
+    "self_attn.v_proj.bias": ("v_proj", "bias"),
+    "self_attn.o_proj.bias": ("o_proj", "bias"),
+    "mlp.gate_proj.weight": ("gate_proj", "kernel"),
+    "mlp.up_proj.weight": ("up_proj", "kernel"),
+    "mlp.down_proj.weight": ("down_proj", "kernel"),
+}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A loaded checkpoint: architecture, parameter tree, and how it was quantized."""
+
+    config: LlamaConfig
+    params: dict
+    quant: QuantConfig
+    compute_dtype: str
+    path: str
+    quantized_layers: list
+
+    @property
+    def int8_threshold(self) -> float:
+        return self.quant.int8_threshold
+
+
+def _stack(items: list, name: str):
+    if any(x is None for x in items):
+        raise ValueError(f"checkpoint is missing {name} for some layers")
+    if isinstance(items[0], quant.QuantizedTensor):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *items)
+    return jnp.stack(items)
+
+
+def load_pretrained(
+    path: str,
+    quant: Optional[QuantConfig] = None,
+    compute_dtype="bfloat16",
+    progress: bool = True,
+    device=None,
+) -> LoadedModel:
+    """Load a Llama/Mistral/Qwen2 safetensors checkpoint, quantizing linear weights on the fly.
+
+    ``quant=None`` (or a config with neither 4- nor 8-bit) keeps every weight in
+    ``compute_dtype``. Embeddings, norms and the LM head follow ``quant.skip_modules``.
+    """
+    quant_cfg = quant if quant is not None else QuantConfig(load_in_4bit=False)
+    compute_dtype = jnp.dtype(compute_dtype)
+    if compute_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
+    config = LlamaConfig.from_hf_dict(read_config(path))
+    files = checkpoint_files(path)
+    device = device or jax.devices()[0]
+    L = config.num_hidden_layers
+    layers: dict = {}
+    top: dict = {}
+    quantized_layers = []
+    total_bytes = sum(os.path.getsize(f) for f in set(files.values()))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"loading {os.path.basename(os.path.normpath(path))}")
+    seen = 0
+    for name, array in iter_tensors(path):
+        seen += 1
+        if bar is not None:
+            bar.update(array.nbytes)
+            bar.set_postfix_str(f"{seen}/{len(files)} tensors")
+        m = _LAYER.match(name)
+        module = name.rsplit(".", 1)[0]
+        if m:
+            idx, rest = int(m.group(1)), m.group(2)
+            if rest not in _LAYER_NAMES:
+                if rest.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise ValueError(f"unexpected tensor {name!r} for a {config.model_type} checkpoint")
+            if idx >= L:
+                raise ValueError(f"tensor {name!r} is beyond num_hidden_layers={L}")
+            group, field = _LAYER_NAMES[rest]
+            value = _convert(array, module, field, quant_cfg, compute_dtype, device, quantized_layers)
+            slot = layers.setdefault(group, {} if field else [None] * L)
+            if field:
+                slot = slot.setdefault(field, [None] * L)
+            slot[idx] = value
+        elif name == "model.embed_tokens.weight":
+            top["embed"] = jax.device_put(np.asarray(array), device).astype(compute_dtype)
+        elif name == "model.norm.weight":
+            top["norm"] = jax.device_put(np.asarray(array), device).astype(compute_dtype)
+        elif name == "lm_head.weight":
+            if not config.tie_word_embeddings:
+                top["lm_head"] = {"kernel": _convert(array, "lm_head", "kernel", quant_cfg, compute_dtype, device, quantized_layers)}
+        else:
+            raise ValueError(f"unexpected tensor {name!r} for a {config.model_type} checkpoint")
+        del array
+    if bar is not None:
+        bar.close()
+    for key in ("embed", "norm"):
+        if key not in top:
+            raise ValueError(f"checkpoint at {path!r} lacks {'model.embed_tokens.weight' if key == 'embed' else 'model.norm.weight'}")
+    if not config.tie_word_embeddings and "lm_head" not in top:
+        raise ValueError(f"checkpoint at {path!r} lacks lm_head.weight (and tie_word_embeddings is false)")
+    stacked = {}
+    for group, value in layers.items():
+        if isinstance(value, dict):
+            stacked[group] = {field: _stack(items, f"{group}.{field}") for field, items in value.items()}
+        else:
+            stacked[group] = _stack(value, group)
+    params = {"embed": top["embed"], "layers": stacked, "norm": top["norm"]}
+    if "lm_head" in top:
+        params["lm_head"] = top["lm_head"]
+    return LoadedModel(config, params, quant_cfg, compute_dtype.name, path, quantized_layers)
+
+
+def _convert(array, module: str, field: Optional[str], quant_cfg: QuantConfig, compute_dtype, device, quantized_layers):
+    """One HF tensor -> one leaf: quantized [out, in], or a Flax [in, out] kernel, or as-is."""
+    w = jax.device_put(np.asarray(array), device)
+    if field != "kernel":
+        return w.astype(compute_dtype)
+    if w.ndim != 2:
+        raise ValueError(f"{module}.weight should be 2-D, got shape {tuple(w.shape)}")
+    if quant_cfg.should_quantize(module, int(np.prod(w.shape))):
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            raise ValueError(f"{module}.weight has dtype {w.dtype}; quantize-on-load expects floating weights")
+        quantized_layers.append(module)
+        q = quantize_weight(w, quant_cfg)
+        return jax.block_until_ready(q)
+    return w.T.astype(compute_dtype)

@@ -1,0 +1,180 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2) as pure functions over a parameter tree.
+
+Every linear layer goes through ``lowbit_jax.ops.quantized_linear``, so the same code runs a
+bf16/fp32 tree (kernels in Flax ``[in, out]`` layout) or a quantized one (``Packed4bit`` /
+``RowwiseInt8`` in bitsandbytes' ``[out, in]`` layout); numerics live in ``ops``.
+
+Parameter tree (layers stacked on a leading axis so one ``lax.scan`` compiles one layer)::
+
+    {"embed": [V, H],
+     "layers": {"input_norm": [L, H], "post_norm": [L, H],
+                "q_proj": {"kernel": ..., "bias"?}, "k_proj", "v_proj", "o_proj",
+                "gate_proj", "up_proj", "down_proj"},
+     "norm": [H], "lm_head"?: {"kernel": ...}}
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from lowbit_jax.models.config import LlamaConfig
+from lowbit_jax.ops import quantized_linear
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def rms_norm(x, weight, eps):
+    """HF's LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> jax.Array:
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = config.rope_scaling_dict
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (HF convention). x: [B, T, heads, D]; positions: [B, T]."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def _linear(x, p, compute_dtype, int8_threshold):
+    return quantized_linear(x, p["kernel"], p.get("bias"), int8_threshold=int8_threshold, compute_dtype=compute_dtype)
+
+
+def _attention(q, k, v, q_pos, k_pos, k_valid, config: LlamaConfig):
+    """q: [B,T,Hq,D], k/v: [B,S,Hkv,D]; causal (and sliding-window) mask from positions."""
+    groups = config.num_attention_heads // config.num_key_value_heads
+    b, t, hq, d = q.shape
+    q = q.reshape(b, t, config.num_key_value_heads, groups, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(d)
+    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+    if config.sliding_window:
+        mask = mask & (k_pos[:, None, :] > q_pos[:, :, None] - config.sliding_window)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    return out.reshape(b, t, hq * d)
+
+
+def _layer(h, lp, positions, cache_k, cache_v, cache_valid, write_pos, config, compute_dtype, int8_threshold):
+    b, t, _ = h.shape
+    x = rms_norm(h, lp["input_norm"], config.rms_norm_eps)
+    q = _linear(x, lp["q_proj"], compute_dtype, int8_threshold).reshape(b, t, config.num_attention_heads, config.head_dim)
+    k = _linear(x, lp["k_proj"], compute_dtype, int8_threshold).reshape(b, t, config.num_key_value_heads, config.head_dim)
+    v = _linear(x, lp["v_proj"], compute_dtype, int8_threshold).reshape(b, t, config.num_key_value_heads, config.head_dim)
+    inv_freq = rope_inv_freq(config)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if cache_k is None:
+        keys, values, k_pos, k_valid = k, v, positions, jnp.ones(positions.shape, bool)
+    else:
+        keys = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), write_pos, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), write_pos, axis=1)
+        s = keys.shape[1]
+        k_pos = jnp.broadcast_to(jnp.arange(s)[None, :], (b, s))
+        k_valid = k_pos < write_pos + t
+        cache_k, cache_v = keys, values
+    attn = _attention(q, keys, values, positions, k_pos, k_valid, config)
+    h = h + _linear(attn, lp["o_proj"], compute_dtype, int8_threshold).astype(h.dtype)
+    x = rms_norm(h, lp["post_norm"], config.rms_norm_eps)
+    gate = _linear(x, lp["gate_proj"], compute_dtype, int8_threshold)
+    up = _linear(x, lp["up_proj"], compute_dtype, int8_threshold)
+    h = h + _linear(jax.nn.silu(gate) * up, lp["down_proj"], compute_dtype, int8_threshold).astype(h.dtype)
+    return h, cache_k, cache_v
+
+
+def _logits(params, h, config, compute_dtype, int8_threshold):
+    h = rms_norm(h, params["norm"], config.rms_norm_eps)
+    if "lm_head" in params:
+        return _linear(h, params["lm_head"], compute_dtype, int8_threshold).astype(jnp.float32)
+    emb = params["embed"]
+    return jnp.einsum("bth,vh->btv", h.astype(compute_dtype), emb.astype(compute_dtype), preferred_element_type=jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold", "remat"))
+def forward(params, tokens, config: LlamaConfig, compute_dtype=jnp.float32, int8_threshold: float = 6.0, remat: bool = False):
+    """Logits [B, T, V] (float32) for a full sequence, causal attention, no cache."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+    h = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
+
+    def body(h, lp):
+        h, _, _ = _layer(h, lp, positions, None, None, None, 0, config, compute_dtype, int8_threshold)
+        return h, None
+
+    if remat:
+        body = jax.checkpoint(body)
+    h, _ = jax.lax.scan(body, h, params["layers"])
+    return _logits(params, h, config, compute_dtype, int8_threshold)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16):
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold"), donate_argnames=("cache",))
+def decode_step(params, tokens, cache, pos, config: LlamaConfig, compute_dtype=jnp.float32, int8_threshold: float = 6.0):
+    """Run ``tokens`` [B, T] at positions pos..pos+T-1 against the KV cache.
+
+    Returns (logits of the last token [B, V], updated cache). Prefill is T = prompt length,
+    decoding is T = 1; both compile once per T.
+    """
+    b, t = tokens.shape
+    positions = pos + jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+    h = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
+
+    def body(h, xs):
+        lp, ck, cv = xs
+        h, ck, cv = _layer(h, lp, positions, ck, cv, None, pos, config, compute_dtype, int8_threshold)
+        return h, (ck, cv)
+
+    h, (ks, vs) = jax.lax.scan(body, h, (params["layers"], cache["k"], cache["v"]))
+    logits = _logits(params, h[:, -1:, :], config, compute_dtype, int8_threshold)[:, 0, :]
+    return logits, {"k": ks, "v": vs}
+
+
+def init_params(config: LlamaConfig, key, dtype=jnp.float32, scale: float = 0.02):
+    """Random parameters in the model's tree layout (Flax [in, out] kernels)."""
+    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    qd = config.num_attention_heads * config.head_dim
+    kvd = config.num_key_value_heads * config.head_dim
+    shapes = {"q_proj": (h, qd), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (qd, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    keys = jax.random.split(key, len(shapes) + 2)
+    layers = {name: {"kernel": (jax.random.normal(k, (L, *s)) * scale).astype(dtype)} for (name, s), k in zip(shapes.items(), keys)}
+    if config.attention_bias:
+        for name, width in (("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)):
+            layers[name]["bias"] = jnp.zeros((L, width), dtype)
+    layers["input_norm"] = jnp.ones((L, h), dtype)
+    layers["post_norm"] = jnp.ones((L, h), dtype)
+    params = {"embed": (jax.random.normal(keys[-2], (config.vocab_size, h)) * scale).astype(dtype), "layers": layers,
+              "norm": jnp.ones((h,), dtype)}
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"kernel": (jax.random.normal(keys[-1], (h, config.vocab_size)) * scale).astype(dtype)}
+    return params
