@@ -52,8 +52,10 @@ def _np(x) -> np.ndarray:
         if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16: move the bits, reinterpret
             import torch  # already imported by the caller that made ``x``
 
-            return t.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
-        return t.numpy()
+            return t.view(torch.int16).numpy().copy().view(numpy_dtype("bfloat16"))
+        # A copy: bitsandbytes may repack a layer's weight in place on its first CPU forward,
+        # which must not reach into our arrays through shared memory.
+        return t.numpy().copy()
     return np.asarray(x)
 
 
