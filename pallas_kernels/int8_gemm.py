@@ -1,12 +1,15 @@
 """Int8 x int8 -> int32 GEMM on the tensor cores with LLM.int8's dequantizing epilogue fused.
 
-``y = (codes_x @ codes_w.T) * sx[:, None] * sw[None, :] / 127^2 + extra + bias``, cast to the
-output dtype. ``codes_x`` [M, K] are x's row-wise int8 codes (outlier columns already zeroed),
+``y = (codes_x @ codes_w.T) * sx[:, None] * sw[None, :] / 127^2 + sub_x @ sub_w.T + extra + bias``,
+cast to the output dtype. ``codes_x`` [M, K] are x's row-wise int8 codes (outlier columns already zeroed),
 ``codes_w`` [N, K] the weight's (bitsandbytes' ``CB``), ``sx``/``sw`` their fp32 row absmax
-(``SCA``/``SCB``), and ``extra`` [M, N] the 16-bit outlier product. The int32 accumulator
-lives in registers only: the epilogue rescales it, adds the outlier part and bias, and writes
-the final dtype, so no int32 or fp32 [M, N] tensor reaches HBM (bitsandbytes writes the int32
-result, then dequantizes it in a second kernel, then adds the outlier matmul in a third).
+(``SCA``/``SCB``). ``sub_x`` [M, C] / ``sub_w`` [N, C] are the outlier columns of x and the
+matching dequantized weight columns (16-bit, C small): their product is one more tensor-core
+dot in the epilogue. ``extra`` [M, N] is an optional additive term (used only when more
+outlier columns than C occur). The int32 accumulator lives in registers only: the epilogue
+rescales it, adds the outlier product and bias, and writes the final dtype, so no int32 or
+fp32 [M, N] tensor reaches HBM (bitsandbytes writes the int32 result, dequantizes it in a
+second kernel, computes the outlier matmul in a third and adds it in a fourth).
 
 Small M (decode, M <= 16) is bandwidth-bound on the int8 weight: there ``splits > 1`` cuts K
 into chunks handled by separate programs (more programs than SMs, so the whole HBM bandwidth
@@ -32,17 +35,29 @@ NUM_WARPS, NUM_STAGES = 8, 3
 INV_127_SQ = 6.200124e-05
 
 
-def reference(codes_x, codes_w, sx, sw, extra=None, bias=None, out_dtype=jnp.float32):
+def reference(codes_x, codes_w, sx, sw, sub_x=None, sub_w=None, extra=None, bias=None,
+              out_dtype=jnp.float32):
     """The jnp oracle: the same arithmetic in XLA (int32 dot, fp32 epilogue, one final cast)."""
     acc = jax.lax.dot_general(codes_x, codes_w, (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.int32)
-    return epilogue(acc, sx, sw, extra, bias, out_dtype)
+    return epilogue(acc, sx, sw, sub_x, sub_w, extra, bias, out_dtype)
 
 
-def epilogue(acc, sx, sw, extra=None, bias=None, out_dtype=jnp.float32):
-    """int32 [M, N] -> ``out_dtype``: rescale, add outlier part and bias, cast once."""
+def outlier_dot(sub_x, sub_w):
+    """fp32 ``sub_x @ sub_w.T`` from 16-bit operands (products exact in fp32)."""
+    if jax.default_backend() == "cpu":  # XLA:CPU lacks some 16-bit -> fp32 dots: same math in fp32
+        sub_x, sub_w = sub_x.astype(jnp.float32), sub_w.astype(jnp.float32)
+        return jax.lax.dot_general(sub_x, sub_w, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+                                   preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(sub_x, sub_w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def epilogue(acc, sx, sw, sub_x=None, sub_w=None, extra=None, bias=None, out_dtype=jnp.float32):
+    """int32 [M, N] -> ``out_dtype``: rescale, add outlier product, extra and bias, cast once."""
     out = acc.astype(jnp.float32) * (sx.astype(jnp.float32)[:, None] * sw.astype(jnp.float32)[None, :])
     out = out * jnp.float32(INV_127_SQ)
+    if sub_x is not None:
+        out = out + outlier_dot(sub_x, sub_w)
     if extra is not None:
         out = out + extra.astype(jnp.float32)
     if bias is not None:
@@ -50,11 +65,13 @@ def epilogue(acc, sx, sw, extra=None, bias=None, out_dtype=jnp.float32):
     return out.astype(out_dtype)
 
 
-def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_extra, has_bias, fused):
+def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias, fused):
     rest = list(rest)
-    sx_ref = sw_ref = extra_ref = bias_ref = None
+    sx_ref = sw_ref = extra_ref = bias_ref = subx_ref = subw_ref = None
     if fused:
         sx_ref, sw_ref = rest.pop(0), rest.pop(0)
+        if has_sub:
+            subx_ref, subw_ref = rest.pop(0), rest.pop(0)
         extra_ref = rest.pop(0) if has_extra else None
         bias_ref = rest.pop(0) if has_bias else None
     (o_ref,) = rest
@@ -72,6 +89,8 @@ def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_extra, has_bias, fused):
         return
     out = acc.astype(jnp.float32) * (sx_ref[...][:, None] * sw_ref[...][None, :])
     out = out * jnp.float32(INV_127_SQ)
+    if has_sub:  # the outlier columns: one 16-bit tensor-core dot over C columns
+        out = out + jax.lax.dot_general(subx_ref[...], subw_ref[...], dims, preferred_element_type=jnp.float32)
     if has_extra:
         out = out + extra_ref[...].astype(jnp.float32)
     if has_bias:
@@ -79,13 +98,13 @@ def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_extra, has_bias, fused):
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def raw(codes_x, codes_w, sx=None, sw=None, extra=None, bias=None, *, out_dtype=jnp.float32,
+def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, bias=None, *, out_dtype=jnp.float32,
         block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES, interpret=False):
     """The launch. Shapes must tile exactly (``fused_matmul`` pads):
 
     codes_x [M, K] int8, codes_w [N, K] int8; M % block_m == N % block_n == 0,
-    K % (splits * block_k) == 0. ``splits == 1``: fused epilogue, returns [M, N] ``out_dtype``.
+    K % (splits * block_k) == 0; sub_x [M, C], sub_w [N, C] 16-bit, C a multiple of 16. ``splits == 1``: fused epilogue, returns [M, N] ``out_dtype``.
     ``splits > 1``: returns exact int32 partials [splits, M, N] (no epilogue).
     """
     m, k = codes_x.shape
@@ -107,6 +126,11 @@ def raw(codes_x, codes_w, sx=None, sw=None, extra=None, bias=None, *, out_dtype=
         args += [sx.astype(jnp.float32), sw.astype(jnp.float32)]
         in_specs += [pl.BlockSpec((block_m,), lambda i, j, s: (i,)),
                      pl.BlockSpec((block_n,), lambda i, j, s: (j,))]
+        if sub_x is not None:
+            c = sub_x.shape[1]
+            args += [sub_x, sub_w]
+            in_specs += [pl.BlockSpec((block_m, c), lambda i, j, s: (i, 0)),
+                         pl.BlockSpec((block_n, c), lambda i, j, s: (j, 0))]
         if extra is not None:
             args.append(extra)
             in_specs.append(pl.BlockSpec((block_m, block_n), lambda i, j, s: (i, j)))
@@ -116,12 +140,12 @@ def raw(codes_x, codes_w, sx=None, sw=None, extra=None, bias=None, *, out_dtype=
         out_shape = jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype))
         out_spec = pl.BlockSpec((block_m, block_n), lambda i, j, s: (i, j))
     else:
-        if extra is not None or bias is not None:
-            raise ValueError("extra and bias are added by the caller when splits > 1")
+        if extra is not None or bias is not None or sub_x is not None:
+            raise ValueError("sub_x, extra and bias are added by the caller when splits > 1")
         out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.int32)
         out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j))
     kernel = functools.partial(_kernel, block_k=block_k, n_ktiles=kc // block_k,
-                               has_extra=extra is not None, has_bias=bias is not None, fused=fused)
+                               has_sub=sub_x is not None, has_extra=extra is not None, has_bias=bias is not None, fused=fused)
     params = None
     if not interpret:
         params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -155,10 +179,10 @@ def _pad(a, axis, mult):
     return jnp.pad(a, widths)
 
 
-def fused_matmul(codes_x, sx, codes_w, sw, extra=None, bias=None, *, out_dtype=jnp.float32,
+def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, bias=None, *, out_dtype=jnp.float32,
                  block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
                  num_stages=NUM_STAGES, interpret=False):
-    """``(codes_x @ codes_w.T) * sx * sw / 127^2 + extra + bias`` for any shapes.
+    """``(codes_x @ codes_w.T) * sx * sw / 127^2 + sub_x @ sub_w.T + extra + bias`` for any shapes.
 
     Tiles are shrunk to powers of two dividing N and K where possible; otherwise the operands
     are zero-padded (zero codes add nothing). M is always padded to the row tile, which is
@@ -181,10 +205,14 @@ def fused_matmul(codes_x, sx, codes_w, sw, extra=None, bias=None, *, out_dtype=j
     if splits > 1:
         parts = raw(xp, wp, splits=splits, **kw)
         acc = jnp.sum(parts, axis=0)[:m, :n]
-        return epilogue(acc, sx, sw, extra, bias, out_dtype)
+        return epilogue(acc, sx, sw, sub_x, sub_w, extra, bias, out_dtype)
+    subxp = subwp = None
+    if sub_x is not None:  # C to a multiple of 16 (tensor-core dot); zero columns add nothing
+        subxp = _pad(_pad(sub_x, 0, block_m), 1, 16)
+        subwp = _pad(_pad(sub_w, 0, block_n), 1, 16)
     ep = None if extra is None else _pad(_pad(extra, 0, block_m), 1, block_n)
     bp = None if bias is None else _pad(bias, 0, block_n)
-    out = raw(xp, wp, sxp, swp, ep, bp, out_dtype=out_dtype, **kw)
+    out = raw(xp, wp, sxp, swp, subxp, subwp, ep, bp, out_dtype=out_dtype, **kw)
     if (mp, np_) != (m, n):
         out = out[:m, :n]
     return out

@@ -8,19 +8,21 @@ data-dependent; jit needs static shapes. Two schemes were possible:
   W in HBM: slower than plain bf16, which defeats the point.
 * a static cap (used here): ``max_outliers`` (C, default 64) column indices are gathered with
   ``jnp.nonzero(mask, size=...)``; the 16-bit part is ``x[:, idx] @ dequant(CB[:, idx]).T``, a
-  [M, C] x [C, N] product against a gathered [N, C] slice of W, which costs ~C/K of a GEMM.
+  [M, C] x [C, N] product against a gathered [N, C] slice of W, which costs ~C/K of a GEMM
+  and runs as one more tensor-core dot inside the int8 kernel's epilogue (no [M, N] round trip).
   Unused slots are masked to zero, so whenever ``#outliers <= C`` the result is exactly
   bitsandbytes' algorithm (same columns, same int8 codes, same dequantized weight columns).
-  When the cap is exceeded the remaining outlier columns are processed in further chunks of C
-  by a ``lax.while_loop`` that runs zero times in the common case: still exact, just slower,
-  and never a full 16-bit copy of W.
+  When the cap is exceeded (a ``lax.cond`` on the count) the remaining outlier columns are
+  processed in further chunks of C by a ``lax.while_loop`` into an fp32 [M, N] term that the
+  kernel's epilogue adds: still exact, just slower, and never a full 16-bit copy of W.
 
 The trade-off: C bounds the fast path's extra work (gather N*C bytes, an M*C*N 16-bit GEMM);
 LLM.int8's own measurements put outlier features at a handful of columns per layer, so 64 is
 generous; raise it if a model routinely has more.
 
 Rounding: the int8 part is exact integer arithmetic with bitsandbytes' scales. The kernels
-then add the int8 part, the outlier part and bias in fp32 and cast once; bitsandbytes casts
+then add the int8 part, the outlier product (a 16-bit dot in the same kernel's epilogue, fp32
+accumulation) and bias in fp32 and cast once; bitsandbytes casts
 the int8 part to the output dtype first and adds the outlier product in that dtype. Results
 therefore differ from bitsandbytes by at most a couple of output-dtype roundings.
 
@@ -85,17 +87,16 @@ def matmul_int8_reference(x, w8, threshold: float = 6.0, bias=None):
     return out.reshape(*lead, w8.shape[0])
 
 
-def outlier_part(x2, w8, outlier_cols, max_outliers):
-    """``x[:, cols] @ dequant(CB[:, cols]).T`` in fp32 [M, N], cols = the mask's set, capped gathers.
+def _outlier_chunks(x2, w8, outlier_cols, max_outliers):
+    """(chunk(c) -> (sub_x [M, C], sub_w [N, C]) in x's dtype, count, C, number of chunks).
 
-    The first ``max_outliers`` outlier columns go through one gathered product; any beyond go
-    through further chunks in a while_loop (zero trips unless the cap is exceeded).
+    All outlier indices come first (column order) from ``jnp.nonzero(size=...)``; slots past
+    the count are masked to zero, so a chunk holding fewer than C real columns adds nothing.
     """
     k = x2.shape[1]
     cap = min(int(max_outliers), k)
     count = jnp.sum(outlier_cols.astype(jnp.int32))
     n_chunks = (k + cap - 1) // cap
-    # All outlier indices first (in column order), padded to a whole number of chunks.
     idx_all = jnp.nonzero(outlier_cols, size=n_chunks * cap, fill_value=0)[0].astype(jnp.int32)
     slot = jnp.arange(cap, dtype=jnp.int32)
 
@@ -103,17 +104,20 @@ def outlier_part(x2, w8, outlier_cols, max_outliers):
         idx = jax.lax.dynamic_slice(idx_all, (c * cap,), (cap,))
         valid = (c * cap + slot) < count
         sub_x = jnp.where(valid[None, :], jnp.take(x2, idx, axis=1), jnp.zeros((), x2.dtype))
+        # bitsandbytes' subB: int8_vectorwise_dequant(CB[:, cols], SCB).to(A.dtype)
         sub_w = quant.int8_vectorwise_dequant(jnp.take(w8.codes, idx, axis=1), w8.row_absmax).astype(x2.dtype)
-        if not _compat.on_gpu():
-            # XLA:CPU lacks some bf16 x bf16 -> f32 dots; 16-bit products are exact in fp32,
-            # so an fp32 product at HIGHEST precision is the same arithmetic.
-            sub_x, sub_w = sub_x.astype(jnp.float32), sub_w.astype(jnp.float32)
-        return jnp.einsum("mc,nc->mn", sub_x, sub_w, preferred_element_type=jnp.float32,
-                          precision=jax.lax.Precision.HIGHEST if not _compat.on_gpu() else None)
+        return sub_x, sub_w
 
-    first = chunk(0)
-    if n_chunks == 1:
-        return first
+    return chunk, count, cap, n_chunks
+
+
+def outlier_part(x2, w8, outlier_cols, max_outliers, first_chunk=0):
+    """fp32 ``x[:, cols] @ dequant(CB[:, cols]).T`` over the mask's columns, chunk by chunk.
+
+    Chunks from ``first_chunk`` on run in a while_loop that stops at the last real outlier, so
+    only as many chunks as there are outliers are computed. W is never expanded beyond N x C.
+    """
+    chunk, count, cap, _ = _outlier_chunks(x2, w8, outlier_cols, max_outliers)
 
     def cond(state):
         c, _ = state
@@ -121,19 +125,18 @@ def outlier_part(x2, w8, outlier_cols, max_outliers):
 
     def body(state):
         c, acc = state
-        return c + 1, acc + chunk(c)
+        return c + 1, acc + int8_gemm.outlier_dot(*chunk(c))
 
-    _, total = jax.lax.while_loop(cond, body, (jnp.int32(1), first))
-    return total
+    init = jnp.zeros((x2.shape[0], w8.shape[0]), jnp.float32)
+    return jax.lax.while_loop(cond, body, (jnp.int32(first_chunk), init))[1]
 
 
-def _int8_part(codes, sx, w8, extra, bias, out_dtype, impl):
-    m = codes.shape[0]
+def _int8_part(codes, sx, w8, sub_x, sub_w, extra, bias, out_dtype, impl):
     if impl == "xla":  # XLA's int8 dot_general, the same epilogue arithmetic
-        return int8_gemm.reference(codes, w8.codes, sx, w8.row_absmax, extra, bias, out_dtype)
-    cfg = dict(GPU_CONFIG["small" if m <= SMALL_MAX_M else "large"])
-    return int8_gemm.fused_matmul(codes, sx, w8.codes, w8.row_absmax, extra, bias, out_dtype=out_dtype,
-                                  interpret=impl == "pallas_interpret", **cfg)
+        return int8_gemm.reference(codes, w8.codes, sx, w8.row_absmax, sub_x, sub_w, extra, bias, out_dtype)
+    cfg = dict(GPU_CONFIG["small" if codes.shape[0] <= SMALL_MAX_M else "large"])
+    return int8_gemm.fused_matmul(codes, sx, w8.codes, w8.row_absmax, sub_x, sub_w, extra, bias,
+                                  out_dtype=out_dtype, interpret=impl == "pallas_interpret", **cfg)
 
 
 def _forward(x, w8, bias, threshold, max_outliers, impl):
@@ -142,11 +145,20 @@ def _forward(x, w8, bias, threshold, max_outliers, impl):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     codes, sx, outlier_cols = quant.int8_vectorwise_quant(x2, threshold=threshold)
-    extra = None
-    if threshold > 0.0:
-        # Rounded to x's dtype as bitsandbytes' 16-bit addmm result is; halves the epilogue's read.
-        extra = outlier_part(x2, w8, outlier_cols, max_outliers).astype(x.dtype)
-    out = _int8_part(codes, sx, w8, extra, bias, x.dtype, impl)
+    if threshold == 0.0:
+        out = _int8_part(codes, sx, w8, None, None, None, bias, x.dtype, impl)
+    else:
+        chunk, count, cap, n_chunks = _outlier_chunks(x2, w8, outlier_cols, max_outliers)
+        sub_x, sub_w = chunk(0)  # fused into the int8 kernel's epilogue
+
+        def fast():
+            return _int8_part(codes, sx, w8, sub_x, sub_w, None, bias, x.dtype, impl)
+
+        def overflow():  # more outlier columns than the cap: the rest as an additive fp32 term
+            rest = outlier_part(x2, w8, outlier_cols, max_outliers, first_chunk=1)
+            return _int8_part(codes, sx, w8, sub_x, sub_w, rest, bias, x.dtype, impl)
+
+        out = fast() if n_chunks == 1 else jax.lax.cond(count > cap, overflow, fast)
     return out.reshape(*lead, w8.shape[0])
 
 
