@@ -1,4 +1,4 @@
-"""Quantized weights on a device mesh: partition specs, placement, and per-shard matmuls.
+"""Quantized weights on a device mesh: partition rules, placement, and per-shard matmuls.
 
 A quantized weight can be split two ways without touching its bytes:
 
@@ -12,37 +12,102 @@ A quantized weight can be split two ways without touching its bytes:
 Double quantization packs 256 absmax per nested block across rows, so an input-dimension split
 cannot carry it along; such weights are expanded to float32 absmax first (+0.375 bit/param on
 that layer) -- the one place the layout costs memory, and said so here rather than hidden.
+
+Which weight splits how is decided by *rules*: ``(regex, "out" | "in" | None)`` pairs searched
+in a leaf's path (``jax.tree_util.keystr``, e.g. ``"['layers']['q_proj']['kernel']"``), first
+match wins, like qwix's rules over module paths. The same rules drive placement of a loaded or
+restored tree (:func:`shard_tree`, :func:`tree_shardings`), the model's per-shard matmuls
+(:class:`TensorParallel`) and the optimizer state (:func:`state_shardings`), so the three can
+never disagree. Trees may be stacked (a leading layer axis for ``lax.scan``): every spec gets
+one unsplit leading axis per stacking level.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from functools import lru_cache
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lowbit_jax import _compat, quant
-from lowbit_jax.ops import matmul_4bit
+from lowbit_jax.ops import matmul_4bit, quantized_linear
 from lowbit_jax.ops._grad import zero_cotangent
 
 __all__ = [
+    "LLAMA_TP_RULES",
+    "TensorParallel",
     "expand_double_quant",
     "partition_specs",
+    "prepare_for_sharding",
     "shard_tree",
     "sharded_matmul_4bit",
+    "split_of",
+    "state_shardings",
+    "tree_shardings",
 ]
 
 _AXES = (None, "out", "in")
+
+# Megatron-style tensor parallelism for a Llama-family decoder: the projections into attention
+# heads and the MLP's hidden width split by output (each device owns whole heads / hidden
+# units, no communication), the projections back to the residual split by input (one psum).
+LLAMA_TP_RULES = ((r"\['(q|k|v|gate|up)_proj'\]", "out"), (r"\['(o|down)_proj'\]", "in"))
+
+Rules = Sequence[tuple[str, Optional[str]]]
+
+
+def _check_rules(rules) -> tuple:
+    try:
+        out = tuple((str(pattern), axis) for pattern, axis in rules)
+    except (TypeError, ValueError):
+        raise ValueError(f"rules must be a sequence of (regex, 'out' | 'in' | None) pairs, got {rules!r}") from None
+    for pattern, axis in out:
+        if axis not in _AXES:
+            raise ValueError(f"rules: axis for {pattern!r} must be one of {_AXES}, got {axis!r}")
+        re.compile(pattern)
+    return out
+
+
+def split_of(path: str, rules: Rules) -> Optional[str]:
+    """The split ("out", "in" or None) the first rule matching ``path`` asks for."""
+    return next((axis for pattern, axis in rules if re.search(pattern, path)), None)
+
+
+def _check_mesh_axis(mesh: Mesh, mesh_axis: str, name: str = "mesh_axis") -> int:
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if mesh_axis not in mesh.axis_names:
+        raise ValueError(f"{name} {mesh_axis!r} is not an axis of the mesh (axes: {mesh.axis_names})")
+    return mesh.shape[mesh_axis]
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts and partition specs of one (possibly stacked) weight
+# --------------------------------------------------------------------------------------------
+
+
+def _lead(q: quant.Packed4bit) -> int:
+    """How many stacking axes (e.g. the layer axis of a scanned model) lead ``q``'s arrays."""
+    return q.packed.ndim - (2 if q.layout == "rows" else 1)
+
+
+def _per_layer(fn, q: quant.Packed4bit):
+    """``fn`` applied to every stacked weight of ``q`` (``fn`` itself sees an unstacked one)."""
+    for _ in range(_lead(q)):
+        fn = jax.vmap(fn)
+    return fn(q)
 
 
 def expand_double_quant(q: quant.Packed4bit) -> quant.Packed4bit:
     """The same weight with float32 absmax instead of double-quantized absmax (codes unchanged)."""
     if not q.double_quant:
         return q
-    return q.replace(absmax=quant.absmax_4bit(q), nested_absmax=None, offset=None)
+    return _per_layer(lambda w: w.replace(absmax=quant.absmax_4bit(w), nested_absmax=None, offset=None), q)
 
 
 def _nested_aligned(q: quant.Packed4bit, shards: int) -> bool:
@@ -50,82 +115,242 @@ def _nested_aligned(q: quant.Packed4bit, shards: int) -> bool:
     return nblocks % shards == 0 and (nblocks // shards) % q.nested_blocksize == 0
 
 
+def check_split(shape, blocksize: int, axis: str, shards: int) -> None:
+    """Raise a ValueError unless a ``[out, in]`` weight quantized in ``blocksize`` blocks can be
+    split ``shards`` ways along ``axis`` in whole blocks."""
+    out_f, in_f = shape
+    if axis == "out":
+        if out_f % shards:
+            raise ValueError(f"out-features ({out_f}) must be divisible by the mesh axis size ({shards})")
+        if (out_f // shards) * in_f % blocksize:
+            raise ValueError(
+                f"an output shard ({out_f // shards} x {in_f}) must hold whole quantization blocks of {blocksize}")
+    elif in_f % (shards * blocksize):
+        raise ValueError(
+            f"in-features ({in_f}) must be a multiple of mesh axis size x blocksize ({shards} x {blocksize})"
+        )
+
+
+def keeps_double_quant(q: quant.Packed4bit, axis: Optional[str], shards: int) -> bool:
+    """Whether a split keeps ``q``'s double quantization (whole nested blocks on every shard)."""
+    if not q.double_quant:
+        return False
+    return axis is None or (axis == "out" and _nested_aligned(q, shards))
+
+
 def prepare_for_sharding(q: quant.Packed4bit, axis: Optional[str], shards: int) -> quant.Packed4bit:
-    """Bring a 4-bit weight into a layout that can be split ``shards`` ways along ``axis``."""
+    """Bring a (possibly stacked) 4-bit weight into a layout that can be split ``shards`` ways
+    along ``axis``: flat for "out", rows (double quant expanded) for "in"."""
     if axis not in _AXES:
         raise ValueError(f"axis must be one of {_AXES}, got {axis!r}")
     if axis is None:
         return q
-    out_f, in_f = q.shape
+    if len(q.shape) != 2:
+        raise ValueError(f"only 2-D weights [out, in] can be split, got shape {q.shape}")
+    check_split(q.shape, q.blocksize, axis, shards)
     if axis == "out":
-        if out_f % shards:
-            raise ValueError(f"out-features ({out_f}) must be divisible by the mesh axis size ({shards})")
-        if (out_f // shards) * in_f % q.blocksize:
-            raise ValueError("an output shard must hold whole quantization blocks")
-        if q.double_quant and not _nested_aligned(q, shards):
+        if not keeps_double_quant(q, axis, shards):
             q = expand_double_quant(q)
-        return quant.to_flat(q)
-    if in_f % (shards * q.blocksize):
-        raise ValueError(
-            f"in-features ({in_f}) must be a multiple of mesh axis size x blocksize ({shards} x {q.blocksize})"
-        )
-    return quant.to_rows(expand_double_quant(q))
+        return q if q.layout == "bnb" else _per_layer(quant.to_flat, q)
+    q = expand_double_quant(q)
+    return q if q.layout == "rows" else _per_layer(quant.to_rows, q)
 
 
-def partition_specs(x, axis: Optional[str], mesh_axis: str):
+def _spec(lead: int, *dims) -> P:
+    return P(*((None,) * lead + dims))
+
+
+def partition_specs(x, axis: Optional[str], mesh_axis: str, role: str = "kernel"):
     """PartitionSpecs (same pytree structure as ``x``) that split ``x`` along ``axis``.
 
     ``x`` is a Packed4bit prepared by :func:`prepare_for_sharding`, a RowwiseInt8, or a plain
-    Flax-layout kernel ``[in, out]``. ``axis`` names the *weight's* dimension: "out" or "in".
+    array whose ``role`` says what it is in a linear layer: "kernel" (Flax ``[in, out]``),
+    "bias" ``[out]``, "lora_A" ``[in, r]``, "lora_B" ``[r, out]``; leading axes beyond those
+    (stacked layers) stay unsplit. ``axis`` names the *weight's* dimension: "out" or "in".
     """
     if axis not in _AXES:
         raise ValueError(f"axis must be one of {_AXES}, got {axis!r}")
     if isinstance(x, quant.Packed4bit):
+        lead = _lead(x)
         if axis is None:
             return jax.tree.map(lambda _: P(), x)
         if axis == "out":
             if x.layout != "bnb":
                 raise ValueError("an out-split 4-bit weight must use the flat layout (prepare_for_sharding)")
-            nested = P(mesh_axis) if x.double_quant else None
-            return x.replace(packed=P(mesh_axis), absmax=P(mesh_axis), nested_absmax=nested,
+            nested = _spec(lead, mesh_axis) if x.double_quant else None
+            return x.replace(packed=_spec(lead, mesh_axis), absmax=_spec(lead, mesh_axis), nested_absmax=nested,
                              offset=P() if x.double_quant else None)
         if x.layout != "rows" or x.double_quant:
             raise ValueError("an in-split 4-bit weight must use the rows layout without double quant")
-        return x.replace(packed=P(None, mesh_axis), absmax=P(None, mesh_axis))
+        return x.replace(packed=_spec(lead, None, mesh_axis), absmax=_spec(lead, None, mesh_axis))
     if isinstance(x, quant.RowwiseInt8):
+        lead = x.codes.ndim - 2
         if axis is None:
             return x.replace(codes=P(), row_absmax=P())
         if axis == "out":
-            return x.replace(codes=P(mesh_axis, None), row_absmax=P(mesh_axis))
-        return x.replace(codes=P(None, mesh_axis), row_absmax=P())
+            return x.replace(codes=_spec(lead, mesh_axis, None), row_absmax=_spec(lead, mesh_axis))
+        return x.replace(codes=_spec(lead, None, mesh_axis), row_absmax=P())
+    if isinstance(x, quant.QuantizedTensor):
+        if axis is not None:
+            raise ValueError(f"a {type(x).__name__} cannot be split; only replicated (axis None)")
+        return jax.tree.map(lambda _: P(), x)
     if axis is None:
         return P()
-    # Plain Flax kernel [in, out].
-    return P(None, mesh_axis) if axis == "out" else P(mesh_axis, None)
+    ndim = np.ndim(x)
+    # Which of the trailing dims is the weight's in / out dimension, by role.
+    dims = {"kernel": ("in", "out"), "lora_A": ("in", None), "lora_B": (None, "out"), "bias": ("out",)}
+    if role not in dims:
+        raise ValueError(f"role must be one of {tuple(dims)}, got {role!r}")
+    trailing = dims[role]
+    if ndim < len(trailing):
+        raise ValueError(f"a {role} needs at least {len(trailing)} dimensions, got shape {np.shape(x)}")
+    return _spec(ndim - len(trailing), *(mesh_axis if d == axis else None for d in trailing))
 
 
-def shard_tree(tree, mesh: Mesh, rules: Sequence[tuple[str, Optional[str]]], mesh_axis: str = "tp"):
+def _role(path) -> str:
+    last = path[-1] if path else None
+    name = getattr(last, "key", getattr(last, "name", None))
+    return name if name in ("bias", "lora_A", "lora_B") else "kernel"
+
+
+def _is_q(x) -> bool:
+    return isinstance(x, quant.QuantizedTensor)
+
+
+def _leaf_plan(path, leaf, rules: Rules, shards: int, mesh_axis: str, prepare: bool = True):
+    """(leaf in the layout its split needs, its PartitionSpec tree). With ``prepare=False`` the
+    leaf (possibly a ShapeDtypeStruct tree) must already be in that layout."""
+    name = jax.tree_util.keystr(path)
+    axis = split_of(name, rules)
+    role = _role(path)
+    if isinstance(leaf, quant.Packed4bit):
+        if prepare:
+            leaf = prepare_for_sharding(leaf, axis, shards)
+        elif axis is not None:
+            check_split(leaf.shape, leaf.blocksize, axis, shards)
+            if leaf.double_quant and not keeps_double_quant(leaf, axis, shards):
+                raise ValueError(f"{name}: double-quantized absmax cannot be split {shards} ways along {axis!r} "
+                                 "(nested blocks of 256 straddle shards); place it with shard_tree instead")
+    elif isinstance(leaf, quant.QuantizedTensor):
+        pass
+    elif role == "kernel" and np.ndim(leaf) < 2:
+        axis = None  # norms, scalars: replicated
+    elif axis is not None and role == "kernel":
+        dim = -1 if axis == "out" else -2
+        if np.shape(leaf)[dim] % shards:
+            raise ValueError(f"{name}: dimension {np.shape(leaf)[dim]} ({axis}) must be "
+                             f"divisible by the mesh axis size ({shards})")
+    try:
+        return leaf, partition_specs(leaf, axis, mesh_axis, role)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Rules, mesh_axis: str = "tp"):
+    """NamedShardings (same structure as ``tree``) that the rules give a tree *already in* its
+    sharded layout (placed by :func:`shard_tree`, or restored from one): for ``jit``'s
+    ``out_shardings`` or for restoring a checkpoint onto a mesh. Leaves may be arrays or
+    ``jax.ShapeDtypeStruct``.
+    """
+    rules = _check_rules(rules)
+    shards = _check_mesh_axis(mesh, mesh_axis)
+
+    def one(path, leaf):
+        _, specs = _leaf_plan(path, leaf, rules, shards, mesh_axis, prepare=False)
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_q)
+
+
+def shard_tree(tree, mesh: Mesh, rules: Rules, mesh_axis: str = "tp"):
     """Place every leaf of ``tree`` on ``mesh``: the first rule whose regex matches a leaf's path
     decides the split ("out", "in" or None = replicate); unmatched leaves are replicated.
 
     Quantized weights are re-laid-out first when the split needs it (see module docstring).
+    Plain leaves are split by their role, read from the last path key: ``kernel`` (``[in,
+    out]``), ``bias``, ``lora_A``, ``lora_B``; 1-D leaves named otherwise (norms) replicate.
     """
-    shards = mesh.shape[mesh_axis]
-    is_q = lambda v: isinstance(v, quant.QuantizedTensor)  # noqa: E731
+    rules = _check_rules(rules)
+    shards = _check_mesh_axis(mesh, mesh_axis)
 
     def place(path, leaf):
-        name = jax.tree_util.keystr(path)
-        axis = next((a for pattern, a in rules if re.search(pattern, name)), None)
-        if isinstance(leaf, quant.Packed4bit):
-            leaf = prepare_for_sharding(leaf, axis, shards)
-        elif not isinstance(leaf, quant.QuantizedTensor) and getattr(leaf, "ndim", 0) != 2:
-            axis = None  # biases, norms: replicated
-        specs = partition_specs(leaf, axis, mesh_axis)
+        leaf, specs = _leaf_plan(path, leaf, rules, shards, mesh_axis)
         if isinstance(leaf, quant.QuantizedTensor):
             return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), leaf, specs)
         return jax.device_put(leaf, NamedSharding(mesh, specs))
 
-    return jax.tree_util.tree_map_with_path(place, tree, is_leaf=is_q)
+    return jax.tree_util.tree_map_with_path(place, tree, is_leaf=_is_q)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer states shard like their parameters
+# --------------------------------------------------------------------------------------------
+
+
+def _moment_shardings(moment, param_sharding: NamedSharding):
+    """A Blockwise8bit moment's codes follow the parameter (same shape); its per-256 absmax
+    follows when the parameter splits only its leading axis in whole blocks, else replicates
+    (absmax is 1/64 of the codes' bytes)."""
+    mesh, spec = param_sharding.mesh, param_sharding.spec
+    rep = NamedSharding(mesh, P())
+    absmax = rep
+    split = [i for i, s in enumerate(spec) if s is not None]
+    if split == [0] and not moment.nested and len(moment.shape) >= 1:
+        names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+        shards = int(np.prod([mesh.shape[n] for n in names]))
+        per_shard = moment.shape[0] // shards * int(np.prod(moment.shape[1:], dtype=np.int64))
+        if moment.shape[0] % shards == 0 and per_shard % moment.blocksize == 0:
+            absmax = NamedSharding(mesh, P(spec[0]))
+    return moment.replace(**{name: (param_sharding if name == "codes" else absmax if name == "absmax" else rep)
+                             for name in moment._leaves if getattr(moment, name) is not None})
+
+
+def state_shardings(opt_state, param_shardings):
+    """NamedShardings for an optax state (from ``tx.init(params)``) in which every
+    parameter-shaped part -- 8-bit moments (``Blockwise8bit``) or fp32 ones -- shards like its
+    parameter (ZeRO-style: a device stores the states of the parameter shards it owns); counts
+    and other scalars replicate. ``param_shardings`` is the parameters' tree of NamedShardings
+    (e.g. ``jax.tree.map(lambda x: x.sharding, params)``). Use it as ``out_shardings`` of the
+    init and of the training step, so states never drift to another layout.
+    """
+    is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    flat_sh, param_def = jax.tree.flatten(param_shardings, is_leaf=is_sh)
+    if not flat_sh or not all(isinstance(s, NamedSharding) for s in flat_sh):
+        raise ValueError("param_shardings must be a non-empty tree of NamedShardings (one per parameter)")
+    mesh = flat_sh[0].mesh
+    rep = NamedSharding(mesh, P())
+    is_moment = lambda x: isinstance(x, quant.QuantizedTensor)  # noqa: E731
+
+    def per_param(node):
+        def one(moment, sh):
+            if isinstance(moment, quant.Blockwise8bit):
+                return _moment_shardings(moment, sh)
+            if isinstance(moment, quant.QuantizedTensor):
+                return jax.tree.map(lambda _: rep, moment)
+            return sh if np.ndim(moment) >= len(sh.spec) and np.ndim(moment) > 0 else rep
+
+        leaves = jax.tree.leaves(node, is_leaf=is_moment)
+        return jax.tree.unflatten(param_def, [one(m, s) for m, s in zip(leaves, flat_sh)])
+
+    def walk(node):
+        if node is not None and jax.tree.structure(node, is_leaf=is_moment) == param_def:
+            return per_param(node)
+        if isinstance(node, quant.QuantizedTensor):
+            return jax.tree.map(lambda _: rep, node)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, tuple) and hasattr(type(node), "_fields"):
+            return type(node)(*[walk(v) for v in node])
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(v) for v in node)
+        return jax.tree.map(lambda _: rep, node)
+
+    return walk(opt_state)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-shard matmuls
+# --------------------------------------------------------------------------------------------
 
 
 def _local(q: quant.Packed4bit, axis: str, shards: int) -> quant.Packed4bit:
@@ -134,26 +359,32 @@ def _local(q: quant.Packed4bit, axis: str, shards: int) -> quant.Packed4bit:
     return q.replace(shape=shape)
 
 
-def sharded_matmul_4bit(x, q: quant.Packed4bit, mesh: Mesh, axis: str, mesh_axis: str = "tp", bias=None):
+def sharded_matmul_4bit(x, q: quant.Packed4bit, mesh: Mesh, axis: str, mesh_axis: str = "tp", bias=None,
+                        batch_axis: Optional[str] = None):
     """``x @ W.T`` with W split over ``mesh_axis``, each device running ``ops.matmul_4bit`` on its
     shard (so the GPU kernels run per shard).
 
-    axis="out": x replicated, output split along its last dimension (no communication forward;
-                the backward sums the per-shard input gradients).
+    axis="out": x replicated over ``mesh_axis``, output split along its last dimension (no
+                communication forward; the backward sums the per-shard input gradients).
     axis="in":  x split along its last dimension, partial products summed with ``psum`` (fp32).
+    batch_axis: a mesh axis that splits x's leading dimension (data parallelism), or None.
     The gradient reaches x and the bias, never W (frozen base weights, as in QLoRA).
     """
     if axis not in ("out", "in"):
         raise ValueError(f"axis must be 'out' or 'in', got {axis!r}")
-    shards = mesh.shape[mesh_axis]
+    shards = _check_mesh_axis(mesh, mesh_axis)
+    if batch_axis is not None:
+        _check_mesh_axis(mesh, batch_axis, "batch_axis")
+        if x.ndim < 2:
+            raise ValueError(f"batch_axis needs x with a leading batch dimension, got shape {x.shape}")
     q = prepare_for_sharding(q, axis, shards)
-    return _sharded_matmul(mesh, axis, mesh_axis, x.ndim)(x, q, bias)
+    return _sharded_matmul(mesh, axis, mesh_axis, x.ndim, batch_axis)(x, q, bias)
 
 
 @lru_cache(maxsize=None)
-def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int):
+def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int, batch_axis: Optional[str]):
     shards = mesh.shape[mesh_axis]
-    lead = (None,) * (ndim - 1)
+    lead = (batch_axis,) + (None,) * (ndim - 2) if ndim >= 2 else ()
     split_last, whole = P(*lead, mesh_axis), P(*lead, None)
 
     def q_specs(q):
@@ -204,3 +435,66 @@ def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int):
 
     f.defvjp(fwd, bwd)
     return f
+
+
+# --------------------------------------------------------------------------------------------
+# A model's plan: which mesh, which rules, which axes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallel:
+    """How a model runs on a mesh: weights split by ``rules`` over mesh axis ``axis``, the batch
+    over ``batch_axis`` (data parallel; None = replicated). Hashable, so a jitted model takes it
+    as a static argument; the model asks :meth:`linear` for every projection.
+    """
+
+    mesh: Mesh
+    rules: tuple = LLAMA_TP_RULES
+    axis: str = "tp"
+    batch_axis: Optional[str] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", _check_rules(self.rules))
+        _check_mesh_axis(self.mesh, self.axis, "axis")
+        if self.batch_axis is not None:
+            _check_mesh_axis(self.mesh, self.batch_axis, "batch_axis")
+            if self.batch_axis == self.axis:
+                raise ValueError(f"batch_axis and axis must be different mesh axes, both are {self.axis!r}")
+
+    @property
+    def shards(self) -> int:
+        return self.mesh.shape[self.axis]
+
+    def split(self, path: str) -> Optional[str]:
+        return split_of(path, self.rules)
+
+    def place(self, tree):
+        """``tree`` on the mesh by the rules (see :func:`shard_tree`)."""
+        return shard_tree(tree, self.mesh, self.rules, self.axis)
+
+    def shardings(self, tree):
+        """The NamedShardings of a tree already in its sharded layout (see :func:`tree_shardings`)."""
+        return tree_shardings(tree, self.mesh, self.rules, self.axis)
+
+    def batch_sharding(self, ndim: int = 2) -> NamedSharding:
+        """For token/activation arrays: leading (batch) axis over ``batch_axis``, rest whole."""
+        return NamedSharding(self.mesh, P(self.batch_axis, *((None,) * (ndim - 1))))
+
+    def cache_sharding(self) -> NamedSharding:
+        """A Llama KV cache ``[layers, batch, seq, kv_heads, head_dim]``: batch over the data axis,
+        KV heads over the tensor axis (each device keeps the heads its q/k/v shards produce)."""
+        return NamedSharding(self.mesh, P(None, self.batch_axis, None, self.axis, None))
+
+    def linear(self, x, kernel, bias, path: str, *, compute_dtype=None, int8_threshold: float = 6.0):
+        """``quantized_linear`` for the layer at ``path``: a split 4-bit kernel runs per shard
+        (:func:`sharded_matmul_4bit`); anything else is left to XLA's partitioner (dense
+        kernels partition well; a replicated quantized kernel runs whole on every device).
+        """
+        split = self.split(path)
+        if split is not None and isinstance(kernel, quant.Packed4bit):
+            x = jnp.asarray(x)
+            if compute_dtype is not None:
+                x = x.astype(compute_dtype)
+            return sharded_matmul_4bit(x, kernel, self.mesh, split, self.axis, bias, self.batch_axis)
+        return quantized_linear(x, kernel, bias, int8_threshold=int8_threshold, compute_dtype=compute_dtype)
