@@ -101,7 +101,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
     view = np.lib.stride_tricks.as_strided(
         base[storage_offset:], shape=size, strides=tuple(s * base.itemsize for s in stride), writeable=False
     )
-    return np.ascontiguousarray(view)
+    return view.copy(order="C")  # not np.ascontiguousarray: that turns a 0-d scalar into shape (1,)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, *rest):
