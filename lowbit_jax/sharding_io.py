@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lowbit_jax import _compat, quant, sharding
 from lowbit_jax.nn.config import QuantConfig, quantize_weight
 
-__all__ = ["put_host", "quantize_onto_mesh", "restore_onto_mesh", "stack_sharded"]
+__all__ = ["convert_leaf", "put_host", "quantize_onto_mesh", "restore_onto_mesh", "stack_sharded"]
 
 
 def _host_slice(host, index):
@@ -158,6 +158,29 @@ def quantize_onto_mesh(host_w, config: QuantConfig, mesh: Mesh, axis: Optional[s
     return quant.Packed4bit(packed=packed, absmax=absmax, nested_absmax=nested, offset=offset, shape=shape,
                             dtype=dtype.name, blocksize=config.blocksize, quant_type=config.quant_type,
                             layout="bnb" if axis == "out" else "rows")
+
+
+def convert_leaf(host, path: str, field: Optional[str], quantize: Optional[QuantConfig], compute_dtype,
+                 plan: sharding.TensorParallel):
+    """One checkpoint tensor (host, PyTorch layout) -> one leaf of the model tree at ``path``
+    (``jax.tree_util.keystr`` form), placed by ``plan``'s rules: quantized per shard when
+    ``quantize`` is a config, else a Flax ``[in, out]`` kernel (``field == "kernel"``) or a
+    bias/norm vector, cast to ``compute_dtype`` on the devices, each holding only its slice."""
+    axis = plan.split(path)
+    if field == "kernel" and quantize is not None:
+        return quantize_onto_mesh(host, quantize, plan.mesh, axis, plan.axis)
+    if field == "kernel":
+        host = np.asarray(host).T  # a view: each device's slice is cut from it, never copied whole
+        role = "kernel"
+    else:
+        role = "bias" if field == "bias" else "kernel"
+        axis = axis if field == "bias" else None
+    spec = sharding.partition_specs(host, axis, plan.axis, role)
+    for size, name in zip(np.shape(host), spec):
+        if name is not None and size % plan.shards:
+            raise ValueError(f"{path}: dimension {size} of shape {np.shape(host)} must be divisible by the "
+                             f"mesh axis {plan.axis!r} ({plan.shards})")
+    return put_host(host, NamedSharding(plan.mesh, spec)).astype(compute_dtype)
 
 
 def stack_sharded(items: list):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit_jax import quant
+from lowbit_jax import quant, sharding, sharding_io
 from lowbit_jax.convert.safetensors_io import checkpoint_files, iter_tensors, read_config
 from lowbit_jax.models.config import LlamaConfig
 from lowbit_jax.nn.config import QuantConfig, quantize_weight
@@ -49,15 +49,18 @@ class LoadedModel:
     compute_dtype: str
     path: str
     quantized_layers: list
+    tp: Optional[object] = None  # sharding.TensorParallel when loaded onto a mesh
 
     @property
     def int8_threshold(self) -> float:
         return self.quant.int8_threshold
 
 
-def _stack(items: list, name: str):
+def _stack(items: list, name: str, tp=None):
     if any(x is None for x in items):
         raise ValueError(f"checkpoint is missing {name} for some layers")
+    if tp is not None:
+        return sharding_io.stack_sharded(items)
     if isinstance(items[0], quant.QuantizedTensor):
         return jax.tree.map(lambda *xs: jnp.stack(xs), *items)
     return jnp.stack(items)
@@ -69,11 +72,18 @@ def load_pretrained(
     compute_dtype="bfloat16",
     progress: bool = True,
     device=None,
+    mesh=None,
+    rules=None,
 ) -> LoadedModel:
     """Load a Llama/Mistral/Qwen2 safetensors checkpoint, quantizing linear weights on the fly.
 
     ``quant=None`` (or a config with neither 4- nor 8-bit) keeps every weight in
     ``compute_dtype``. Embeddings, norms and the LM head follow ``quant.skip_modules``.
+
+    ``mesh`` (a ``jax.sharding.Mesh`` with a "tp" axis, or a 1-D one) loads onto a device mesh
+    instead of ``device``: ``rules`` (default ``sharding.LLAMA_TP_RULES``) split each weight,
+    every device is sent only its slice and quantizes it there (``sharding_io``), so no device
+    ever holds a sharded layer in full precision. The result's ``tp`` runs the model per shard.
     """
     quant_cfg = quant if quant is not None else QuantConfig(load_in_4bit=False)
     compute_dtype = jnp.dtype(compute_dtype)
@@ -81,6 +91,14 @@ def load_pretrained(
         raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
     config = LlamaConfig.from_hf_dict(read_config(path))
     files = checkpoint_files(path)
+    tp = None
+    if mesh is not None:
+        if device is not None:
+            raise ValueError("pass either device= or mesh=, not both")
+        tp = sharding.TensorParallel(mesh, sharding.LLAMA_TP_RULES if rules is None else rules,
+                                     sharding_io._tp_axis(mesh, None))
+    elif rules is not None:
+        raise ValueError("rules= needs mesh= (the device mesh the rules split weights over)")
     device = device or jax.devices()[0]
     L = config.num_hidden_layers
     layers: dict = {}
@@ -109,18 +127,22 @@ def load_pretrained(
             if idx >= L:
                 raise ValueError(f"tensor {name!r} is beyond num_hidden_layers={L}")
             group, field = _LAYER_NAMES[rest]
-            value = _convert(array, module, field, quant_cfg, compute_dtype, device, quantized_layers)
+            value = _convert(array, module, field, quant_cfg, compute_dtype, device, quantized_layers,
+                             tp, f"['layers']['{group}']" + (f"['{field}']" if field else ""))
             slot = layers.setdefault(group, {} if field else [None] * L)
             if field:
                 slot = slot.setdefault(field, [None] * L)
             slot[idx] = value
-        elif name == "model.embed_tokens.weight":
-            top["embed"] = jax.device_put(np.asarray(array), device).astype(compute_dtype)
-        elif name == "model.norm.weight":
-            top["norm"] = jax.device_put(np.asarray(array), device).astype(compute_dtype)
+        elif name in ("model.embed_tokens.weight", "model.norm.weight"):
+            key = "embed" if name == "model.embed_tokens.weight" else "norm"
+            if tp is not None:  # replicated on the mesh
+                top[key] = sharding_io.convert_leaf(array, f"['{key}']", None, None, compute_dtype, tp)
+            else:
+                top[key] = jax.device_put(np.asarray(array), device).astype(compute_dtype)
         elif name == "lm_head.weight":
             if not config.tie_word_embeddings:
-                top["lm_head"] = {"kernel": _convert(array, "lm_head", "kernel", quant_cfg, compute_dtype, device, quantized_layers)}
+                top["lm_head"] = {"kernel": _convert(array, "lm_head", "kernel", quant_cfg, compute_dtype, device,
+                                                     quantized_layers, tp, "['lm_head']['kernel']")}
         else:
             raise ValueError(f"unexpected tensor {name!r} for a {config.model_type} checkpoint")
         del array
@@ -134,17 +156,28 @@ def load_pretrained(
     stacked = {}
     for group, value in layers.items():
         if isinstance(value, dict):
-            stacked[group] = {field: _stack(items, f"{group}.{field}") for field, items in value.items()}
+            stacked[group] = {field: _stack(items, f"{group}.{field}", tp) for field, items in value.items()}
         else:
-            stacked[group] = _stack(value, group)
+            stacked[group] = _stack(value, group, tp)
     params = {"embed": top["embed"], "layers": stacked, "norm": top["norm"]}
     if "lm_head" in top:
         params["lm_head"] = top["lm_head"]
-    return LoadedModel(config, params, quant_cfg, compute_dtype.name, path, quantized_layers)
+    return LoadedModel(config, params, quant_cfg, compute_dtype.name, path, quantized_layers, tp)
 
 
-def _convert(array, module: str, field: Optional[str], quant_cfg: QuantConfig, compute_dtype, device, quantized_layers):
-    """One HF tensor -> one leaf: quantized [out, in], or a Flax [in, out] kernel, or as-is."""
+def _convert(array, module: str, field: Optional[str], quant_cfg: QuantConfig, compute_dtype, device, quantized_layers,
+             tp=None, tree_path: Optional[str] = None):
+    """One HF tensor -> one leaf: quantized [out, in], or a Flax [in, out] kernel, or as-is.
+    With ``tp`` the leaf is built on its mesh shards from the host array (sharding_io)."""
+    if tp is not None and field == "kernel" and np.ndim(array) == 2:
+        quantize = quant_cfg.should_quantize(module, int(np.prod(np.shape(array))))
+        if quantize and not jnp.issubdtype(array.dtype, jnp.floating):
+            raise ValueError(f"{module}.weight has dtype {array.dtype}; quantize-on-load expects floating weights")
+        if quantize:
+            quantized_layers.append(module)
+        return sharding_io.convert_leaf(array, tree_path, field, quant_cfg if quantize else None, compute_dtype, tp)
+    if tp is not None and field != "kernel":
+        return sharding_io.convert_leaf(array, tree_path, field, None, compute_dtype, tp)
     w = jax.device_put(np.asarray(array), device)
     if field != "kernel":
         return w.astype(compute_dtype)
