@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lowbit_jax import _compat, quant, sharding
 from lowbit_jax.nn.config import QuantConfig, quantize_weight
 
-__all__ = ["convert_leaf", "put_host", "quantize_onto_mesh", "restore_onto_mesh", "stack_sharded"]
+__all__ = ["convert_leaf", "put_host", "quantize_onto_mesh", "quantize_sharded", "restore_onto_mesh", "split_spec",
+           "stack_sharded"]
 
 
 def _host_slice(host, index):
@@ -112,39 +113,45 @@ def _quantize_int8_fn(mesh, mesh_axis, axis):
     return jax.jit(_compat.shard_map(body, mesh=mesh, in_specs=(in_spec,), out_specs=out_specs, check=False))
 
 
-def quantize_onto_mesh(host_w, config: QuantConfig, mesh: Mesh, axis: Optional[str], mesh_axis: Optional[str] = None):
-    """Quantize a host ``[out, in]`` weight (PyTorch layout) as ``config`` says, straight onto
-    ``mesh``: split along ``axis`` ("out", "in") over ``mesh_axis``, or replicated (None).
-
-    Equals ``shard_tree``'s placement of ``quantize_weight(w, config)`` bit for bit, but each
-    device only ever holds its own slice of ``w`` (see the module docstring). A 4-bit weight
-    keeps double quantization where the split allows it (whole nested blocks per shard).
-    """
+def _validate(shape, dtype, config: QuantConfig, axis, shards: int, name: str) -> None:
     if axis not in sharding._AXES:
         raise ValueError(f"axis must be one of {sharding._AXES}, got {axis!r}")
     if not config.enabled:
         raise ValueError("config must quantize (load_in_4bit or load_in_8bit)")
-    host_w = host_w if hasattr(host_w, "dtype") and hasattr(host_w, "shape") else np.asarray(host_w)
-    shape = tuple(host_w.shape)
     if len(shape) != 2:
-        raise ValueError(f"host_w must be a 2-D weight [out, in], got shape {shape}")
-    mesh_axis = _tp_axis(mesh, mesh_axis)
-    shards = mesh.shape[mesh_axis]
-    dtype = jnp.dtype(host_w.dtype)
+        raise ValueError(f"{name} must be a 2-D weight [out, in], got shape {shape}")
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"host_w has dtype {dtype}; quantize-on-load expects floating weights")
+        raise ValueError(f"{name} has dtype {dtype}; quantize-on-load expects floating weights")
     if axis is None:
-        # Replicated: every device holds the whole layer anyway, so each quantizes its copy.
-        w = put_host(host_w, NamedSharding(mesh, P()))
-        return jax.jit(lambda w: quantize_weight(w, config), out_shardings=NamedSharding(mesh, P()))(w)
-    w = put_host(host_w, NamedSharding(mesh, P(mesh_axis, None) if axis == "out" else P(None, mesh_axis)))
+        return
     if config.load_in_8bit:
         if shape[0 if axis == "out" else 1] % shards:
-            raise ValueError(f"{'out' if axis == 'out' else 'in'}-features of {shape} must be divisible by the mesh "
-                             f"axis size ({shards})")
+            raise ValueError(f"{axis}-features of {shape} must be divisible by the mesh axis size ({shards})")
+    else:
+        sharding.check_split(shape, config.blocksize, axis, shards)
+
+
+def split_spec(axis: Optional[str], mesh_axis: str) -> P:
+    """The PartitionSpec of a full-precision ``[out, in]`` weight split along ``axis``."""
+    return P() if axis is None else P(mesh_axis, None) if axis == "out" else P(None, mesh_axis)
+
+
+def quantize_sharded(w: jax.Array, config: QuantConfig, mesh: Mesh, axis: Optional[str],
+                     mesh_axis: Optional[str] = None):
+    """Quantize a device ``[out, in]`` weight that is already split along ``axis`` (placed with
+    ``split_spec(axis, mesh_axis)``: e.g. drawn by a jitted RNG with that ``out_shardings``),
+    shard by shard, without gathering it. See :func:`quantize_onto_mesh`."""
+    mesh_axis = _tp_axis(mesh, mesh_axis)
+    shards = mesh.shape[mesh_axis]
+    shape = tuple(w.shape)
+    _validate(shape, jnp.dtype(w.dtype), config, axis, shards, "w")
+    if axis is None:
+        # Replicated: every device holds the whole layer anyway, so each quantizes its copy.
+        return jax.jit(lambda w: quantize_weight(w, config), out_shardings=NamedSharding(mesh, P()))(w)
+    w = jax.device_put(w, NamedSharding(mesh, split_spec(axis, mesh_axis)))  # a no-op when already split so
+    if config.load_in_8bit:
         codes, row_absmax = _quantize_int8_fn(mesh, mesh_axis, axis)(w)
         return quant.RowwiseInt8(codes=codes, row_absmax=row_absmax, shape=shape, dtype="float16")
-    sharding.check_split(shape, config.blocksize, axis, shards)
     n_blocks = -(-int(np.prod(shape)) // config.blocksize)
     keep_dq = config.double_quant and axis == "out" and n_blocks % shards == 0 \
         and (n_blocks // shards) % quant.NESTED_BLOCKSIZE == 0
@@ -156,8 +163,23 @@ def quantize_onto_mesh(host_w, config: QuantConfig, mesh: Mesh, axis: Optional[s
     else:
         packed, absmax = arrays
     return quant.Packed4bit(packed=packed, absmax=absmax, nested_absmax=nested, offset=offset, shape=shape,
-                            dtype=dtype.name, blocksize=config.blocksize, quant_type=config.quant_type,
+                            dtype=jnp.dtype(w.dtype).name, blocksize=config.blocksize, quant_type=config.quant_type,
                             layout="bnb" if axis == "out" else "rows")
+
+
+def quantize_onto_mesh(host_w, config: QuantConfig, mesh: Mesh, axis: Optional[str], mesh_axis: Optional[str] = None):
+    """Quantize a host ``[out, in]`` weight (PyTorch layout) as ``config`` says, straight onto
+    ``mesh``: split along ``axis`` ("out", "in") over ``mesh_axis``, or replicated (None).
+
+    Equals ``shard_tree``'s placement of ``quantize_weight(w, config)`` bit for bit, but each
+    device only ever holds its own slice of ``w`` (see the module docstring). A 4-bit weight
+    keeps double quantization where the split allows it (whole nested blocks per shard).
+    """
+    host_w = host_w if hasattr(host_w, "dtype") and hasattr(host_w, "shape") else np.asarray(host_w)
+    mesh_axis = _tp_axis(mesh, mesh_axis)
+    _validate(tuple(host_w.shape), jnp.dtype(host_w.dtype), config, axis, mesh.shape[mesh_axis], "host_w")
+    w = put_host(host_w, NamedSharding(mesh, split_spec(axis, mesh_axis)))
+    return quantize_sharded(w, config, mesh, axis, mesh_axis)
 
 
 def convert_leaf(host, path: str, field: Optional[str], quantize: Optional[QuantConfig], compute_dtype,
