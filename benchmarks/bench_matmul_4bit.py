@@ -21,6 +21,11 @@ import traceback
 
 import numpy as np
 
+try:
+    from benchmarks._timing import device_time_s
+except ImportError:  # run as a script from benchmarks/
+    from _timing import device_time_s
+
 OUT = os.environ.get("OUT", "/tmp")
 L = 8
 K = int(os.environ.get("BENCH_K", 4096))
@@ -34,15 +39,8 @@ def save():
 
 
 def jax_time(f, *args, reps=20):
-    import jax
-
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e6 / L
+    """Per-matmul device time in us: queued calls of the L-layer jit, total / calls / L."""
+    return device_time_s(f, *args, calls=reps) * 1e6 / L
 
 
 def copy_bandwidth():

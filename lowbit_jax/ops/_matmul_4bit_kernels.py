@@ -5,8 +5,10 @@ re-serialise): ``packed`` viewed as ``[N, K/2]`` and absmax as ``[N, K/blocksize
 is exact whenever K is a multiple of the blocksize (no block straddles two rows). Double
 quantization is undone in-kernel (uint8 absmax codes, nested scales, offset).
 
-Launch parameters live in ``GPU_CONFIG`` so a benchmark can sweep them; the values here are
-the ones measured best on an H100 (benchmarks/RESULTS.md). ``GEMV_MAX_M`` is the measured
+Launch parameters live in ``GPU_CONFIG`` so a benchmark can sweep them; the tiles are the
+best of a sweep on an H100 with the select-tree decode, and the decode is the inline-PTX
+``prmt`` one, which measured faster in every kernel row (benchmarks/RESULTS.md); fp32
+activations fall back to the exact select tree inside the kernel. ``GEMV_MAX_M`` is the measured
 GEMV/GEMM crossover in rows of x.
 """
 
@@ -20,10 +22,10 @@ from pallas_kernels import gemm_4bit, gemv_4bit
 
 GPU_CONFIG = {
     # GEMV with 1..4 rows (elementwise fma) and with 5..GEMV_MAX_M rows (dot, x padded to 16)
-    "gemv_fma": dict(block_n=128, block_h=64, splits=8, decode="select", num_warps=4, num_stages=3),
-    "gemv_dot": dict(block_n=64, block_h=128, splits=4, decode="select", num_warps=8, num_stages=3),
-    "gemm": dict(block_m=128, block_n=128, block_h=64, decode="select", num_warps=8, num_stages=4),
-    "bwd": dict(block_m=64, block_n=64, block_h=64, decode="select", num_warps=4, num_stages=3),
+    "gemv_fma": dict(block_n=128, block_h=64, splits=8, decode="prmt", num_warps=4, num_stages=3),
+    "gemv_dot": dict(block_n=64, block_h=128, splits=4, decode="prmt", num_warps=8, num_stages=3),
+    "gemm": dict(block_m=128, block_n=128, block_h=64, decode="prmt", num_warps=8, num_stages=4),
+    "bwd": dict(block_m=64, block_n=64, block_h=64, decode="prmt", num_warps=4, num_stages=3),
 }
 # Crossovers measured on an H100 at K=4096, N=14336 (benchmarks/RESULTS.md): the GEMV beat the
 # GEMM at M=1 and 16; the GEMM beat the tiled path at M=128 and lost at M=1024.
@@ -180,13 +182,13 @@ def tiled_forward(x2, q, bias=None):
     def step(_, chunk):
         p, a = chunk
         w = _decode_chunk(q, p, a, x2.dtype)
-        return None, jnp.dot(x2, w.T, preferred_element_type=jnp.float32)
+        return None, jnp.dot(x2, w.T, preferred_element_type=jnp.float32).astype(x2.dtype)
 
     _, ys = jax.lax.scan(step, None, (packed, absmax))  # [C, M, rows]
     y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], -1)[:, :n]
     if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x2.dtype)
+        y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x2.dtype)
+    return y
 
 
 def tiled_backward(g2, q):
