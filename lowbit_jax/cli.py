@@ -77,6 +77,8 @@ def cmd_convert(args) -> int:
 
     if os.path.exists(os.path.join(args.src, CONVERTED_META)):
         raise CliError(f"{args.src!r} is already converted")
+    if os.path.exists(args.dst) and not args.overwrite:
+        raise CliError(f"destination {args.dst!r} exists (pass --overwrite to replace it)")
     model = load_model(args.src, args.quant, args.double_quant, args.compute_dtype)
     meta = {
         "model": dataclasses.asdict(model.config),
@@ -124,9 +126,10 @@ def _read_text(path: str) -> str:
 def cmd_eval(args) -> int:
     from lowbit_jax.models.generate import perplexity
 
+    text = _read_text(args.text)  # before the (slow) model load: a typo fails at once
     model = load_model(args.model, args.quant, args.double_quant, args.compute_dtype)
     tok = _tokenizer(args.model)
-    ids = tok.encode(_read_text(args.text))
+    ids = tok.encode(text)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
     if len(ids) < 2:
@@ -191,6 +194,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    """QLoRA recipe (lowbit_jax.finetune.recipe): every knob there is a flag here."""
+    from lowbit_jax.finetune.recipe import FinetuneConfig, run
+
+    cfg = FinetuneConfig(
+        model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, learning_rate=args.lr, r=args.rank, lora_alpha=args.alpha or 2.0 * args.rank,
+        mlp=args.mlp, double_quant=not args.no_double_quant, remat=not args.no_remat, baseline=args.baseline,
+        seeds=args.seeds, heldout_fraction=args.heldout_fraction, merge=args.merge, sample_tokens=args.sample_tokens,
+        progress=not args.no_progress)
+    run(cfg)
+    return 0
+
+
 def _add_model_args(p, model_arg: bool = True):
     if model_arg:
         p.add_argument("model", help="a lowbit-jax converted directory or an HF checkpoint directory")
@@ -241,6 +258,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--fp32-reference", action="store_true", default=True)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("finetune", help="QLoRA: NF4+DQ base, LoRA, adamw8bit, remat; held-out perplexity before/after")
+    p.add_argument("--model", default=None, help="HF checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default="pydoc", help="'pydoc' (chat set from pydoc_data.topics) or a JSONL file")
+    p.add_argument("--out", default="runs/qlora", help="adapters (PEFT + orbax), summary.json, loss curves")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: 2 x rank)")
+    p.add_argument("--mlp", action="store_true", help="adapters on gate/up/down_proj too")
+    p.add_argument("--no-double-quant", action="store_true")
+    p.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing them")
+    p.add_argument("--baseline", action="store_true", help="also train on a bf16 base with optax.adamw, and compare")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p.add_argument("--merge", action="store_true", help="merge the adapters, check, write out/merged (HF checkpoint)")
+    p.add_argument("--sample-tokens", type=int, default=0, help="answer a held-out prompt before/after training")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 
@@ -249,7 +287,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CliError, ValueError, FileNotFoundError, KeyError) as e:
+    except (CliError, ValueError, OSError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"lowbit-jax {args.command}: error: {msg}", file=sys.stderr)
         return 2

