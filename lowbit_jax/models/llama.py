@@ -62,8 +62,15 @@ def apply_rope(x, positions, inv_freq):
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def _linear(x, p, compute_dtype, int8_threshold):
+def _linear(x, p, compute_dtype, int8_threshold, lora_scale=1.0, tp=None, path=""):
+    """One projection; with a tensor-parallel plan ``tp`` the weight at tree ``path`` runs per shard."""
+    if tp is not None:
+        return tp.linear(x, p["kernel"], p.get("bias"), path, compute_dtype=compute_dtype, int8_threshold=int8_threshold)
     return quantized_linear(x, p["kernel"], p.get("bias"), int8_threshold=int8_threshold, compute_dtype=compute_dtype)
+
+
+def _named_linear(lp, compute_dtype, int8_threshold, lora_scale, tp, x, name):
+    return _linear(x, lp[name], compute_dtype, int8_threshold, lora_scale, tp, f"['layers']['{name}']['kernel']")
 
 
 def _attention(q, k, v, q_pos, k_pos, k_valid, config: LlamaConfig):
@@ -81,12 +88,14 @@ def _attention(q, k, v, q_pos, k_pos, k_valid, config: LlamaConfig):
     return out.reshape(b, t, hq * d)
 
 
-def _layer(h, lp, positions, cache_k, cache_v, cache_valid, write_pos, config, compute_dtype, int8_threshold):
+def _layer(h, lp, positions, cache_k, cache_v, cache_valid, write_pos, config, compute_dtype, int8_threshold,
+           lora_scale=1.0, tp=None):
     b, t, _ = h.shape
+    lin = partial(_named_linear, lp, compute_dtype, int8_threshold, lora_scale, tp)
     x = rms_norm(h, lp["input_norm"], config.rms_norm_eps)
-    q = _linear(x, lp["q_proj"], compute_dtype, int8_threshold).reshape(b, t, config.num_attention_heads, config.head_dim)
-    k = _linear(x, lp["k_proj"], compute_dtype, int8_threshold).reshape(b, t, config.num_key_value_heads, config.head_dim)
-    v = _linear(x, lp["v_proj"], compute_dtype, int8_threshold).reshape(b, t, config.num_key_value_heads, config.head_dim)
+    q = lin(x, "q_proj").reshape(b, t, config.num_attention_heads, config.head_dim)
+    k = lin(x, "k_proj").reshape(b, t, config.num_key_value_heads, config.head_dim)
+    v = lin(x, "v_proj").reshape(b, t, config.num_key_value_heads, config.head_dim)
     inv_freq = rope_inv_freq(config)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
@@ -100,37 +109,43 @@ def _layer(h, lp, positions, cache_k, cache_v, cache_valid, write_pos, config, c
         k_valid = k_pos < write_pos + t
         cache_k, cache_v = keys, values
     attn = _attention(q, keys, values, positions, k_pos, k_valid, config)
-    h = h + _linear(attn, lp["o_proj"], compute_dtype, int8_threshold).astype(h.dtype)
+    h = h + lin(attn, "o_proj").astype(h.dtype)
     x = rms_norm(h, lp["post_norm"], config.rms_norm_eps)
-    gate = _linear(x, lp["gate_proj"], compute_dtype, int8_threshold)
-    up = _linear(x, lp["up_proj"], compute_dtype, int8_threshold)
-    h = h + _linear(jax.nn.silu(gate) * up, lp["down_proj"], compute_dtype, int8_threshold).astype(h.dtype)
+    gate = lin(x, "gate_proj")
+    up = lin(x, "up_proj")
+    h = h + lin(jax.nn.silu(gate) * up, "down_proj").astype(h.dtype)
     return h, cache_k, cache_v
 
 
-def _logits(params, h, config, compute_dtype, int8_threshold):
+def _logits(params, h, config, compute_dtype, int8_threshold, tp=None):
     h = rms_norm(h, params["norm"], config.rms_norm_eps)
     if "lm_head" in params:
-        return _linear(h, params["lm_head"], compute_dtype, int8_threshold).astype(jnp.float32)
+        return _linear(h, params["lm_head"], compute_dtype, int8_threshold, tp=tp,
+                       path="['lm_head']['kernel']").astype(jnp.float32)
     emb = params["embed"]
     return jnp.einsum("bth,vh->btv", h.astype(compute_dtype), emb.astype(compute_dtype), preferred_element_type=jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold", "remat"))
-def forward(params, tokens, config: LlamaConfig, compute_dtype=jnp.float32, int8_threshold: float = 6.0, remat: bool = False):
-    """Logits [B, T, V] (float32) for a full sequence, causal attention, no cache."""
+@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold", "remat", "tp"))
+def forward(params, tokens, config: LlamaConfig, compute_dtype=jnp.float32, int8_threshold: float = 6.0, remat: bool = False,
+            tp=None):
+    """Logits [B, T, V] (float32) for a full sequence, causal attention, no cache.
+
+    ``tp`` (a ``lowbit_jax.sharding.TensorParallel``) runs the layers on its mesh: the params
+    placed by ``tp.place`` (or ``load_pretrained(mesh=)``), split 4-bit projections multiplied
+    shard by shard, the batch split over ``tp.batch_axis``."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
     h = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
 
     def body(h, lp):
-        h, _, _ = _layer(h, lp, positions, None, None, None, 0, config, compute_dtype, int8_threshold)
+        h, _, _ = _layer(h, lp, positions, None, None, None, 0, config, compute_dtype, int8_threshold, tp=tp)
         return h, None
 
     if remat:
         body = jax.checkpoint(body)
     h, _ = jax.lax.scan(body, h, params["layers"])
-    return _logits(params, h, config, compute_dtype, int8_threshold)
+    return _logits(params, h, config, compute_dtype, int8_threshold, tp)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16):
@@ -138,12 +153,14 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold"), donate_argnames=("cache",))
-def decode_step(params, tokens, cache, pos, config: LlamaConfig, compute_dtype=jnp.float32, int8_threshold: float = 6.0):
+@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold", "tp"), donate_argnames=("cache",))
+def decode_step(params, tokens, cache, pos, config: LlamaConfig, compute_dtype=jnp.float32, int8_threshold: float = 6.0,
+                tp=None):
     """Run ``tokens`` [B, T] at positions pos..pos+T-1 against the KV cache.
 
     Returns (logits of the last token [B, V], updated cache). Prefill is T = prompt length,
-    decoding is T = 1; both compile once per T.
+    decoding is T = 1; both compile once per T. With ``tp`` (see :func:`forward`) place the
+    cache with ``tp.cache_sharding()``.
     """
     b, t = tokens.shape
     positions = pos + jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
@@ -151,11 +168,13 @@ def decode_step(params, tokens, cache, pos, config: LlamaConfig, compute_dtype=j
 
     def body(h, xs):
         lp, ck, cv = xs
-        h, ck, cv = _layer(h, lp, positions, ck, cv, None, pos, config, compute_dtype, int8_threshold)
+        h, ck, cv = _layer(h, lp, positions, ck, cv, None, pos, config, compute_dtype, int8_threshold, tp=tp)
         return h, (ck, cv)
 
     h, (ks, vs) = jax.lax.scan(body, h, (params["layers"], cache["k"], cache["v"]))
-    logits = _logits(params, h[:, -1:, :], config, compute_dtype, int8_threshold)[:, 0, :]
+    logits = _logits(params, h[:, -1:, :], config, compute_dtype, int8_threshold, tp)[:, 0, :]
+    if tp is not None:  # keep the cache where it came from (KV heads over the tensor axis)
+        ks, vs = (jax.lax.with_sharding_constraint(a, tp.cache_sharding()) for a in (ks, vs))
     return logits, {"k": ks, "v": vs}
 
 
