@@ -582,6 +582,10 @@ def _quantize_4bit_arrays(w, blocksize: int, quant_type: str, compress_statistic
         packed = jax.lax.bitcast_convert_type(packed.reshape(-1, storage.itemsize), storage)
     nested_absmax = offset = None
     if compress_statistics:
+        # A block holding NaN/Inf must not poison the shared mean and the 255 neighbours quantized
+        # with it: its scale enters double quantization as 0 (that block is lost either way).
+        # A no-op on finite weights, which stay bit-identical to bitsandbytes.
+        absmax = jnp.where(jnp.isfinite(absmax), absmax, jnp.float32(0))
         offset = _bnb_mean(absmax)
         inner = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
         absmax, nested_absmax = inner.codes, inner.absmax

@@ -32,6 +32,7 @@ __all__ = [
     "rowwise_int8_from_bnb",
     "rowwise_int8_to_bnb",
     "import_bnb_state_dict",
+    "bnb_groups",
     "export_bnb_state_dict",
     "bnb_quantization_config",
     "save_bnb_checkpoint",
@@ -257,6 +258,34 @@ def import_bnb_state_dict(state_dict: Mapping[str, Any], int8_dtype: str = "floa
                 raise CheckpointError(f"{key}: quantization metadata without a matching weight")
             out[key] = _np(value)
     return out
+
+
+_AUX_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def bnb_groups(names) -> dict[str, list[str]]:
+    """Quantized weight name -> its state-dict entries, for every bitsandbytes weight in ``names``.
+
+    4-bit: ``[weight, weight.quant_state.bitsandbytes__*, weight.absmax, ...]``; 8-bit:
+    ``[weight, SCB, weight_format?]``. Lets a streaming loader read one weight's entries
+    together without loading the whole state dict.
+    """
+    present = set(names)
+    groups: dict[str, list[str]] = {}
+    for key in sorted(present):
+        head, sep, _ = key.rpartition("." + QUANT_STATE_PREFIX)
+        if sep:
+            if head in groups:
+                raise CheckpointError(f"{head}: more than one quant state")
+            groups[head] = [head, key] + [f"{head}.{s}" for s in _AUX_4BIT if f"{head}.{s}" in present]
+        elif key.endswith("SCB") and (key == "SCB" or key.endswith(".SCB")):
+            prefix = key[: -len("SCB")]
+            head = prefix + "weight"
+            groups[head] = [head, key] + ([prefix + "weight_format"] if prefix + "weight_format" in present else [])
+    for head, members in groups.items():
+        if head not in present:
+            raise CheckpointError(f"{members[1]}: quantization state without its weight {head!r}")
+    return groups
 
 
 def export_bnb_state_dict(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:

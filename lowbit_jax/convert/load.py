@@ -3,6 +3,11 @@
 Tensors are read one at a time (memory-mapped), moved to the accelerator, quantized there, and
 the full-precision copy is dropped before the next one is read: peak host memory is about one
 tensor, peak device memory about the quantized model plus one tensor.
+
+Safetensors and PyTorch ``.bin`` checkpoints (single or sharded) are read through
+``checkpoint_reader``, which validates every file and checks every shape against config.json
+first. A checkpoint that transformers + bitsandbytes saved quantized is placed as stored: its
+codes and scales are the model's, never requantized.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit_jax import quant, sharding, sharding_io
-from lowbit_jax.convert.safetensors_io import checkpoint_files, iter_tensors, read_config
+from lowbit_jax.convert.checkpoint_reader import CheckpointReader, iter_model_tensors, prequantized_config
+from lowbit_jax.convert.safetensors_io import read_config
 from lowbit_jax.models.config import LlamaConfig
 from lowbit_jax.nn.config import QuantConfig, quantize_weight
 
@@ -59,6 +65,10 @@ class LoadedModel:
 def _stack(items: list, name: str, tp=None):
     if any(x is None for x in items):
         raise ValueError(f"checkpoint is missing {name} for some layers")
+    if len({jax.tree.structure(x) for x in items}) > 1:  # e.g. a bitsandbytes checkpoint that skipped one layer
+        kinds = sorted({str(jax.tree.structure(x)) for x in items})
+        raise ValueError(f"layers store {name} in different formats ({' vs '.join(kinds)}); "
+                         "stacked layers need one format per weight")
     if tp is not None:
         return sharding_io.stack_sharded(items)
     if isinstance(items[0], quant.QuantizedTensor):
@@ -75,10 +85,16 @@ def load_pretrained(
     mesh=None,
     rules=None,
 ) -> LoadedModel:
-    """Load a Llama/Mistral/Qwen2 safetensors checkpoint, quantizing linear weights on the fly.
+    """Load a Llama/Mistral/Qwen2 checkpoint, quantizing linear weights on the fly.
 
-    ``quant=None`` (or a config with neither 4- nor 8-bit) keeps every weight in
-    ``compute_dtype``. Embeddings, norms and the LM head follow ``quant.skip_modules``.
+    ``path`` holds config.json and safetensors or PyTorch ``.bin``/``.pt`` weights (single
+    file or sharded with an index). ``quant=None`` (or a config with neither 4- nor 8-bit)
+    keeps every weight in ``compute_dtype``. Embeddings, norms and the LM head follow
+    ``quant.skip_modules``.
+
+    A bitsandbytes-serialized checkpoint (saved by transformers with a ``BitsAndBytesConfig``)
+    loads as stored, bit for bit: ``quant`` may then be None or must name the same method, and
+    the result's ``quant`` describes the checkpoint's quantization.
 
     ``mesh`` (a ``jax.sharding.Mesh`` with a "tp" axis, or a 1-D one) loads onto a device mesh
     instead of ``device``: ``rules`` (default ``sharding.LLAMA_TP_RULES``) split each weight,
@@ -89,8 +105,8 @@ def load_pretrained(
     compute_dtype = jnp.dtype(compute_dtype)
     if compute_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
-    config = LlamaConfig.from_hf_dict(read_config(path))
-    files = checkpoint_files(path)
+    hf_config = read_config(path)
+    config = LlamaConfig.from_hf_dict(hf_config)
     tp = None
     if mesh is not None:
         if device is not None:
@@ -99,23 +115,34 @@ def load_pretrained(
                                      sharding_io._tp_axis(mesh, None))
     elif rules is not None:
         raise ValueError("rules= needs mesh= (the device mesh the rules split weights over)")
+    reader = CheckpointReader(path)
+    try:
+        stored = prequantized_config(reader, hf_config, compute_dtype.name)
+        if stored is not None:
+            quant_cfg = _stored_quant(quant, stored, path)
+            if tp is not None:
+                raise ValueError(f"{path!r} is already quantized (bitsandbytes); load it without mesh= and place it "
+                                 "with sharding.shard_tree")
+    except BaseException:
+        reader.close()
+        raise
     device = device or jax.devices()[0]
     L = config.num_hidden_layers
     layers: dict = {}
     top: dict = {}
     quantized_layers = []
-    total_bytes = sum(os.path.getsize(f) for f in set(files.values()))
+    total_bytes = sum(os.path.getsize(f) for f in reader.files)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"loading {os.path.basename(os.path.normpath(path))}")
     seen = 0
-    for name, array in iter_tensors(path):
+    for name, array in _stream(reader, hf_config):
         seen += 1
         if bar is not None:
             bar.update(array.nbytes)
-            bar.set_postfix_str(f"{seen}/{len(files)} tensors")
+            bar.set_postfix_str(f"{seen} tensors")
         m = _LAYER.match(name)
         module = name.rsplit(".", 1)[0]
         if m:
@@ -165,10 +192,45 @@ def load_pretrained(
     return LoadedModel(config, params, quant_cfg, compute_dtype.name, path, quantized_layers, tp)
 
 
+def _stream(reader: CheckpointReader, hf_config: dict):
+    """The checkpoint's tensors; the reader (open torch zips, file maps) closes when done."""
+    with reader:
+        # int8 weights record float16: bitsandbytes quantizes the fp16 copy, as quantize_weight does.
+        for name, value in iter_model_tensors(reader, hf_config, int8_dtype="float16"):
+            if isinstance(value, quant.QuantizedTensor) and not name.endswith(("proj.weight", "lm_head.weight")):
+                raise ValueError(f"{name} is stored quantized; only linear weights may be")
+            yield name, value
+
+
+def _stored_quant(requested: Optional[QuantConfig], stored: QuantConfig, path: str) -> QuantConfig:
+    """The config of a bitsandbytes-serialized checkpoint, after checking what the caller asked for.
+
+    Loading never requantizes, so asking for another method (or double quant) is an error rather
+    than a silent surprise; asking for none, or the same, is fine.
+    """
+    if requested is not None and requested.enabled:
+        if (requested.method, requested.load_in_4bit and requested.double_quant) != (
+            stored.method, stored.load_in_4bit and stored.double_quant
+        ):
+            have = stored.method + ("+double quant" if stored.load_in_4bit and stored.double_quant else "")
+            raise ValueError(
+                f"{path!r} is already quantized by bitsandbytes as {have}; lowbit-jax loads it as stored and does "
+                f"not requantize to {requested.method}{'+double quant' if requested.double_quant else ''} "
+                "(pass quant=None, or the same method)"
+            )
+    return stored
+
+
 def _convert(array, module: str, field: Optional[str], quant_cfg: QuantConfig, compute_dtype, device, quantized_layers,
              tp=None, tree_path: Optional[str] = None):
     """One HF tensor -> one leaf: quantized [out, in], or a Flax [in, out] kernel, or as-is.
-    With ``tp`` the leaf is built on its mesh shards from the host array (sharding_io)."""
+    With ``tp`` the leaf is built on its mesh shards from the host array (sharding_io).
+    An already quantized (bitsandbytes-serialized) weight is only moved to ``device``."""
+    if isinstance(array, quant.QuantizedTensor):
+        if field != "kernel":
+            raise ValueError(f"{module}: only linear weights can be stored quantized, got a quantized {field or 'tensor'}")
+        quantized_layers.append(module)
+        return jax.block_until_ready(jax.device_put(array, device))
     if tp is not None and field == "kernel" and np.ndim(array) == 2:
         quantize = quant_cfg.should_quantize(module, int(np.prod(np.shape(array))))
         if quantize and not jnp.issubdtype(array.dtype, jnp.floating):

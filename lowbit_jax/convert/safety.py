@@ -33,6 +33,8 @@ __all__ = [
     "check_shapes",
     "expected_llama_shapes",
     "warn_nonfinite",
+    "count_nonfinite",
+    "safe_member_name",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -213,6 +215,21 @@ def check_zip(path: PathLike) -> zipfile.ZipFile:
     return zf
 
 
+def safe_member_name(name: Any, where: str) -> str:
+    """A file name from an index (``weight_map``) that stays inside the checkpoint directory.
+
+    An index is as untrusted as the shards: ``"../../.ssh/id_rsa"`` or an absolute path must not
+    make the loader open a file elsewhere.
+    """
+    bad = not isinstance(name, str) or not name or "\0" in name or "\\" in name
+    if not bad:
+        norm = os.path.normpath(name)
+        bad = os.path.isabs(name) or norm in (".", "..") or norm.startswith(".." + os.sep)
+    if bad:
+        raise CheckpointError(f"{where}: shard name {name!r} is not a file inside the checkpoint directory")
+    return name
+
+
 def expected_llama_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """The weight shapes a Llama-family ``config.json`` implies, in PyTorch ``[out, in]`` order."""
     try:
@@ -243,6 +260,9 @@ def expected_llama_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...
                 p + "post_attention_layernorm.weight": (h,),
             }
         )
+        if config.get("attention_bias", config.get("model_type") == "qwen2"):
+            shapes.update({p + "self_attn.q_proj.bias": (heads * head_dim,), p + "self_attn.k_proj.bias": (kv * head_dim,),
+                           p + "self_attn.v_proj.bias": (kv * head_dim,)})
     return shapes
 
 
@@ -273,18 +293,47 @@ def check_shapes(
         raise ValueError(f"checkpoint does not match its config ({len(problems)} problems):\n  {shown}{more}")
 
 
+# dtype name -> (unsigned view, |x| bit mask, exponent-all-ones): x is NaN or Inf iff |x| bits >= the
+# exponent mask (NaN iff >). Integer compares on a view are ~5x faster than isnan/isinf, and need
+# no float32 copy of a bfloat16 tensor, so every tensor of a large checkpoint can be checked.
+_NONFINITE_BITS = {
+    "float16": (np.uint16, 0x7FFF, 0x7C00),
+    "bfloat16": (np.uint16, 0x7FFF, 0x7F80),
+    "float32": (np.uint32, 0x7FFFFFFF, 0x7F800000),
+    "float64": (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+    "float8_e5m2": (np.uint8, 0x7F, 0x7C),
+    "float8_e4m3fn": (np.uint8, 0x7F, 0x7F),  # no Inf: 0x7F is its only NaN
+}
+_CHUNK = 1 << 16  # cache-sized: mask + max stay in L2 (~3 GB/s on one core)
+
+
+def count_nonfinite(array) -> tuple[int, int]:
+    """``(nan, inf)`` counts of a float array (zeros for other dtypes), a chunk at a time."""
+    a = np.asarray(array)
+    bits = _NONFINITE_BITS.get(a.dtype.name)
+    if bits is None:
+        return 0, 0
+    view_t, abs_mask, exp_mask = bits
+    flat = np.ascontiguousarray(a).reshape(-1).view(view_t)
+    nan = inf = 0
+    for i in range(0, flat.size, _CHUNK):
+        ab = flat[i : i + _CHUNK] & view_t(abs_mask)
+        if ab.max() >= view_t(exp_mask):
+            if a.dtype.name == "float8_e4m3fn":
+                nan += int(np.count_nonzero(ab == view_t(exp_mask)))
+            else:
+                nan += int(np.count_nonzero(ab > view_t(exp_mask)))
+                inf += int(np.count_nonzero(ab == view_t(exp_mask)))
+    return nan, inf
+
+
 def warn_nonfinite(name: str, array) -> int:
     """Warn (naming the tensor) if a float array holds NaN or Inf; return how many it holds.
 
     Quantization stays defined on such tensors (the block absmax becomes NaN/Inf and only that
     block's values are lost), so this warns rather than refusing.
     """
-    a = np.asarray(array)
-    if a.dtype.kind != "f" and a.dtype.name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
-        return 0
-    f = a.astype(np.float32) if a.dtype.kind != "f" or a.dtype.itemsize < 4 else a
-    nan = int(np.count_nonzero(np.isnan(f)))
-    inf = int(np.count_nonzero(np.isinf(f)))
+    nan, inf = count_nonfinite(array)
     if nan or inf:
         warnings.warn(f"tensor {name!r} has {nan} NaN and {inf} Inf values", RuntimeWarning, stacklevel=2)
     return nan + inf
