@@ -37,6 +37,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lowbit_jax import _compat, quant
 from lowbit_jax.ops import matmul_4bit, quantized_linear
 from lowbit_jax.ops._grad import zero_cotangent
+# ops chooses the kernels; the per-shard backward reuses its choice and its fused backward
+# (no shard of W is ever expanded in HBM), so it calls these two helpers rather than re-deciding.
+from lowbit_jax.ops.matmul_4bit import _grad_x as _matmul_4bit_grad_x, _resolve as _resolve_4bit
 
 __all__ = [
     "LLAMA_TP_RULES",
@@ -360,7 +363,7 @@ def _local(q: quant.Packed4bit, axis: str, shards: int) -> quant.Packed4bit:
 
 
 def sharded_matmul_4bit(x, q: quant.Packed4bit, mesh: Mesh, axis: str, mesh_axis: str = "tp", bias=None,
-                        batch_axis: Optional[str] = None):
+                        batch_axis: Optional[str] = None, impl: str = "auto"):
     """``x @ W.T`` with W split over ``mesh_axis``, each device running ``ops.matmul_4bit`` on its
     shard (so the GPU kernels run per shard).
 
@@ -368,7 +371,9 @@ def sharded_matmul_4bit(x, q: quant.Packed4bit, mesh: Mesh, axis: str, mesh_axis
                 communication forward; the backward sums the per-shard input gradients).
     axis="in":  x split along its last dimension, partial products summed with ``psum`` (fp32).
     batch_axis: a mesh axis that splits x's leading dimension (data parallelism), or None.
-    The gradient reaches x and the bias, never W (frozen base weights, as in QLoRA).
+    impl: as ``ops.matmul_4bit``'s, for every shard ("pallas_interpret" tests the kernels here).
+    The gradient reaches x and the bias, never W (frozen base weights, as in QLoRA); it runs
+    ``ops``' fused backward per shard too.
     """
     if axis not in ("out", "in"):
         raise ValueError(f"axis must be 'out' or 'in', got {axis!r}")
@@ -378,11 +383,12 @@ def sharded_matmul_4bit(x, q: quant.Packed4bit, mesh: Mesh, axis: str, mesh_axis
         if x.ndim < 2:
             raise ValueError(f"batch_axis needs x with a leading batch dimension, got shape {x.shape}")
     q = prepare_for_sharding(q, axis, shards)
-    return _sharded_matmul(mesh, axis, mesh_axis, x.ndim, batch_axis)(x, q, bias)
+    impl = _resolve_4bit(impl, _local(q, axis, shards))
+    return _sharded_matmul(mesh, axis, mesh_axis, x.ndim, batch_axis, impl)(x, q, bias)
 
 
 @lru_cache(maxsize=None)
-def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int, batch_axis: Optional[str]):
+def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int, batch_axis: Optional[str], impl: str):
     shards = mesh.shape[mesh_axis]
     lead = (batch_axis,) + (None,) * (ndim - 2) if ndim >= 2 else ()
     split_last, whole = P(*lead, mesh_axis), P(*lead, None)
@@ -394,8 +400,8 @@ def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int, batch_axis
         def body(x_local, q_local, b_local):
             q_local = _local(q_local, axis, shards)
             if axis == "out":
-                return matmul_4bit(x_local, q_local, b_local)
-            partial = matmul_4bit(x_local.astype(jnp.float32), q_local).astype(jnp.float32)
+                return matmul_4bit(x_local, q_local, b_local, impl=impl)
+            partial = matmul_4bit(x_local.astype(jnp.float32), q_local, impl=impl).astype(jnp.float32)
             total = jax.lax.psum(partial, mesh_axis)
             if b_local is not None:
                 total = total + b_local.astype(jnp.float32)
@@ -403,17 +409,18 @@ def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int, batch_axis
 
         x_spec, out_spec = (whole, split_last) if axis == "out" else (split_last, whole)
         b_spec = None if bias is None else (P(mesh_axis) if axis == "out" else P())
-        fn = _compat.shard_map(body, mesh=mesh, in_specs=(x_spec, q_specs(q), b_spec), out_specs=out_spec)
+        # check=False: the varying-axes checker cannot type a pallas_call (the GPU kernels).
+        fn = _compat.shard_map(body, mesh=mesh, in_specs=(x_spec, q_specs(q), b_spec), out_specs=out_spec, check=False)
         return fn(x, q, bias)
 
     def grad_x(g, q, x_dtype):
         def body(g_local, q_local):
             q_local = _local(q_local, axis, shards)
-            w = quant.dequantize_4bit(q_local, jnp.float32)  # one shard, never the whole weight
-            gx = jnp.einsum("...n,nk->...k", g_local.astype(jnp.float32), w)
-            if axis == "out":
-                gx = jax.lax.psum(gx, mesh_axis)
-            return gx.astype(x_dtype)
+            if axis == "in":
+                return _matmul_4bit_grad_x(g_local, q_local, x_dtype, impl)
+            # Each shard's out-features contribute a partial gradient of all of x: sum them in fp32.
+            gx = _matmul_4bit_grad_x(g_local, q_local, jnp.float32, impl)
+            return jax.lax.psum(gx, mesh_axis).astype(x_dtype)
 
         g_spec, out_spec = (split_last, whole) if axis == "out" else (whole, split_last)
         fn = _compat.shard_map(body, mesh=mesh, in_specs=(g_spec, q_specs(q)), out_specs=out_spec, check=False)
@@ -453,6 +460,7 @@ class TensorParallel:
     rules: tuple = LLAMA_TP_RULES
     axis: str = "tp"
     batch_axis: Optional[str] = None
+    impl: str = "auto"  # ops.matmul_4bit's kernel choice, per shard
 
     def __post_init__(self):
         object.__setattr__(self, "rules", _check_rules(self.rules))
@@ -496,5 +504,5 @@ class TensorParallel:
             x = jnp.asarray(x)
             if compute_dtype is not None:
                 x = x.astype(compute_dtype)
-            return sharded_matmul_4bit(x, kernel, self.mesh, split, self.axis, bias, self.batch_axis)
+            return sharded_matmul_4bit(x, kernel, self.mesh, split, self.axis, bias, self.batch_axis, self.impl)
         return quantized_linear(x, kernel, bias, int8_threshold=int8_threshold, compute_dtype=compute_dtype)

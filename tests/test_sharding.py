@@ -22,18 +22,31 @@ def _weight(rng, out_f=64, in_f=1024):
     return jnp.asarray(rng.standard_normal((out_f, in_f)) * 0.05, jnp.float32)
 
 
-@pytest.mark.parametrize("axis", ["out", "in"])
-@pytest.mark.parametrize("dq", [False, True])
-def test_sharded_forward_and_grad_equal_single_device(rng, mesh, axis, dq):
+@pytest.mark.parametrize("axis,dq,impl", [
+    ("out", False, "auto"), ("out", True, "auto"), ("in", False, "auto"), ("in", True, "auto"),
+    # the Pallas kernels (in the interpreter) per shard: flat+DQ out-split, rows-layout in-split
+    ("out", True, "pallas_interpret"), ("in", True, "pallas_interpret"),
+])
+def test_sharded_forward_and_grad_equal_single_device(rng, mesh, axis, dq, impl):
     q = quant.quantize_4bit(_weight(rng), compress_statistics=dq)
     x = jnp.asarray(rng.standard_normal((6, 1024)), jnp.float32)
     b = jnp.asarray(rng.standard_normal((64,)), jnp.float32)
     ref = ops.matmul_4bit(x, q, b)
-    got = jax.jit(lambda x, b: sharding.sharded_matmul_4bit(x, q, mesh, axis, bias=b))(x, b)
+    got = jax.jit(lambda x, b: sharding.sharded_matmul_4bit(x, q, mesh, axis, bias=b, impl=impl))(x, b)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
     g_ref = jax.grad(lambda x: jnp.sum(jnp.tanh(ops.matmul_4bit(x, q, b))))(x)
-    g = jax.jit(jax.grad(lambda x: jnp.sum(jnp.tanh(sharding.sharded_matmul_4bit(x, q, mesh, axis, bias=b)))))(x)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(jnp.tanh(sharding.sharded_matmul_4bit(x, q, mesh, axis, bias=b,
+                                                                                  impl=impl)))))(x)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_axis_splits_the_batch(rng, mesh):
+    q = quant.quantize_4bit(_weight(rng, 256, 512))
+    x = jnp.asarray(rng.standard_normal((4, 3, 512)), jnp.float32)
+    f = jax.jit(lambda x: sharding.sharded_matmul_4bit(x, q, mesh, "out", batch_axis="dp"))
+    y = f(jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("dp"))))
+    assert y.sharding.spec == jax.sharding.PartitionSpec("dp", None, "tp")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ops.matmul_4bit(x, q)), rtol=1e-5, atol=1e-5)
 
 
 def test_out_split_keeps_double_quant_when_blocks_align(rng, mesh):
