@@ -148,6 +148,18 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export_bnb(args) -> int:
+    """Hand a quantized model to PyTorch users: transformers + bitsandbytes load DST as it is."""
+    from lowbit_jax.convert.bnb_export import export_bnb_checkpoint
+
+    model = load_model(args.model, args.quant, args.double_quant, args.compute_dtype)
+    out = export_bnb_checkpoint(model, args.dst, overwrite=args.overwrite)
+    dq = "+dq" if model.quant.load_in_4bit and model.quant.double_quant else ""
+    print(f"wrote {out}: {len(model.quantized_layers)} layers as bitsandbytes {model.quant.method}{dq}; "
+          f"PyTorch: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def demo_text(chars: int = 6000) -> str:
     """Real English text shipped with Python: the pydoc topic help, a fixed excerpt."""
     import pydoc_data.topics as topics
@@ -248,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-layer footprint table")
     _add_model_args(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export-bnb", help="write a transformers + bitsandbytes checkpoint (safetensors + config)")
+    _add_model_args(p)
+    p.add_argument("dst")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_bnb, quant="nf4")
 
     p = sub.add_parser("demo", help="SmolLM2-135M-Instruct in bf16/NF4/FP4/int8: footprint, perplexity, speed, chat")
     p.add_argument("--model", default=None, help="any local HF checkpoint directory instead of SmolLM2")

@@ -216,7 +216,7 @@ def _stored_quant(requested: Optional[QuantConfig], stored: QuantConfig, path: s
             raise ValueError(
                 f"{path!r} is already quantized by bitsandbytes as {have}; lowbit-jax loads it as stored and does "
                 f"not requantize to {requested.method}{'+double quant' if requested.double_quant else ''} "
-                "(pass quant=None, or the same method)"
+                "(ask for no quantization -- quant=None, --quant none -- or the same method)"
             )
     return stored
 
