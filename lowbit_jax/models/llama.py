@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lowbit_jax.models.config import LlamaConfig
+from lowbit_jax.nn.lora import lora_delta
 from lowbit_jax.ops import quantized_linear
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,8 +66,12 @@ def apply_rope(x, positions, inv_freq):
 def _linear(x, p, compute_dtype, int8_threshold, lora_scale=1.0, tp=None, path=""):
     """One projection; with a tensor-parallel plan ``tp`` the weight at tree ``path`` runs per shard."""
     if tp is not None:
-        return tp.linear(x, p["kernel"], p.get("bias"), path, compute_dtype=compute_dtype, int8_threshold=int8_threshold)
-    return quantized_linear(x, p["kernel"], p.get("bias"), int8_threshold=int8_threshold, compute_dtype=compute_dtype)
+        y = tp.linear(x, p["kernel"], p.get("bias"), path, compute_dtype=compute_dtype, int8_threshold=int8_threshold)
+    else:
+        y = quantized_linear(x, p["kernel"], p.get("bias"), int8_threshold=int8_threshold, compute_dtype=compute_dtype)
+    if "lora_A" in p:  # a LoRA adapter beside the frozen kernel (lowbit_jax.finetune): PEFT's W x + s x A B
+        y = y + lora_delta(x, p["lora_A"], p["lora_B"], lora_scale).astype(y.dtype)
+    return y
 
 
 def _named_linear(lp, compute_dtype, int8_threshold, lora_scale, tp, x, name):
@@ -126,20 +131,25 @@ def _logits(params, h, config, compute_dtype, int8_threshold, tp=None):
     return jnp.einsum("bth,vh->btv", h.astype(compute_dtype), emb.astype(compute_dtype), preferred_element_type=jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold", "remat", "tp"))
-def forward(params, tokens, config: LlamaConfig, compute_dtype=jnp.float32, int8_threshold: float = 6.0, remat: bool = False,
-            tp=None):
+@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold", "remat", "lora_scale", "tp"))
+def forward(params, tokens, config: LlamaConfig, compute_dtype=jnp.float32, int8_threshold: float = 6.0,
+            remat: bool = False, lora_scale: float = 1.0, tp=None):
     """Logits [B, T, V] (float32) for a full sequence, causal attention, no cache.
 
     ``tp`` (a ``lowbit_jax.sharding.TensorParallel``) runs the layers on its mesh: the params
     placed by ``tp.place`` (or ``load_pretrained(mesh=)``), split 4-bit projections multiplied
-    shard by shard, the batch split over ``tp.batch_axis``."""
+    shard by shard, the batch split over ``tp.batch_axis``.
+
+    ``remat`` recomputes each layer in the backward pass (gradient checkpointing: one layer's
+    activations live at a time); ``lora_scale`` (lora_alpha / r) scales any ``lora_A``/``lora_B``
+    adapters found beside the layer kernels.
+    """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
     h = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
 
     def body(h, lp):
-        h, _, _ = _layer(h, lp, positions, None, None, None, 0, config, compute_dtype, int8_threshold, tp=tp)
+        h, _, _ = _layer(h, lp, positions, None, None, None, 0, config, compute_dtype, int8_threshold, lora_scale, tp)
         return h, None
 
     if remat:
@@ -153,9 +163,10 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold", "tp"), donate_argnames=("cache",))
-def decode_step(params, tokens, cache, pos, config: LlamaConfig, compute_dtype=jnp.float32, int8_threshold: float = 6.0,
-                tp=None):
+@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold", "lora_scale", "tp"),
+         donate_argnames=("cache",))
+def decode_step(params, tokens, cache, pos, config: LlamaConfig, compute_dtype=jnp.float32,
+                int8_threshold: float = 6.0, lora_scale: float = 1.0, tp=None):
     """Run ``tokens`` [B, T] at positions pos..pos+T-1 against the KV cache.
 
     Returns (logits of the last token [B, V], updated cache). Prefill is T = prompt length,
@@ -168,7 +179,7 @@ def decode_step(params, tokens, cache, pos, config: LlamaConfig, compute_dtype=j
 
     def body(h, xs):
         lp, ck, cv = xs
-        h, ck, cv = _layer(h, lp, positions, ck, cv, None, pos, config, compute_dtype, int8_threshold, tp=tp)
+        h, ck, cv = _layer(h, lp, positions, ck, cv, None, pos, config, compute_dtype, int8_threshold, lora_scale, tp)
         return h, (ck, cv)
 
     h, (ks, vs) = jax.lax.scan(body, h, (params["layers"], cache["k"], cache["v"]))
