@@ -205,6 +205,15 @@ def convert_leaf(host, path: str, field: Optional[str], quantize: Optional[Quant
     return put_host(host, NamedSharding(plan.mesh, spec)).astype(compute_dtype)
 
 
+def _stack_arrays(*xs):
+    return jnp.stack(xs)
+
+
+@lru_cache(maxsize=None)
+def _stacker(out: NamedSharding):
+    return jax.jit(_stack_arrays, out_shardings=out)
+
+
 def stack_sharded(items: list):
     """``jnp.stack`` leaf by leaf (e.g. per-layer weights into the scanned ``[L, ...]`` tree),
     keeping each leaf's NamedSharding with the new leading axis unsplit -- so stacking never
@@ -213,8 +222,7 @@ def stack_sharded(items: list):
     def stack(*xs):
         sh = getattr(xs[0], "sharding", None)
         if isinstance(sh, NamedSharding):
-            out = NamedSharding(sh.mesh, P(None, *sh.spec))
-            return jax.jit(lambda *a: jnp.stack(a), out_shardings=out)(*xs)
+            return _stacker(NamedSharding(sh.mesh, P(None, *sh.spec)))(*xs)
         return jnp.stack(xs)
 
     return jax.tree.map(stack, *items)
