@@ -782,6 +782,15 @@ def _kind(q) -> str:
     return jnp.dtype(q.dtype).name
 
 
+def _stacked_copies(q: QuantizedTensor) -> int:
+    """How many tensors a container holds: models stack per-layer weights along a leading axis
+    (one container for all layers, static ``shape`` per layer), which only the arrays show."""
+    primary = q.packed if isinstance(q, Packed4bit) else q.codes
+    stored = int(np.prod(np.shape(primary), dtype=np.int64)) * jnp.dtype(primary.dtype).itemsize
+    per_copy = (q.size + 1) // 2 if isinstance(q, Packed4bit) else q.size
+    return max(1, stored // max(per_copy, 1))
+
+
 def footprint(tree) -> Footprint:
     """Memory of any pytree holding quantized containers and plain arrays, leaf by leaf.
 
@@ -793,7 +802,7 @@ def footprint(tree) -> Footprint:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_q)[0]:
         name = jax.tree_util.keystr(path) or "<root>"
         if isinstance(leaf, QuantizedTensor):
-            rows.append((name, _kind(leaf), leaf.size, leaf.nbytes))
+            rows.append((name, _kind(leaf), leaf.size * _stacked_copies(leaf), leaf.nbytes))
         elif hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
             size = int(np.prod(leaf.shape, dtype=np.int64))
             rows.append((name, _kind(leaf), size, size * jnp.dtype(leaf.dtype).itemsize))
