@@ -141,6 +141,7 @@ def run_jax(mode: str, p: dict, steps: int) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(trainable, opt_state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
+    _, peak_compiled = mem()  # compiling (autotuning) may allocate scratch: reported apart from the step
     ma = compiled.memory_analysis()
     temp_bytes = getattr(ma, "temp_size_in_bytes", None) if ma is not None else None
     b0 = np.asarray(jax.device_get(trainable["layers"]["q_proj"]["lora_B"]))
@@ -162,7 +163,8 @@ def run_jax(mode: str, p: dict, steps: int) -> dict:
             "build_s": build_s, "compile_s": compile_s, "first_step_s": times[0], "step_s_median": st,
             "step_s_all": times, "tokens_per_s": seq / st, "loss": losses,
             "weights_and_adapters_GB": weights_bytes / 1e9, "trainable_params": train_mod.count(trainable),
-            "in_use_after_build_GB": _gb(in_use_built), "peak_before_step_GB": _gb(peak_built),
+            "in_use_after_build_GB": _gb(in_use_built), "peak_after_build_GB": _gb(peak_built),
+            "peak_before_step_GB": _gb(peak_compiled),
             "peak_GB": _gb(peak), "xla_temp_GB": _gb(temp_bytes)}
 
 
@@ -243,7 +245,7 @@ def run_torch(p: dict, steps: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-        losses.append(float(loss))
+        losses.append(loss.item())
     st = _median(times[1:])
     return {"mode": "torch-qlora", "versions": versions, "device": torch.cuda.get_device_name() if cuda else "cpu",
             "seq": seq, "layers": p["layers"], "build_s": build_s, "first_step_s": times[0], "step_s_median": st,
