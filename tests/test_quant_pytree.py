@@ -130,3 +130,15 @@ def test_partial_and_odd_sizes_roundtrip(rng):
         assert back.shape == w.shape
         # Every value is within half the largest code gap of its block's absmax.
         assert float(jnp.max(jnp.abs(back - w))) <= float(jnp.max(jnp.abs(w))) * 0.17
+
+
+def test_footprint_counts_stacked_layers(rng):
+    """Models stack per-layer weights along a leading axis in one container."""
+    ws = [jnp.asarray(rng.standard_normal((64, 96)), jnp.float32) for _ in range(3)]
+    for make in (lambda w: quant.quantize_4bit(w, compress_statistics=True), quant.quantize_blockwise):
+        qs = [make(w) for w in ws]
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *qs)
+        one, three = quant.footprint({"w": qs[0]}), quant.footprint({"w": stacked})
+        assert three.total_params == 3 * one.total_params == 3 * 64 * 96
+        assert three.total_bytes == 3 * one.total_bytes
+        assert three.bits_per_param == one.bits_per_param
