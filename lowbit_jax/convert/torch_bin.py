@@ -22,6 +22,7 @@ safely this way; they get a clear error asking for a re-save as safetensors.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import os
@@ -299,6 +300,11 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str):
+        if self.proto < 3:  # protocol 2 (torch's) spells Python 2 names: __builtin__.list, copy_reg
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
         fn = _ALLOWED.get((module, name))
         if fn is not None:
             return fn
