@@ -401,7 +401,8 @@ def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int, batch_axis
             q_local = _local(q_local, axis, shards)
             if axis == "out":
                 return matmul_4bit(x_local, q_local, b_local, impl=impl)
-            partial = matmul_4bit(x_local.astype(jnp.float32), q_local, impl=impl).astype(jnp.float32)
+            # The kernel runs in x's dtype (bf16 on the fast path); the partial sums add in fp32.
+            partial = matmul_4bit(x_local, q_local, impl=impl).astype(jnp.float32)
             total = jax.lax.psum(partial, mesh_axis)
             if b_local is not None:
                 total = total + b_local.astype(jnp.float32)
