@@ -38,10 +38,13 @@ def generate(model, prompt_ids, max_new_tokens: int = 32, temperature: float = 0
     prompt = jnp.asarray([list(prompt_ids)], jnp.int32)
     max_len = prompt.shape[1] + max_new_tokens
     cache = init_cache(cfg, 1, max_len, cache_dtype)
+    tp = getattr(model, "tp", None)  # loaded onto a mesh: run per shard, cache split by KV head
+    if tp is not None:
+        cache = jax.device_put(cache, tp.cache_sharding())
     key = jax.random.key(seed)
     eos = set(eos_ids or cfg.eos_token_id or ())
     t0 = time.perf_counter()
-    logits, cache = decode_step(model.params, prompt, cache, 0, cfg, dtype, model.int8_threshold)
+    logits, cache = decode_step(model.params, prompt, cache, 0, cfg, dtype, model.int8_threshold, tp=tp)
     key, sub = jax.random.split(key)
     token = sample_logits(logits, sub, temperature, top_p)
     token.block_until_ready()
@@ -52,7 +55,7 @@ def generate(model, prompt_ids, max_new_tokens: int = 32, temperature: float = 0
         if out[-1] in eos:
             break
         logits, cache = decode_step(model.params, token[:, None].astype(jnp.int32), cache, prompt.shape[1] + i, cfg, dtype,
-                                    model.int8_threshold)
+                                    model.int8_threshold, tp=tp)
         key, sub = jax.random.split(key)
         token = sample_logits(logits, sub, temperature, top_p)
         out.append(int(token[0]))
@@ -92,7 +95,7 @@ def perplexity(model, ids, window: Optional[int] = None, stride: Optional[int] =
         how = f"sliding windows of {window} tokens, stride {stride}"
     for begin, end, first_scored in spans:
         chunk = jnp.asarray(ids[None, begin:end])
-        logits = forward(model.params, chunk, cfg, dtype, model.int8_threshold)
+        logits = forward(model.params, chunk, cfg, dtype, model.int8_threshold, tp=getattr(model, "tp", None))
         logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
         targets = chunk[0, 1:]
         token_nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
