@@ -46,7 +46,9 @@ __all__ = [
     "TensorParallel",
     "expand_double_quant",
     "partition_specs",
+    "place_packed",
     "prepare_for_sharding",
+    "put",
     "shard_tree",
     "sharded_matmul_4bit",
     "split_of",
@@ -265,11 +267,80 @@ def tree_shardings(tree, mesh: Mesh, rules: Rules, mesh_axis: str = "tp"):
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_q)
 
 
+def _host_slice(host, index):
+    """One shard's data (its own function so tests can watch what each device is sent)."""
+    part = np.asarray(host[index])
+    return part if part.flags.c_contiguous else np.ascontiguousarray(part)  # (keeps 0-d arrays 0-d)
+
+
+def put(x, sharding_: NamedSharding) -> jax.Array:
+    """``x`` onto ``sharding_``. A host array (numpy, memmap) goes slice by slice: every device --
+    under ``jax.distributed``, every process for its own devices -- receives only its own part,
+    so no device sees the whole array unless the sharding replicates it. A jax.Array is resharded.
+    """
+    if isinstance(x, jax.Array):
+        return jax.device_put(x, sharding_)
+    host = x if hasattr(x, "dtype") and hasattr(x, "shape") else np.asarray(x)
+    return jax.make_array_from_callback(tuple(host.shape), sharding_, lambda index: _host_slice(host, index),
+                                        dtype=host.dtype)
+
+
+def _in_layout(q: quant.Packed4bit, axis: Optional[str], shards: int) -> bool:
+    """Whether ``q`` is already in the layout a split along ``axis`` needs (prepare is a no-op)."""
+    if axis is None:
+        return True
+    if axis == "out":
+        return q.layout == "bnb" and (not q.double_quant or keeps_double_quant(q, axis, shards))
+    return q.layout == "rows" and not q.double_quant
+
+
+def _staging_specs(q: quant.Packed4bit, mesh_axis: str, shards: int):
+    """Where a 4-bit weight waits for its re-layout: the codes split in contiguous chunks (as
+    stored), the absmax arrays (1/32 of the codes' bytes, or less) replicated."""
+    lead, packed = _lead(q), q.packed.shape
+    if q.layout == "rows":
+        spec = _spec(lead, mesh_axis, None) if packed[-2] % shards == 0 else P()
+    else:
+        spec = _spec(lead, mesh_axis) if packed[-1] % shards == 0 else P()
+    return jax.tree.map(lambda _: P(), q).replace(packed=spec)
+
+
+def _relayout(q: quant.Packed4bit, axis: str, mesh: Mesh, mesh_axis: str) -> quant.Packed4bit:
+    """``prepare_for_sharding`` as one jitted program whose ``out_shardings`` are the split's: the
+    re-layout (double-quant expansion, rows view) happens on the mesh, shard by shard."""
+    shards = mesh.shape[mesh_axis]
+
+    def fn(w):
+        return prepare_for_sharding(w, axis, shards)
+
+    specs = partition_specs(jax.eval_shape(fn, q), axis, mesh_axis)
+    out = jax.tree.map(lambda sp: NamedSharding(mesh, sp), specs, is_leaf=lambda x: isinstance(x, P))
+    return jax.jit(fn, out_shardings=out)(q)
+
+
+def place_packed(q: quant.Packed4bit, axis: Optional[str], mesh: Mesh, mesh_axis: str = "tp") -> quant.Packed4bit:
+    """A 4-bit weight (host or device arrays, any layout, stacked or not) onto ``mesh``, split
+    along ``axis``. When its layout must change first, the codes are sent split as stored and
+    the change runs on the mesh (:func:`_relayout`), so no device is sent the whole weight."""
+    shards = _check_mesh_axis(mesh, mesh_axis)
+    if _in_layout(q, axis, shards):
+        if axis is not None and len(q.shape) == 2:
+            check_split(q.shape, q.blocksize, axis, shards)
+        specs = partition_specs(q, axis, mesh_axis)
+        return jax.tree.map(lambda a, sp: put(a, NamedSharding(mesh, sp)), q, specs)
+    if len(q.shape) != 2:
+        raise ValueError(f"only 2-D weights [out, in] can be split, got shape {q.shape}")
+    check_split(q.shape, q.blocksize, axis, shards)
+    staged = jax.tree.map(lambda a, sp: put(a, NamedSharding(mesh, sp)), q, _staging_specs(q, mesh_axis, shards))
+    return _relayout(staged, axis, mesh, mesh_axis)
+
+
 def shard_tree(tree, mesh: Mesh, rules: Rules, mesh_axis: str = "tp"):
     """Place every leaf of ``tree`` on ``mesh``: the first rule whose regex matches a leaf's path
     decides the split ("out", "in" or None = replicate); unmatched leaves are replicated.
 
-    Quantized weights are re-laid-out first when the split needs it (see module docstring).
+    Quantized weights are re-laid-out when the split needs it (see module docstring), on the
+    mesh (:func:`place_packed`). Host (numpy) leaves are sent slice by slice (:func:`put`).
     Plain leaves are split by their role, read from the last path key: ``kernel`` (``[in,
     out]``), ``bias``, ``lora_A``, ``lora_B``; 1-D leaves named otherwise (norms) replicate.
     """
@@ -277,10 +348,15 @@ def shard_tree(tree, mesh: Mesh, rules: Rules, mesh_axis: str = "tp"):
     shards = _check_mesh_axis(mesh, mesh_axis)
 
     def place(path, leaf):
-        leaf, specs = _leaf_plan(path, leaf, rules, shards, mesh_axis)
+        if isinstance(leaf, quant.Packed4bit):
+            try:
+                return place_packed(leaf, split_of(jax.tree_util.keystr(path), rules), mesh, mesh_axis)
+            except ValueError as e:
+                raise ValueError(f"{jax.tree_util.keystr(path)}: {e}") from None
+        leaf, specs = _leaf_plan(path, leaf, rules, shards, mesh_axis, prepare=False)
         if isinstance(leaf, quant.QuantizedTensor):
-            return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), leaf, specs)
-        return jax.device_put(leaf, NamedSharding(mesh, specs))
+            return jax.tree.map(lambda a, s: put(a, NamedSharding(mesh, s)), leaf, specs)
+        return put(leaf, NamedSharding(mesh, specs))
 
     return jax.tree_util.tree_map_with_path(place, tree, is_leaf=_is_q)
 

@@ -30,18 +30,10 @@ __all__ = ["convert_leaf", "put_host", "quantize_onto_mesh", "quantize_sharded",
            "stack_sharded"]
 
 
-def _host_slice(host, index):
-    """One shard's data (its own function so tests can watch what each device is sent)."""
-    return np.ascontiguousarray(host[index])
-
-
 def put_host(host, sharding_: NamedSharding) -> jax.Array:
     """A global ``jax.Array`` with ``sharding_`` from a host array (numpy, memmap): every
-    addressable device is sent only its own slice; no device sees the whole array unless the
-    sharding replicates it."""
-    host = host if hasattr(host, "dtype") and hasattr(host, "shape") else np.asarray(host)
-    return jax.make_array_from_callback(tuple(host.shape), sharding_, lambda index: _host_slice(host, index),
-                                        dtype=host.dtype)
+    addressable device is sent only its own slice (``sharding.put``)."""
+    return sharding.put(np.asarray(host) if not hasattr(host, "shape") else host, sharding_)
 
 
 def _tp_axis(mesh: Mesh, mesh_axis: Optional[str]) -> str:
@@ -229,18 +221,41 @@ def stack_sharded(items: list):
 
 
 def restore_onto_mesh(path, mesh: Mesh, rules: sharding.Rules, mesh_axis: str = "tp"):
-    """Restore a tree saved by ``convert.orbax_io.save_tree`` (from any mesh, or none) straight
-    onto ``mesh`` by ``rules``: orbax reads for each device only its shard's bytes.
+    """Restore a tree saved by ``convert.orbax_io.save_tree`` -- from any mesh, or from one device
+    -- straight onto ``mesh`` by ``rules``: orbax reads for each device only its shard's bytes.
 
     The tree's structure and layouts come from the checkpoint's spec file, so no target tree
-    is needed. The saved layouts must suit the new split (they do when saved from a tree placed
-    with the same rules); otherwise restore it unsharded and call ``shard_tree``.
+    is needed. A 4-bit weight saved in a layout the new split cannot use (e.g. a canonical,
+    double-quantized weight that is to be split by input features) is read with its codes split
+    as stored and re-laid-out on the mesh (``sharding.place_packed``): no device ever reads it whole.
     """
     from lowbit_jax.convert import orbax_io  # convert imports this module: import it late
 
+    rules = sharding._check_rules(rules)
+    shards = sharding._check_mesh_axis(mesh, mesh_axis)
     meta = orbax_io._read_meta(pathlib.Path(path))
     if meta.get("spec") is None:
         raise ValueError(f"{path}: this tree's structure is not self-describing; restore it with restore_tree(target=)")
     abstract = orbax_io._decode(meta["spec"], [jax.ShapeDtypeStruct(tuple(i["shape"]), jnp.dtype(i["dtype"]))
                                                for i in meta["leaves"]])
-    return orbax_io.restore_tree(path, sharding=sharding.tree_shardings(abstract, mesh, rules, mesh_axis))
+
+    def needs_relayout(path_, leaf) -> bool:
+        axis = sharding.split_of(jax.tree_util.keystr(path_), rules)
+        return isinstance(leaf, quant.Packed4bit) and not sharding._in_layout(leaf, axis, shards)
+
+    def read_as(path_, leaf):
+        if needs_relayout(path_, leaf):
+            specs = sharding._staging_specs(leaf, mesh_axis, shards)
+        else:
+            _, specs = sharding._leaf_plan(path_, leaf, rules, shards, mesh_axis, prepare=False)
+        return jax.tree.map(lambda sp: NamedSharding(mesh, sp), specs, is_leaf=lambda x: isinstance(x, P))
+
+    is_q = lambda x: isinstance(x, quant.QuantizedTensor)  # noqa: E731
+    restored = orbax_io.restore_tree(path, sharding=jax.tree_util.tree_map_with_path(read_as, abstract, is_leaf=is_q))
+
+    def finish(path_, leaf, like):
+        if not needs_relayout(path_, like):
+            return leaf
+        return sharding._relayout(leaf, sharding.split_of(jax.tree_util.keystr(path_), rules), mesh, mesh_axis)
+
+    return jax.tree_util.tree_map_with_path(finish, restored, abstract, is_leaf=is_q)

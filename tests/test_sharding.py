@@ -85,6 +85,23 @@ def test_shard_tree_places_shards(rng, mesh):
     )
 
 
+def test_shard_tree_sends_host_weights_in_slices(rng, mesh, monkeypatch):
+    """A host (numpy) tree: no device is sent a split weight whole, even one whose layout changes."""
+    q = quant.quantize_4bit(_weight(rng, 256, 512), compress_statistics=True)
+    host = {"o_proj": {"kernel": jax.tree.map(np.asarray, q)}, "q_proj": {"kernel": jax.tree.map(np.asarray, q)}}
+    sent = []
+    real = sharding._host_slice
+    monkeypatch.setattr(sharding, "_host_slice", lambda h, i: sent.append((h.shape, real(h, i).shape)) or real(h, i))
+    placed = sharding.shard_tree(host, mesh, [(r"q_proj", "out"), (r"o_proj", "in")])
+    monkeypatch.undo()
+    packed = [(full, part) for full, part in sent if full == q.packed.shape]
+    assert packed and all(part[0] * 4 == full[0] for full, part in packed)
+    o = placed["o_proj"]["kernel"]
+    assert o.layout == "rows" and not o.double_quant and o.packed.sharding.spec == jax.sharding.PartitionSpec(None, "tp")
+    np.testing.assert_array_equal(np.asarray(quant.dequantize_4bit(o)), np.asarray(quant.dequantize_4bit(q)))
+    assert placed["q_proj"]["kernel"].double_quant  # 2048 absmax a shard: whole nested blocks, kept
+
+
 def test_bad_split_is_a_clear_error(rng):
     q = quant.quantize_4bit(_weight(rng, 60, 1024))
     with pytest.raises(ValueError, match="out-features"):

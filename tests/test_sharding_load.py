@@ -88,8 +88,8 @@ def test_load_pretrained_onto_mesh_equals_load_then_shard(tmp_path, rng, mesh, m
     ckpt = write_checkpoint(tmp_path / "ckpt", rng)
     cfg = QuantConfig(double_quant=True)
     sent = []  # (global shape, slice shape) of every host->device transfer
-    real = sharding_io._host_slice
-    monkeypatch.setattr(sharding_io, "_host_slice", lambda host, idx: sent.append((host.shape, real(host, idx).shape))
+    real = sharding._host_slice
+    monkeypatch.setattr(sharding, "_host_slice", lambda host, idx: sent.append((host.shape, real(host, idx).shape))
                         or real(host, idx))
     got = load_pretrained(str(ckpt), cfg, compute_dtype="float32", progress=False, mesh=mesh)
     monkeypatch.undo()

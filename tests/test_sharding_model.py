@@ -180,6 +180,16 @@ def test_orbax_save_on_one_mesh_restore_onto_another(mesh, tmp_path):
         back["layers"]["gate_proj"]["kernel"].packed.shape[-1]
     # (same bits, placed as tp2.place would: the forward test's equality carries over)
 
+    # A checkpoint saved from one device, in the canonical layout (what `convert` writes), goes
+    # onto a mesh too: weights whose split needs another layout are re-laid-out on the mesh.
+    save_tree(tmp_path / "canonical", jax.device_get(params))
+    back = sharding_io.restore_onto_mesh(tmp_path / "canonical", mesh2, sharding.LLAMA_TP_RULES)
+    placed2 = tp2.place(params)
+    assert back["layers"]["down_proj"]["kernel"].layout == "rows"
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(placed2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+
     # An 8-bit optimizer state saved sharded comes back sharded like the new mesh's parameters.
     trainable, _ = split_trainable(add_lora(params))
     opt = adamw8bit(1e-3)
