@@ -202,3 +202,22 @@ def test_bin_loading_never_imports_torch(fp_checkpoint, torch, tmp_path):
         "assert m.params['embed'].shape == (211, 64); assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_export_bnb(fp_checkpoint, tmp_path, capsys):
+    from lowbit_jax import cli
+
+    _, path = fp_checkpoint
+    out = tmp_path / "exported"
+    assert cli.main(["export-bnb", path, str(out), "--double-quant", "--compute-dtype", "float32"]) == 0
+    assert "as bitsandbytes nf4+dq" in capsys.readouterr().out
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["load_in_4bit"] and qc["bnb_4bit_use_double_quant"] and qc["bnb_4bit_quant_type"] == "nf4"
+    back = load_pretrained(str(out), progress=False)
+    assert back.quant.method == "nf4" and back.quant.double_quant
+    # an existing destination, and a model with nothing quantized: one-line errors, exit status 2
+    assert cli.main(["export-bnb", path, str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main(["export-bnb", path, str(tmp_path / "fp"), "--quant", "none"]) == 2
+    assert "nothing in the model is quantized" in capsys.readouterr().err
+    assert not (tmp_path / "fp").exists()

@@ -104,8 +104,7 @@ class CheckpointReader:
     """The tensors of a checkpoint directory (safetensors or torch zip, single or sharded).
 
     Construction validates every file and records each tensor's :class:`TensorInfo`; nothing
-    else is read. :meth:`read` returns one tensor (a read-only memory map where the format
-    allows). ``names`` lists tensors file by file, in storage order, so reading in that order
+    else is read. :meth:`read` returns one tensor. ``names`` lists tensors file by file, in storage order, so reading in that order
     streams through each file once. Use as a context manager (torch zips stay open).
     """
 
@@ -153,7 +152,18 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self.infos)
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, copy: bool = True) -> np.ndarray:
+        """One tensor, read-only. ``copy=False`` returns a view of the memory-mapped file instead
+        of a copy in memory: cheaper, but JAX on the CPU then aliases the file (no copy for
+        read-only arrays), so rewriting the file in place would change -- or, truncated, crash --
+        a model loaded from it. The loader therefore copies, one tensor at a time."""
+        a = self._read(name)
+        if copy and not a.flags.owndata:
+            a = np.array(a)
+            a.flags.writeable = False  # immutable: JAX may adopt this buffer instead of copying again
+        return a
+
+    def _read(self, name: str) -> np.ndarray:
         if name not in self.infos:
             raise KeyError(f"tensor {name!r} is not in the checkpoint at {str(self.path)!r}")
         info = self.infos[name]
