@@ -16,6 +16,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +164,32 @@ def test_transformers_bitsandbytes_checkpoint_loads_as_stored(fp_checkpoint, tor
     other = "nf4" if method == "int8" else "int8"
     with pytest.raises(ValueError, match="already quantized by bitsandbytes"):
         load_pretrained(str(saved), quant=_ours_config(other), progress=False)
+
+
+def test_qwen2_tied_bfloat16_storage_both_ways(torch, rng, tmp_path):
+    """Qwen2 (q/k/v biases), tied embeddings, bnb_4bit_quant_storage=bfloat16 (FSDP-QLoRA's
+    setting): the codes survive as bytes, the tied head stays unquantized on export."""
+    torch.manual_seed(1)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY, tie_word_embeddings=True))
+    fp = tmp_path / "fp"
+    model.save_pretrained(str(fp))
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                          bnb_4bit_quant_storage=torch.bfloat16)  # fmt: skip
+    tmodel = transformers.AutoModelForCausalLM.from_pretrained(str(fp), quantization_config=cfg, dtype=torch.float32)
+    tmodel.save_pretrained(str(tmp_path / "bnb"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bf16-stored codes are bytes, not NaN weights
+        loaded = load_pretrained(str(tmp_path / "bnb"), compute_dtype="float32", progress=False)
+    _assert_same_tree(loaded.params, load_pretrained(str(fp), quant=_ours_config("nf4"), compute_dtype="float32",
+                                                     progress=False).params)  # fmt: skip
+    tokens = rng.integers(0, TINY["vocab_size"], size=(2, 9))
+    ref, got = _torch_logits(torch, tmodel, tokens), _logits(loaded, tokens)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+    out = export_bnb_checkpoint(loaded, tmp_path / "exported")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"] == ["lm_head"]
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    np.testing.assert_allclose(_torch_logits(torch, again, tokens), got, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def _bin_checkpoint(model, torch, src: str, dst, shards: int):

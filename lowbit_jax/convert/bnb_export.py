@@ -180,7 +180,8 @@ def _groups(params: dict, num_layers: int) -> tuple[list[list[_Entry]], str, dic
                          "--quant nf4|fp4|int8)")
     if len(methods) > 1:
         raise ValueError(f"the model mixes {sorted(methods)}; one bitsandbytes quantization_config describes one method")
-    return groups, methods.pop(), {"plain_linears": plain_linears, "first": first_q}
+    lm_head_quantized = "lm_head" in params and isinstance(params["lm_head"]["kernel"], quant.QuantizedTensor)
+    return groups, methods.pop(), {"plain_linears": plain_linears, "first": first_q, "lm_head_quantized": lm_head_quantized}
 
 
 def _header(entries: list[_Entry], metadata: dict) -> tuple[bytes, int]:
@@ -267,7 +268,9 @@ def export_bnb_checkpoint(model, dst: PathLike, overwrite: bool = False, max_sha
         dt = plain_dtypes.pop()
         cfg["dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"] = dt
     compute = model.quant.compute_dtype or model.compute_dtype
-    skip = sorted(set(info["plain_linears"]))
+    # An explicit skip list replaces transformers' default (the LM head), so name the head too
+    # whenever it is not quantized here -- including when it is tied to the embedding.
+    skip = sorted(set(info["plain_linears"]) | ({"lm_head"} if not info["lm_head_quantized"] else set()))
     qc = bnb_quantization_config(
         load_in_4bit=method != "int8",
         quant_type=method if method != "int8" else "nf4",

@@ -110,10 +110,12 @@ def packed4bit_from_bnb(
     nbytes, nblocks = -(-n // 2), -(-n // blocksize)
 
     w = _np(weight)
-    storage = w.dtype
     if w.nbytes != nbytes:
         raise CheckpointError(f"{name}: packed weight holds {w.nbytes} bytes; shape {shape} needs {nbytes}")
-    packed = np.ascontiguousarray(w).reshape(-1)
+    # The codes are bytes whatever dtype they were stored as (bnb_4bit_quant_storage=bfloat16 is
+    # FSDP's choice): kept as a float dtype, a bf16->f32->bf16 round trip on the way (XLA on the
+    # CPU) would quiet NaN bit patterns and change codes. The bytes are identical either way.
+    packed = np.ascontiguousarray(w).reshape(-1).view(np.uint8)
     code = _np(quant_map).astype(np.float32, copy=False).reshape(-1)
     if not np.array_equal(code, formats.get_4bit_code(quant_type)):
         raise CheckpointError(f"{name}: quant_map is not bitsandbytes' {quant_type} code table; custom codes unsupported")
@@ -153,7 +155,7 @@ def packed4bit_from_bnb(
         blocksize=int(blocksize),
         quant_type=quant_type,
         nested_blocksize=int(nested_blocksize),
-        quant_storage=storage.name,
+        quant_storage="uint8",
     )
 
 

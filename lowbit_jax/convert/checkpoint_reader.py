@@ -262,7 +262,7 @@ def iter_model_tensors(
         if name in groups:
             sd = {n: reader.read(n) for n in groups[name]}
             for n, a in sd.items():
-                if not n.endswith(("quant_map", "weight_format")) and bnb_format.QUANT_STATE_PREFIX not in n:
+                if n.endswith(("absmax", "SCB")):  # the scales; codes are bytes (maybe stored as bf16)
                     warn_nonfinite(n, a)
             value = bnb_format.import_bnb_state_dict(sd, int8_dtype=int8_dtype)[name]
             if not isinstance(value, (quant.Packed4bit, quant.RowwiseInt8)):  # pragma: no cover - grouping invariant
