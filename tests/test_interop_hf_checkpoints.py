@@ -161,6 +161,16 @@ def test_transformers_bitsandbytes_checkpoint_loads_as_stored(fp_checkpoint, tor
     ref, got = _torch_logits(torch, tmodel, tokens), _logits(loaded, tokens)
     np.testing.assert_allclose(got, ref, rtol=TOL[method], atol=TOL[method] * np.abs(ref).max())
 
+    # and written back out, it is what transformers wrote: every tensor, byte for byte
+    from safetensors.numpy import load_file
+
+    exported = load_file(str(export_bnb_checkpoint(loaded, tmp_path / "again") / "model.safetensors"))
+    original = load_file(str(saved / "model.safetensors"))
+    assert set(exported) == set(original)
+    for k, v in original.items():
+        assert exported[k].dtype == v.dtype and exported[k].shape == v.shape, k
+        assert exported[k].tobytes() == v.tobytes(), k
+
     other = "nf4" if method == "int8" else "int8"
     with pytest.raises(ValueError, match="already quantized by bitsandbytes"):
         load_pretrained(str(saved), quant=_ours_config(other), progress=False)
