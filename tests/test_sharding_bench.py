@@ -6,9 +6,11 @@ import os
 import jax
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < 2, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (scripts/test.sh sets it)"
-)
+pytestmark = [
+    pytest.mark.slow,  # ~40 s: two tiny models compiled for decode and a QLoRA step each
+    pytest.mark.skipif(jax.device_count() < 2,
+                       reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (scripts/test.sh sets it)"),
+]
 
 
 def _bench():

@@ -12,7 +12,6 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from lowbit_jax import quant, sharding, sharding_io
 from lowbit_jax.convert.load import load_pretrained
-from lowbit_jax.models.generate import generate
 from lowbit_jax.nn.config import QuantConfig, quantize_weight
 
 pytestmark = pytest.mark.skipif(
@@ -109,10 +108,7 @@ def test_load_pretrained_onto_mesh_equals_load_then_shard(tmp_path, rng, mesh, m
     assert q.double_quant and q.packed.sharding.spec == P(None, "tp")  # [L, n/2]: layers whole, codes split
     assert got.params["layers"]["down_proj"]["kernel"].layout == "rows"
     assert got.tp == sharding.TensorParallel(mesh, sharding.LLAMA_TP_RULES, "tp")
-    # generate() runs a mesh-loaded model per shard (model.tp) and agrees with one device.
-    ids_ref, _ = generate(ref, [1, 2, 3], max_new_tokens=3)
-    ids_got, _ = generate(got, [1, 2, 3], max_new_tokens=3)
-    assert ids_got == ids_ref
+    # (generate() on a mesh-loaded model is checked against one device in test_sharding_multihost)
 
 
 def test_load_pretrained_mesh_errors(tmp_path, rng, mesh):
