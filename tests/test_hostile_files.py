@@ -196,6 +196,17 @@ def test_truncated_and_corrupt_torch_zip(tmp_path, rng, torch):
         _load(d)
 
 
+def test_zip_bomb_is_refused_before_inflating(tmp_path):
+    d = _ckpt(tmp_path)
+    with zipfile.ZipFile(d / "pytorch_model.bin", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        zf.writestr("archive/data/0", b"\0" * (64 << 20))  # 64 MiB of zeros deflate to ~64 KiB
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match="zip bomb"):
+        _load(d)
+    assert time.perf_counter() - t0 < 2
+
+
 # ----------------------------------------------------------------------------------------------
 # lying safetensors headers
 # ----------------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
 MAX_HEADER_BYTES = 100_000_000
 # No single tensor of any released model comes near 2**40 elements; a header declaring one is lying.
 MAX_TENSOR_ELEMENTS = 1 << 40
+# torch.save never compresses; a member that inflates by more than this is built to exhaust the
+# machine (checking its CRC alone would decompress all of it).
+MAX_ZIP_RATIO = 1024
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -202,6 +205,11 @@ def check_zip(path: PathLike) -> zipfile.ZipFile:
                 raise CheckpointError(f"{path}: member {info.filename!r} declares {info.file_size} bytes")
             if info.flag_bits & 0x1:
                 raise CheckpointError(f"{path}: member {info.filename!r} is encrypted")
+            if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1024):
+                raise CheckpointError(
+                    f"{path}: member {info.filename!r} inflates {info.compress_size} bytes to {info.file_size} "
+                    f"(over {MAX_ZIP_RATIO}x: a zip bomb?); torch.save stores tensors uncompressed"
+                )
         bad = zf.testzip()
     except CheckpointError:
         zf.close()
