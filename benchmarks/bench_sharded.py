@@ -183,6 +183,8 @@ def run_one(job: dict) -> dict:
 
     jax.config.update("jax_threefry_partitionable", True)  # shard-local draws, mesh-independent values
     p = dict(PRESETS[job["preset"]])
+    if job.get("layers"):
+        p["layers"] = job["layers"]
     cfg = _config(p)
     n, mode = job["n"], job["mode"]
     devices = jax.devices()[:n]
@@ -295,12 +297,12 @@ def run_one(job: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _jobs(ns, modes, preset, seq, calls, steps, trials, out, copy_bytes):
+def _jobs(ns, modes, preset, seq, calls, steps, trials, out, copy_bytes, layers=None):
     jobs = []
     for n in ns:
         for mode in (("tp",) if n == 1 else modes):
             jobs.append(dict(preset=preset, n=n, mode=mode, seq=seq, calls=calls, steps=steps, trials=trials, out=out,
-                             copy_bytes=copy_bytes))
+                             copy_bytes=copy_bytes, layers=layers))
     return jobs
 
 
@@ -365,6 +367,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny model, CPU, in-process (a smoke test of this script)")
     ap.add_argument("--gpus", default=None, help="comma-separated device counts (default: 1 and all, up to 8)")
     ap.add_argument("--seq", type=int, default=None, help="QLoRA sequence length (default 2048; tiny 64)")
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count (quick checks)")
     ap.add_argument("--modes", default="tp,dp", help="for N > 1: tp (tensor parallel), dp (data parallel)")
     ap.add_argument("--calls", type=int, default=None, help="chained decode steps per timing trial")
     ap.add_argument("--steps", type=int, default=3, help="chained QLoRA steps per timing trial")
@@ -397,7 +400,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out_dir or tmp
         os.makedirs(out, exist_ok=True)
-        for job in _jobs(ns, modes, preset, seq, calls, args.steps, args.trials, out, copy_bytes):
+        for job in _jobs(ns, modes, preset, seq, calls, args.steps, args.trials, out, copy_bytes, args.layers):
             # --tiny runs in this process (fast enough for CI); a real run isolates each configuration.
             r = run_one(job) if args.tiny else _spawn(job)
             with open(os.path.join(out, f"job_{job['mode']}{job['n']}.json"), "w") as f:
