@@ -222,16 +222,14 @@ def _is_q(x) -> bool:
     return isinstance(x, quant.QuantizedTensor)
 
 
-def _leaf_plan(path, leaf, rules: Rules, shards: int, mesh_axis: str, prepare: bool = True):
-    """(leaf in the layout its split needs, its PartitionSpec tree). With ``prepare=False`` the
-    leaf (possibly a ShapeDtypeStruct tree) must already be in that layout."""
+def _leaf_specs(path, leaf, rules: Rules, shards: int, mesh_axis: str):
+    """The PartitionSpec tree the rules give the leaf at ``path`` (arrays or ShapeDtypeStructs),
+    which must already be in the layout its split needs (``prepare_for_sharding``)."""
     name = jax.tree_util.keystr(path)
     axis = split_of(name, rules)
     role = _role(path)
     if isinstance(leaf, quant.Packed4bit):
-        if prepare:
-            leaf = prepare_for_sharding(leaf, axis, shards)
-        elif axis is not None:
+        if axis is not None:
             check_split(leaf.shape, leaf.blocksize, axis, shards)
             if leaf.double_quant and not keeps_double_quant(leaf, axis, shards):
                 raise ValueError(f"{name}: double-quantized absmax cannot be split {shards} ways along {axis!r} "
@@ -246,7 +244,7 @@ def _leaf_plan(path, leaf, rules: Rules, shards: int, mesh_axis: str, prepare: b
             raise ValueError(f"{name}: dimension {np.shape(leaf)[dim]} ({axis}) must be "
                              f"divisible by the mesh axis size ({shards})")
     try:
-        return leaf, partition_specs(leaf, axis, mesh_axis, role)
+        return partition_specs(leaf, axis, mesh_axis, role)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
 
@@ -261,7 +259,7 @@ def tree_shardings(tree, mesh: Mesh, rules: Rules, mesh_axis: str = "tp"):
     shards = _check_mesh_axis(mesh, mesh_axis)
 
     def one(path, leaf):
-        _, specs = _leaf_plan(path, leaf, rules, shards, mesh_axis, prepare=False)
+        specs = _leaf_specs(path, leaf, rules, shards, mesh_axis)
         return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_q)
@@ -353,7 +351,7 @@ def shard_tree(tree, mesh: Mesh, rules: Rules, mesh_axis: str = "tp"):
                 return place_packed(leaf, split_of(jax.tree_util.keystr(path), rules), mesh, mesh_axis)
             except ValueError as e:
                 raise ValueError(f"{jax.tree_util.keystr(path)}: {e}") from None
-        leaf, specs = _leaf_plan(path, leaf, rules, shards, mesh_axis, prepare=False)
+        specs = _leaf_specs(path, leaf, rules, shards, mesh_axis)
         if isinstance(leaf, quant.QuantizedTensor):
             return jax.tree.map(lambda a, s: put(a, NamedSharding(mesh, s)), leaf, specs)
         return put(leaf, NamedSharding(mesh, specs))

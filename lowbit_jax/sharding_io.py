@@ -247,7 +247,7 @@ def restore_onto_mesh(path, mesh: Mesh, rules: sharding.Rules, mesh_axis: str = 
         if needs_relayout(path_, leaf):
             specs = sharding._staging_specs(leaf, mesh_axis, shards)
         else:
-            _, specs = sharding._leaf_plan(path_, leaf, rules, shards, mesh_axis, prepare=False)
+            specs = sharding._leaf_specs(path_, leaf, rules, shards, mesh_axis)
         return jax.tree.map(lambda sp: NamedSharding(mesh, sp), specs, is_leaf=lambda x: isinstance(x, P))
 
     is_q = lambda x: isinstance(x, quant.QuantizedTensor)  # noqa: E731
