@@ -148,11 +148,19 @@ def train(step_fn, trainable, opt_state, frozen, data, *, steps: int, batch_size
 
 
 def setup(params, optimizer: optax.GradientTransformation):
-    """``(trainable, frozen, opt_state)`` for a tree holding adapters."""
+    """``(trainable, frozen, opt_state)`` for a tree holding adapters.
+
+    The adapters are copied (they are small): the step donates its ``trainable``, and the
+    caller's ``params`` must stay usable (to evaluate the model before training, say)."""
     trainable, frozen = split_trainable(params)
     if not trainable:
         raise ValueError("the tree holds no lora_A/lora_B adapters; add them first (finetune.add_adapters)")
-    return trainable, frozen, optimizer.init(trainable)
+    trainable = jax.tree.map(jnp.copy, trainable)
+    opt_state = optimizer.init(trainable)
+    # committed to where they lie: the step returns committed arrays, and a jitted function
+    # called with uncommitted ones first compiles a second time on its second call
+    commit = lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x  # noqa: E731
+    return jax.tree.map(commit, trainable), frozen, jax.tree.map(commit, opt_state)
 
 
 def count(tree) -> int:
