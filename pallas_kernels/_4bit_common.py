@@ -48,59 +48,75 @@ def decode_select(codes, values):
     return jnp.where((codes & 8) != 0, lvl[1], lvl[0])
 
 
-def _prmt_asm(values, nibble: str) -> str:
-    """PTX decoding the 8 nibbles of 4 packed bytes to 8 fp16 table values with byte permutes.
-
-    The fp16 table is split into its low and high bytes, 4 registers each (L0..L3, H0..H3).
-    For 4 codes: their low 3 bits select a byte from an 8-byte half-table (``prmt``), their
-    top bit picks the half (a byte mask made by ``prmt``'s sign-replicate mode, merged with
-    ``lop3``), and two more ``prmt`` interleave low and high bytes into fp16 pairs. About 4
-    instructions a value, against ~20 for the select tree.
-    """
+def _table_bits(values, dtype) -> "np.ndarray":
+    """The 16-bit patterns of the code values in ``dtype`` (float16 or bfloat16), as uint32."""
     import numpy as np
 
-    bits = np.asarray(values, np.float16).view(np.uint16).astype(np.uint32)
+    return np.asarray(np.asarray(values, np.float32).astype(jnp.dtype(dtype)).view(np.uint16), np.uint32)
+
+
+def _prmt_asm(values, nibble: str, dtype=jnp.float16) -> str:
+    """PTX decoding 4 codes (one nibble of each of 4 packed bytes) to 4 16-bit table values.
+
+    The 16-bit table (fp16 or bf16 bit patterns) is split into its low and high bytes, 4
+    registers each (L0..L3, H0..H3). The 4 codes' low 3 bits become the 4 selector nibbles of
+    ``prmt`` over an 8-byte half-table; their top bit picks the half through a byte mask that
+    ``prmt``'s sign-replicate mode makes directly from the packed word (selectors 8..B copy
+    the sign bit of byte 0..3); ``lop3`` merges the halves, and two more ``prmt`` interleave
+    low and high bytes into 16-bit pairs. 14 instructions for 4 values (the first version,
+    which built the mask and the selectors with ``and``/``or`` chains, took 18).
+    """
+    bits = _table_bits(values, dtype)
     lo_b, hi_b = bits & 0xFF, bits >> 8
     word = lambda b, i: int(b[4 * i] | (b[4 * i + 1] << 8) | (b[4 * i + 2] << 16) | (b[4 * i + 3] << 24))
-    consts = "".join(f"mov.b32 L{i}, {word(lo_b, i):#010x};\n mov.b32 H{i}, {word(hi_b, i):#010x};\n"
+    consts = "".join(f" mov.b32 L{i}, {word(lo_b, i):#010x};\n mov.b32 H{i}, {word(hi_b, i):#010x};\n"
                      for i in range(4))
-
-    def half(src, o0, o1):
-        return f"""
- prmt.b32 s, {src}, zero, 0x4420;
+    head = ("{\n .reg .b32 t, v, u, s, idx, msk, a, b, lo, hi, L0, L1, L2, L3, H0, H1, H2, H3;\n" + consts)
+    # one asm per nibble (Pallas lowers single-result inline asm only): outputs $0,$1, input $2.
+    # u: byte 0 = c0 | c1 << 4, byte 2 = c2 | c3 << 4 (lop3 0xE4: (a & c) | (b & ~c)); prmt
+    # gathers bytes 0 and 2 into 4 selector nibbles; msk byte k = 0xFF where code k >= 8.
+    if nibble == "hi":  # code k in bits 8k+4..8k+7; its top bit is bit 7 of byte k
+        body = (" shr.b32 t, $2, 4;\n shr.b32 v, $2, 8;\n lop3.b32 u, t, v, 0x0F0F0F0F, 0xE4;\n"
+                " prmt.b32 msk, $2, 0, 0xBA98;\n")
+    else:  # code k in bits 8k..8k+3; shifted left by 4 its top bit is bit 7 of byte k
+        body = (" shr.b32 t, $2, 4;\n lop3.b32 u, $2, t, 0x0F0F0F0F, 0xE4;\n shl.b32 v, $2, 4;\n"
+                " prmt.b32 msk, v, 0, 0xBA98;\n")
+    body += """ prmt.b32 s, u, 0, 0x4420;
  and.b32 idx, s, 0x7777;
- and.b32 m8, s, 0x8888;
- shr.b32 sm, m8, 1;
- or.b32 sm, sm, m8;
- prmt.b32 msk, zero, sgn, sm;
  prmt.b32 a, L0, L1, idx;
  prmt.b32 b, L2, L3, idx;
  lop3.b32 lo, a, b, msk, 0xD8;
  prmt.b32 a, H0, H1, idx;
  prmt.b32 b, H2, H3, idx;
  lop3.b32 hi, a, b, msk, 0xD8;
- prmt.b32 {o0}, lo, hi, 0x5140;
- prmt.b32 {o1}, lo, hi, 0x7362;
+ prmt.b32 $0, lo, hi, 0x5140;
+ prmt.b32 $1, lo, hi, 0x7362;
 """
-    head = ("{\n .reg .b32 t, u, s, idx, m8, sm, msk, a, b, lo, hi, zero, sgn, L0, L1, L2, L3, H0, H1, H2, H3;\n"
-            " mov.b32 zero, 0;\n mov.b32 sgn, 0x80808080;\n" + consts)
-    # one asm per nibble (Pallas lowers single-result inline asm only): outputs $0,$1, input $2.
-    # The codes go to the low nibble of each byte, then pairs of bytes into one byte.
-    if nibble == "hi":
-        body = " shr.b32 t, $2, 4;\n and.b32 t, t, 0x0F0F0F0F;\n"
-    else:
-        body = " and.b32 t, $2, 0x0F0F0F0F;\n"
-    return head + body + " shr.b32 u, t, 4;\n or.b32 u, u, t;\n" + half("u", "$0", "$1") + "}"
+    return head + body + "}"
 
 
-def decode_prmt(p, values):
+def decode_prmt(p, values, dtype=jnp.float16):
+    """(high-nibble, low-nibble) table values of a uint8 tile ``p`` in a 16-bit ``dtype``."""
     from jax.experimental.pallas import triton as pltriton
 
-    out = jax.ShapeDtypeStruct(p.shape, jnp.float16)
-    hi, lo = (pltriton.elementwise_inline_asm(_prmt_asm(values, nib), args=[p], constraints="=r,=r,r",
+    out = jax.ShapeDtypeStruct(p.shape, jnp.dtype(dtype))
+    hi, lo = (pltriton.elementwise_inline_asm(_prmt_asm(values, nib, dtype), args=[p], constraints="=r,=r,r",
                                               pack=4, result_shape_dtypes=[out])[0]
               for nib in ("hi", "lo"))
     return hi, lo
+
+
+def decode16(p, values, dtype, interpret: bool = False):
+    """(high-nibble, low-nibble) code values of a uint8 tile in x's 16-bit ``dtype``, unscaled.
+
+    On the GPU the prmt PTX reads the table in ``dtype`` directly (no fp32 round trip); the
+    interpreter emulates it with the select tree rounded to ``dtype`` (the same values).
+    """
+    if not interpret:
+        return decode_prmt(p, values, dtype)
+    c = p.astype(jnp.int32)
+    return (decode_select((c >> 4) & 15, values).astype(dtype),
+            decode_select(c & 15, values).astype(dtype))
 
 
 def decode_nibbles(p, values, lut_ref, method: str, interpret: bool = False):

@@ -1,48 +1,158 @@
-"""Fused 4-bit (NF4/FP4) GEMV for decode (M from 1 to ~16): split-K over the weight stream.
+"""Fused 4-bit (NF4/FP4) GEMV for one row of x (decode at batch 1): row sums over cache lines.
 
-At M=1 the work is streaming the weight (0.5 B/element + absmax) through the decode; a grid
-over N alone gives K=4096 / 2 bytes of serial work per program and too few bytes in flight.
-Splitting K across a third grid axis multiplies the programs in flight; each writes an fp32
-partial ``[splits, M, N]`` and the caller's fused XLA reduction adds them (plus bias) and casts.
+At M=1 the tensor cores buy nothing and the weight is read once, so the kernel must stream
+30 MB at close to the copy bandwidth while spending as few instructions per weight as it
+can. The canonical bytes are read as ``[N, K/blocksize, blocksize/2]`` (a free view): a
+program owns ``block_n`` rows and streams ``blocks_per_iter`` whole quantization blocks of
+each per iteration, 16 bytes a thread, so every warp reads contiguous runs of a row (16
+blocks = 512 bytes = four whole cache lines), with no tensor-core layout change, shared
+memory or barrier. Each byte's two codes are decoded by inline-PTX byte permutes straight
+to x's 16-bit dtype (``_4bit_common.decode16``), widened to fp32 and multiplied with x's
+even and odd elements, which the kernel reads as one 32-bit pair per byte (for bf16 the
+widening is a shift). Per block the fp32 sum times the block's absmax (double quantization
+undone in-kernel) adds into a ``[block_n, blocks_per_iter]`` accumulator that is reduced
+once at the end. One kernel a layer: no x split, no split-K reduction (``splits > 1`` is
+there for layers with few rows, its fp32 partials summed by the caller).
 
-Rows of x beyond a handful go through the tensor cores (``mode="dot"``, x padded to 16 rows);
-for 1..4 rows an elementwise multiply-add into ``[BN, BH]`` fp32 accumulators with one
-reduction at the end avoids the 16-row padding and the shared-memory round trip of a dot.
-The body is ``gemm_4bit.forward_body``; only the launch shape differs.
+Measured against the tensor-core GEMV it replaces (split-K, 32-64 bytes of 64-128 rows a
+tile, absmax applied per element): 25 us against 42-43 us a kernel on an H100 at
+K=4096, N=14336 (benchmarks/KERNEL_NOTES.md). Rows of x beyond one go through the
+tensor-core kernels of ``gemm_4bit``, which share the decode across rows.
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gemm_4bit import fused_forward
+from pallas_kernels import _4bit_common as c4
 
-# launch defaults; ops.matmul_4bit passes measured ones on the GPU
-BN, BH, SPLITS = 64, 128, 4
-FMA_MAX_ROWS = 4
+# launch defaults (measured best on an H100); ops.matmul_4bit passes GPU_CONFIG["gemv"]
+ROWS, ROW_BLOCKS = 8, 16  # weight rows a program, quantization blocks of each an iteration
 
 
-def gemv_4bit(xe, xo, packed, absmax, *, quant_type, blocksize, nested_absmax=None,
-              nested_code=None, offset=None, nested_blocksize=256, bias=None, block_n=BN,
-              block_h=BH, splits=SPLITS, mode=None, decode="select", num_warps=4, num_stages=3,
-              interpret=False):
-    """``x @ W.T`` for few rows, as fp32-accumulated, x-dtype output ``[M, N]``.
+def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
+                 blocks_per_row, nested_blocksize, n_nested, kchunk_blocks, prefetch, xdtype,
+                 interpret):
+    """``bn`` output rows: stream ``tb`` blocks (tb * blocksize/2 contiguous bytes) of each
+    row per iteration; per block a dot product in fp32, times its absmax; sum at the end."""
+    rest = list(rest)
+    if nested:
+        ncode_ref, nabs_ref, off_ref = rest.pop(0), rest.pop(0), rest.pop(0)
+    bias_ref = rest.pop(0) if has_bias else None
+    (o_ref,) = rest
+    row0 = pl.program_id(0) * bn
+    col_base = pl.program_id(1) * kchunk_blocks
 
-    ``xe``/``xo`` are x's even/odd columns ``[M, K/2]`` with M = 1, 2, 4 (``mode="fma"``) or a
-    multiple of 16 (``mode="dot"``); ``packed`` ``[N, K/2]`` with N a multiple of ``block_n``
-    and K/2 a multiple of ``splits * block_h``.
+    def load(it):
+        cols = pl.ds(it * tb, tb)
+        return p_ref[:, cols, :], a_ref[:, cols], x_ref[0, cols, :]
+
+    def compute(tiles, it, acc):
+        p, a, u = tiles  # [bn, tb, hb] uint8, [bn, tb] absmax, [tb, hb] x pairs (uint32)
+        if nested:
+            shape = (bn, tb)
+            flat = ((jax.lax.broadcasted_iota(jnp.int32, shape, 0) + row0) * blocks_per_row
+                    + jax.lax.broadcasted_iota(jnp.int32, shape, 1) + (col_base + it * tb))
+            nidx = jnp.minimum(flat // nested_blocksize, n_nested - 1)  # padded rows: clamp
+            a = ncode_ref[a.astype(jnp.int32)] * nabs_ref[nidx] + off_ref[0]
+        # x's even/odd elements are the low/high halves of each 32-bit pair; bf16 -> fp32 is a
+        # shift, fp16 a convert
+        if xdtype == jnp.dtype(jnp.bfloat16):
+            xe = jax.lax.bitcast_convert_type(u << 16, jnp.float32)
+            xo = jax.lax.bitcast_convert_type(u & jnp.uint32(0xFFFF0000), jnp.float32)
+        else:
+            xe = jax.lax.bitcast_convert_type((u & jnp.uint32(0xFFFF)).astype(jnp.uint16), jnp.float16)
+            xo = jax.lax.bitcast_convert_type((u >> 16).astype(jnp.uint16), jnp.float16)
+            xe, xo = xe.astype(jnp.float32), xo.astype(jnp.float32)
+        hi, lo = c4.decode16(p, values, xdtype, interpret)
+        part = jnp.sum(hi.astype(jnp.float32) * xe[None] + lo.astype(jnp.float32) * xo[None], axis=2)
+        return acc + part * a.astype(jnp.float32)
+
+    zeros = jnp.zeros((bn, tb), jnp.float32)
+    if prefetch:
+        def body(it, carry):
+            nxt = load(jnp.minimum(it + 1, n_iters - 1))
+            return (compute(carry[1:], it, carry[0]), *nxt)
+
+        acc = jax.lax.fori_loop(0, n_iters, body, (zeros, *load(0)))[0]
+    else:
+        acc = jax.lax.fori_loop(0, n_iters, lambda it, acc: compute(load(it), it, acc), zeros)
+    y = jnp.sum(acc, axis=1)
+    if has_bias:
+        y = y + bias_ref[...].astype(jnp.float32)
+    o_ref[...] = y.reshape(o_ref.shape).astype(o_ref.dtype)
+
+
+def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, nested_code=None,
+              offset=None, nested_blocksize=256, bias=None, block_n=ROWS, blocks_per_iter=ROW_BLOCKS,
+              splits=1, prefetch=True, num_warps=4, num_stages=1, interpret=False):
+    """``x @ W.T (+ bias)`` for ONE row of 16-bit x ``[1, K]``: ``[1, N]`` in x's dtype.
+
+    ``packed`` ``[N, K/2]`` uint8 (N a multiple of ``block_n``), ``absmax`` ``[N, K/blocksize]``
+    fp32, or uint8 codes with ``nested_absmax``/``nested_code``/``offset``. ``blocks_per_iter``
+    must divide the K/blocksize/splits blocks of a split. ``prefetch`` carries the next
+    iteration's tiles through the loop (2% faster on an H100 at N=14336, within noise).
     """
-    m = xe.shape[0]
-    if mode is None:
-        mode = "fma" if m <= FMA_MAX_ROWS else "dot"
-    block_m = m if mode == "fma" else 16
-    parts = fused_forward(
-        xe, xo, packed, absmax, quant_type=quant_type, blocksize=blocksize,
-        nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
-        nested_blocksize=nested_blocksize, bias=bias if splits == 1 else None, block_m=block_m,
-        block_n=block_n, block_h=block_h, splits=splits, mode=mode, decode=decode,
-        out_dtype=jnp.float32, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-    y = parts if splits == 1 else jnp.sum(parts, axis=0)
-    if bias is not None and splits != 1:
-        y = y + bias.astype(jnp.float32)[None, :]
-    return y.astype(xe.dtype)
+    m, k = x.shape
+    n, kh = packed.shape
+    if m != 1:
+        raise ValueError(f"gemv_4bit takes one row of x, got {m}")
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"gemv_4bit takes bf16/fp16 x, got {x.dtype}")
+    hb = blocksize // 2
+    blocks = k // blocksize
+    if kh * 2 != k or k % blocksize or n % block_n:
+        raise ValueError(f"untiled launch: K={k}, packed {packed.shape}, blocksize {blocksize}, block_n {block_n}")
+    if blocks % splits or (blocks // splits) % blocks_per_iter:
+        raise ValueError(f"{blocks} blocks a row do not split into {splits} x {blocks_per_iter}k")
+    kchunk_blocks = blocks // splits
+    # free views: x as 32-bit pairs per block, W as [rows, blocks, bytes of a block]
+    x3 = jax.lax.bitcast_convert_type(x.reshape(1, blocks, hb, 2), jnp.uint32)
+    p3 = packed.reshape(n, blocks, hb)
+    nested = nested_absmax is not None
+    in_specs = [pl.BlockSpec((1, kchunk_blocks, hb), lambda j, s: (0, s, 0)),
+                pl.BlockSpec((block_n, kchunk_blocks, hb), lambda j, s: (j, s, 0)),
+                pl.BlockSpec((block_n, kchunk_blocks), lambda j, s: (j, s))]
+    args = [x3, p3, absmax]
+    if nested:
+        nn_ = nested_absmax.shape[0]
+        args += [jnp.asarray(nested_code, jnp.float32), nested_absmax.astype(jnp.float32),
+                 jnp.reshape(offset, (1,)).astype(jnp.float32)]
+        in_specs += [pl.BlockSpec((256,), lambda j, s: (0,)), pl.BlockSpec((nn_,), lambda j, s: (0,)),
+                     pl.BlockSpec((1,), lambda j, s: (0,))]
+    fuse_bias = bias is not None and splits == 1
+    if fuse_bias:
+        args.append(bias)
+        in_specs.append(pl.BlockSpec((block_n,), lambda j, s: (j,)))
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct((n,), x.dtype)
+        out_spec = pl.BlockSpec((block_n,), lambda j, s: (j,))
+    else:
+        out_shape = jax.ShapeDtypeStruct((splits, n), jnp.float32)
+        out_spec = pl.BlockSpec((1, block_n), lambda j, s: (s, j))
+    kernel = functools.partial(
+        _rowsum_body, bn=block_n, tb=blocks_per_iter, n_iters=kchunk_blocks // blocks_per_iter,
+        values=c4.table(quant_type), nested=nested, has_bias=fuse_bias, blocks_per_row=blocks,
+        nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[0] if nested else 0,
+        kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(n // block_n, splits),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gemv_4bit",
+    )(*args)
+    if splits == 1:
+        return out.reshape(1, n)
+    y = jnp.sum(out, axis=0)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype).reshape(1, n)

@@ -161,7 +161,7 @@ def test_bad_input_errors(rng):
 @pytest.mark.parametrize("m", [2, 16, 24])
 def test_prmt_decode_numerics_bf16(rng, monkeypatch, m):
     """The prmt decode goes through fp16 code values; in the interpreter it is emulated."""
-    cfg = {key: dict(val, decode="prmt") for key, val in kern.GPU_CONFIG.items()}
+    cfg = {key: dict(val, decode="prmt") if "decode" in val else dict(val) for key, val in kern.GPU_CONFIG.items()}
     monkeypatch.setattr(kern, "GPU_CONFIG", cfg)
     x, q = _case(rng, m, 256, 48, "nf4", True, "bfloat16")
     y = matmul_4bit(x, q, impl="pallas_interpret")
@@ -194,22 +194,82 @@ def _run_ptx(asm: str, r: int) -> list[int]:
         a = [t.strip() for t in rest.split(",")]
         v = [regs[t] if t in regs else int(t, 0) for t in a[1:]]
         regs[a[0]] = {"mov.b32": lambda: v[0], "shr.b32": lambda: v[0] >> v[1],
+                      "shl.b32": lambda: (v[0] << v[1]) & 0xFFFFFFFF,
                       "and.b32": lambda: v[0] & v[1], "or.b32": lambda: v[0] | v[1],
                       "prmt.b32": lambda: prmt(*v), "lop3.b32": lambda: lop3(*v)}[op]()
     return [regs["$0"], regs["$1"]]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_prmt_asm_decodes_every_byte(quant_type):
-    """The inline PTX, run by an interpreter of its instructions, gives the fp16 code values."""
-    table16 = np.asarray(c4.table(quant_type), np.float16).view(np.uint16)
+def test_prmt_asm_decodes_every_byte(quant_type, dtype):
+    """The inline PTX, run by an interpreter of its instructions, gives the 16-bit code values."""
+    table16 = np.asarray(np.asarray(c4.table(quant_type), np.float32).astype(jnp.dtype(dtype))).view(np.uint16)
     for start in range(0, 256, 4):
         byts = np.arange(start, start + 4) ^ 0xA5  # every byte value once, shuffled in the word
         word = int(sum(int(b) << (8 * i) for i, b in enumerate(byts)))
         halves = lambda w: [w & 0xFFFF, w >> 16]
-        o = _run_ptx(c4._prmt_asm(c4.table(quant_type), "hi"), word)
+        o = _run_ptx(c4._prmt_asm(c4.table(quant_type), "hi", dtype), word)
         hi = np.array(halves(o[0]) + halves(o[1]), np.uint16)
-        o = _run_ptx(c4._prmt_asm(c4.table(quant_type), "lo"), word)
+        o = _run_ptx(c4._prmt_asm(c4.table(quant_type), "lo", dtype), word)
         lo = np.array(halves(o[0]) + halves(o[1]), np.uint16)
         np.testing.assert_array_equal(hi, table16[byts >> 4])
         np.testing.assert_array_equal(lo, table16[byts & 15])
+
+
+# --- the one-row GEMV (row sums) and the band decode of the large-M path, launch variants ---
+from pallas_kernels import dequant_4bit, gemv_4bit  # noqa: E402
+
+
+def _operands(q):
+    ops = kern.operands(q)
+    return ops["packed"], ops["absmax"], {k: v for k, v in ops.items() if k not in ("packed", "absmax")}
+
+
+@pytest.mark.parametrize("k,n,quant_type,dq,dtype,blocksize,cfg", [
+    (512, 32, "nf4", True, "bfloat16", 64, dict(block_n=8, blocks_per_iter=4)),
+    (512, 32, "fp4", False, "float16", 64, dict(block_n=4, blocks_per_iter=2, prefetch=True)),
+    (512, 32, "nf4", True, "bfloat16", 64, dict(block_n=8, blocks_per_iter=2, splits=2)),
+    (1024, 16, "nf4", True, "float16", 128, dict(block_n=16, blocks_per_iter=8)),
+    (1024, 16, "fp4", True, "bfloat16", 256, dict(block_n=2, blocks_per_iter=1, prefetch=True, splits=2)),
+])
+def test_gemv_rows_kernel_variants(rng, k, n, quant_type, dq, dtype, blocksize, cfg):
+    x, q = _case(rng, 1, k, n, quant_type, dq, dtype, blocksize=blocksize)
+    bias = jnp.asarray(rng.standard_normal((n,)), dtype)
+    packed, absmax, rest = _operands(q)
+    y = gemv_4bit.gemv_4bit(x, packed, absmax, bias=bias, interpret=True, **rest, **cfg)
+    assert y.shape == (1, n) and y.dtype == x.dtype and bool(jnp.all(jnp.isfinite(y)))
+    ref = _oracle(x, q) + np.asarray(bias, np.float64)
+    assert _rel(y, ref) < TOL[dtype]
+    assert _rel(y, matmul_4bit_reference(x, q, bias)) < TOL_REF[dtype]
+
+
+def test_gemv_rows_ragged_n_and_large_blocksize(rng):
+    # N=100 pads the weight rows to the row tile; blocksize 512 is past the row-sum kernel's
+    # range and takes the split-K GEMV instead
+    for blocksize, n in ((64, 100), (512, 40)):
+        x, q = _case(rng, 1, 1024, n, "nf4", True, "bfloat16", blocksize=blocksize)
+        y = matmul_4bit(x, q, impl="pallas_interpret")
+        assert y.shape == (1, n) and bool(jnp.all(jnp.isfinite(y)))
+        assert _rel(y, _oracle(x, q)) < TOL["bfloat16"]
+
+
+@pytest.mark.parametrize("dq,dtype,quant_type", [(True, "bfloat16", "nf4"), (False, "float16", "fp4")])
+def test_dequant_band_matches_reference(rng, dq, dtype, quant_type):
+    n, k = 96, 512
+    _, q = _case(rng, 1, k, n, quant_type, dq, dtype)
+    packed, absmax, rest = _operands(q)
+    band = dequant_4bit.dequantize_rows(packed, absmax, jnp.int32(32), rows=64, dtype=jnp.dtype(dtype),
+                                        block_rows=16, blocks=4, interpret=True, **rest)
+    assert band.shape == (64, k) and band.dtype == jnp.dtype(dtype)
+    ref = np.asarray(quant.dequantize_4bit(q, jnp.float32), np.float64)[32:96]
+    # the prmt decode rounds the code value to fp16 before the fp32 scale: within 1 ulp of dtype
+    np.testing.assert_allclose(np.asarray(band, np.float64), ref, rtol=2 ** -7, atol=1e-6)
+
+
+def test_bands_cover_the_weight(monkeypatch):
+    monkeypatch.setattr(kern, "TILE_ROWS", 4096)
+    w = quant.quantize_4bit(jnp.ones((14336, 4096), jnp.float32), 64, "nf4")
+    assert kern._bands(w, 32) == (3584, 4)  # no padding at N=14336
+    w = quant.quantize_4bit(jnp.ones((4096, 4096), jnp.float32), 64, "nf4")
+    assert kern._bands(w, 32) == (2048, 2)  # never one band holding the whole weight

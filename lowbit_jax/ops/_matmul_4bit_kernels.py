@@ -5,11 +5,13 @@ re-serialise): ``packed`` viewed as ``[N, K/2]`` and absmax as ``[N, K/blocksize
 is exact whenever K is a multiple of the blocksize (no block straddles two rows). Double
 quantization is undone in-kernel (uint8 absmax codes, nested scales, offset).
 
-Launch parameters live in ``GPU_CONFIG`` so a benchmark can sweep them; the tiles are the
-best of a sweep on an H100 with the select-tree decode, and the decode is the inline-PTX
-``prmt`` one, which measured faster in every kernel row (benchmarks/RESULTS.md); fp32
-activations fall back to the exact select tree inside the kernel. ``GEMV_MAX_M`` is the measured
-GEMV/GEMM crossover in rows of x.
+Which kernel, by rows of x (M): one row of bf16/fp16 x, the row-sum GEMV (``gemv_4bit``);
+up to ``GEMV_MAX_M`` rows, the split-K tensor-core GEMV (``gemm_4bit`` in dot mode, or fma
+mode for a few fp32 rows); up to ``TILED_MIN_M``, the fused GEMM; from there, a band of W's
+rows at a time decoded by ``dequant_4bit`` and multiplied by XLA's dot. Launch parameters
+live in ``GPU_CONFIG`` so a benchmark can sweep them (best of sweeps on an H100,
+benchmarks/KERNEL_NOTES.md); the decode is the inline-PTX ``prmt`` one, fp32 activations fall
+back to the exact select tree inside the kernels.
 """
 
 from __future__ import annotations
@@ -18,24 +20,29 @@ import jax
 import jax.numpy as jnp
 
 from lowbit_jax import quant
-from pallas_kernels import gemm_4bit, gemv_4bit
+from pallas_kernels import dequant_4bit, gemm_4bit, gemv_4bit
 
 GPU_CONFIG = {
-    # GEMV with 1..4 rows (elementwise fma) and with 5..GEMV_MAX_M rows (dot, x padded to 16)
+    # one row of 16-bit x: row sums over whole cache lines (pallas_kernels.gemv_4bit)
+    "gemv": dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4, num_stages=1),
+    # split-K GEMV for 2..GEMV_MAX_M rows (and fp32 x): x padded to 16 rows, tensor-core dots
+    # ("gemv_dot"); fp32 x with 1..FMA_MAX_ROWS rows: elementwise multiply-add ("gemv_fma")
     "gemv_fma": dict(block_n=128, block_h=64, splits=8, decode="prmt", num_warps=4, num_stages=3),
-    "gemv_dot": dict(block_n=64, block_h=128, splits=4, decode="prmt", num_warps=8, num_stages=3),
+    "gemv_dot": dict(block_n=64, block_h=128, splits=4, decode="prmt", num_warps=4, num_stages=3),
     "gemm": dict(block_m=128, block_n=128, block_h=64, decode="prmt", num_warps=8, num_stages=4),
     "bwd": dict(block_m=64, block_n=64, block_h=64, decode="prmt", num_warps=4, num_stages=3),
+    # the band decode of the large-M path (pallas_kernels.dequant_4bit)
+    "dequant": dict(block_rows=32, blocks=4, num_warps=4),
 }
-# Crossovers measured on an H100 at K=4096, N=14336 (benchmarks/RESULTS.md): the GEMV beat the
-# GEMM at M=1 and 16; the GEMM beat the tiled path at M=128 and lost at M=1024.
-GEMV_MAX_M = 16  # rows of x up to which the split-K GEMV runs
-# rows of x from which W is decoded in chunks of TILE_ROWS output rows to bf16 and multiplied
-# by XLA's dot (cuBLAS): with many rows the in-kernel decode, repeated for every M tile, costs
-# more than one decode pass plus a vendor GEMM. A scan over the chunks keeps one chunk
-# (TILE_ROWS x K in x's dtype) alive at a time.
+# Crossovers measured on an H100 at K=4096, N=14336 (benchmarks/RESULTS.md).
+GEMV_MAX_M = 16  # rows of x up to which a GEMV runs
+FMA_MAX_ROWS = 4  # fp32 x: rows up to which the elementwise multiply-add beats a padded dot
+# rows of x from which W is decoded in bands of at most TILE_ROWS output rows to x's dtype and
+# multiplied by XLA's dot (cuBLAS): with many rows the in-kernel decode, repeated for every M
+# tile, costs more than one decode pass plus a vendor GEMM. A scan over the bands keeps one band
+# (<= TILE_ROWS x K in x's dtype, at most half the weight) alive at a time.
 TILED_MIN_M = 512
-TILE_ROWS = 2048
+TILE_ROWS = 4096
 
 
 def supported(q: quant.Packed4bit) -> bool:
@@ -83,43 +90,37 @@ def _pad_rows(a, mult):
     return a if pad == 0 else jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
 
 
-def _weight_rows(ops, n, block_n_cap):
-    """Pick block_n dividing N; pad the weight rows only when no power of two >= 16 does."""
-    bn = _pow2_divisor(n, block_n_cap)
+def _weight_rows(ops, n, block_n_cap, floor=16):
+    """Pick block_n dividing N; pad the weight rows only when no power of two >= floor does."""
+    bn = _pow2_divisor(n, block_n_cap, floor)
     if bn is None:  # ragged N (not a multiple of 16): pads W's rows (a copy) -- rare in models
         bn = block_n_cap
         ops = dict(ops, packed=_pad_rows(ops["packed"], bn), absmax=_pad_rows(ops["absmax"], bn))
     return ops, bn
 
 
+def _half(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def forward(x, q, bias=None, *, interpret=False):
-    """``x @ W.T (+ bias)`` through the GEMV (M <= GEMV_MAX_M) or GEMM kernel."""
+    """``x @ W.T (+ bias)``: GEMV (M <= GEMV_MAX_M), GEMM, or band decode + XLA dot (large M)."""
     n, k = q.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    ops = operands(q)
-    kh = k // 2
-    half_block = q.blocksize // 2
     if m >= TILED_MIN_M:
-        return tiled_forward(x2, q, bias).reshape(*lead, n)
-    if m <= GEMV_MAX_M:
-        cfg = dict(GPU_CONFIG["gemv_fma" if m <= gemv_4bit.FMA_MAX_ROWS else "gemv_dot"])
-        ops, bn = _weight_rows(ops, n, cfg.pop("block_n"))
-        bh = _block_h(kh, cfg.pop("block_h"), half_block)
-        splits = cfg.pop("splits")
-        # splits must cut K/2 into whole byte tiles holding whole quantization blocks
-        while splits > 1 and (kh % (splits * bh) or (2 * kh // splits) % q.blocksize):
-            splits //= 2
-        mp = 1 if m == 1 else 2 if m == 2 else 4 if m <= gemv_4bit.FMA_MAX_ROWS else -(-m // 16) * 16
-        xp = _pad_rows(x2, mp)
-        b = None if bias is None else _pad_rows(bias, bn)
-        y = gemv_4bit.gemv_4bit(xp[:, 0::2], xp[:, 1::2], ops["packed"], ops["absmax"], **_rest(ops), bias=b,
-                                block_n=bn, block_h=bh, splits=splits, interpret=interpret, **cfg)
+        return tiled_forward(x2, q, bias, interpret=interpret).reshape(*lead, n)
+    ops = operands(q)
+    if m == 1 and _half(x.dtype) and q.blocksize <= 256:
+        y = _gemv(x2, ops, bias, interpret)
+    elif m <= GEMV_MAX_M:
+        y = _split_k_gemv(x2, ops, bias, interpret)
     else:
+        kh = k // 2
         cfg = dict(GPU_CONFIG["gemm"])
         ops, bn = _weight_rows(ops, n, cfg.pop("block_n"))
-        bh = _block_h(kh, cfg.pop("block_h"), half_block)
+        bh = _block_h(kh, cfg.pop("block_h"), q.blocksize // 2)
         bm = min(cfg.pop("block_m"), max(16, 1 << (m - 1).bit_length()))
         xp = _pad_rows(x2, bm)
         b = None if bias is None else _pad_rows(bias, bn)
@@ -127,6 +128,52 @@ def forward(x, q, bias=None, *, interpret=False):
                                     **_rest(ops), bias=b, block_m=bm, block_n=bn, block_h=bh,
                                     interpret=interpret, **cfg)
     return y[:m, :n].reshape(*lead, n)
+
+
+def _gemv(x2, ops, bias, interpret):
+    """One row of 16-bit x through ``gemv_4bit`` (row sums, no tensor cores)."""
+    k = x2.shape[1]
+    n = ops["packed"].shape[0]
+    cfg = dict(GPU_CONFIG["gemv"])
+    ops, bn = _weight_rows(ops, n, cfg.pop("block_n"), floor=1)
+    blocks = k // ops["blocksize"]
+    splits, tb = cfg.pop("splits"), cfg.pop("blocks_per_iter")
+    while splits > 1 and blocks % splits:
+        splits //= 2
+    while tb > 1 and (blocks // splits) % tb:
+        tb //= 2
+    b = None if bias is None else _pad_rows(bias, bn)
+    return gemv_4bit.gemv_4bit(x2, ops["packed"], ops["absmax"], **_rest(ops), bias=b, block_n=bn,
+                               blocks_per_iter=tb, splits=splits, interpret=interpret, **cfg)
+
+
+def _split_k_gemv(x2, ops, bias, interpret):
+    """Few rows: split-K ``gemm_4bit.fused_forward`` (dot mode, x padded to 16 rows; fp32 x
+    with <= FMA_MAX_ROWS rows: fma mode, exact select-tree decode)."""
+    m, k = x2.shape
+    n, kh = ops["packed"].shape
+    half_block = ops["blocksize"] // 2
+    fma = not _half(x2.dtype) and m <= FMA_MAX_ROWS
+    cfg = dict(GPU_CONFIG["gemv_fma" if fma else "gemv_dot"])
+    ops, bn = _weight_rows(ops, n, cfg.pop("block_n"))
+    bh = _block_h(kh, cfg.pop("block_h"), half_block)
+    splits = cfg.pop("splits")
+    # splits must cut K/2 into whole byte tiles holding whole quantization blocks
+    while splits > 1 and (kh % (splits * bh) or (2 * kh // splits) % ops["blocksize"]):
+        splits //= 2
+    mp = (1 if m == 1 else 2 if m == 2 else 4) if fma else -(-m // 16) * 16
+    xp = _pad_rows(x2, mp)
+    b = None if bias is None else _pad_rows(bias, bn)
+    parts = gemm_4bit.fused_forward(
+        xp[:, 0::2], xp[:, 1::2], ops["packed"], ops["absmax"], **_rest(ops), bias=b if splits == 1 else None,
+        block_m=mp if fma else 16, block_n=bn, block_h=bh, splits=splits, mode="fma" if fma else "dot",
+        out_dtype=jnp.float32 if splits > 1 else x2.dtype, interpret=interpret, **cfg)
+    if splits == 1:
+        return parts
+    y = jnp.sum(parts, axis=0)
+    if b is not None:
+        y = y + b.astype(jnp.float32)[None, :]
+    return y.astype(x2.dtype)
 
 
 def _rest(ops):
@@ -141,7 +188,7 @@ def backward(g, q, *, interpret=False):
     g2 = g.reshape(-1, n)
     m = g2.shape[0]
     if m >= TILED_MIN_M:
-        return tiled_backward(g2, q).reshape(*lead, k)
+        return tiled_backward(g2, q, interpret=interpret).reshape(*lead, k)
     ops = operands(q)
     cfg = dict(GPU_CONFIG["bwd"])
     ops, bn = _weight_rows(ops, n, cfg.pop("block_n"))
@@ -157,51 +204,80 @@ def backward(g, q, *, interpret=False):
     return dx.reshape(*lead, k)
 
 
-def _chunks(q):
-    """packed [C, rows, K/2] and fp32 absmax [C, rows, K/bs] in TILE_ROWS-row chunks (rows padded)."""
+def _bands(q, align):
+    """(band rows, number of bands): bands of at most TILE_ROWS rows (a multiple of ``align``),
+    at least two for a weight of 2^24 or more elements, so no band is the whole weight."""
     n, k = q.shape
-    rows = min(TILE_ROWS, n)
-    packed = _pad_rows(operands(q)["packed"], rows)
-    absmax = _pad_rows(quant.absmax_4bit(q).reshape(n, k // q.blocksize), rows)
-    c = packed.shape[0] // rows
-    return packed.reshape(c, rows, k // 2), absmax.reshape(c, rows, -1), rows
+    c = -(-n // TILE_ROWS)
+    if c == 1 and n * k >= 1 << 24 and n >= 2 * align:
+        c = 2
+    per_band = -(-n // c)
+    rows = -(-per_band // align) * align
+    return rows, -(-n // rows)
 
 
-def _decode_chunk(q, p, a, dtype):
+def _band_operands(q, align):
+    rows, c = _bands(q, align)
+    ops = operands(q)
+    ops = dict(ops, packed=_pad_rows(ops["packed"], rows * c), absmax=_pad_rows(ops["absmax"], rows * c))
+    return ops, rows, c
+
+
+def _decoded_bands(q, dtype, interpret):
+    """(band(c) -> W[c*rows:(c+1)*rows] in dtype, rows, number of bands)."""
+    if _half(dtype):
+        cfg = dict(GPU_CONFIG["dequant"])
+        ops, rows, c = _band_operands(q, cfg["block_rows"])
+        blocks = ops["absmax"].shape[1]
+        while blocks % cfg["blocks"]:
+            cfg["blocks"] //= 2
+
+        def band(i):
+            return dequant_4bit.dequantize_rows(ops["packed"], ops["absmax"], i * rows, rows=rows,
+                                                dtype=dtype, **_rest(ops), interpret=interpret, **cfg)
+        return band, rows, c
+    # fp32: decode in XLA (exact fp32 code values), band by band
+    ops, rows, c = _band_operands(q, 8)
+    n, k = q.shape
+    absmax = _pad_rows(quant.absmax_4bit(q).reshape(n, k // q.blocksize), rows * c)
     code = jnp.asarray(q.code, jnp.float32)
-    vals = jnp.stack([code[(p >> 4).astype(jnp.int32)], code[(p & 15).astype(jnp.int32)]], -1)
-    rows, kh = p.shape
-    return (vals.reshape(rows, a.shape[1], q.blocksize) * a[:, :, None]).reshape(rows, 2 * kh).astype(dtype)
+
+    def band(i):
+        p = jax.lax.dynamic_slice_in_dim(ops["packed"], i * rows, rows)
+        a = jax.lax.dynamic_slice_in_dim(absmax, i * rows, rows)
+        vals = jnp.stack([code[(p >> 4).astype(jnp.int32)], code[(p & 15).astype(jnp.int32)]], -1)
+        return (vals.reshape(rows, a.shape[1], q.blocksize) * a[:, :, None]).reshape(rows, k).astype(dtype)
+    return band, rows, c
 
 
-def tiled_forward(x2, q, bias=None):
-    """``x2 @ W.T`` for many rows: a scan decodes TILE_ROWS output rows of W, then XLA's dot."""
+def tiled_forward(x2, q, bias=None, *, interpret=False):
+    """``x2 @ W.T`` for many rows: a scan decodes a band of W's rows, then XLA's dot."""
     n, k = q.shape
-    packed, absmax, rows = _chunks(q)
+    band, rows, c = _decoded_bands(q, x2.dtype, interpret)
+    prec = jax.lax.Precision.HIGHEST if x2.dtype == jnp.float32 else None
 
-    def step(_, chunk):
-        p, a = chunk
-        w = _decode_chunk(q, p, a, x2.dtype)
-        return None, jnp.dot(x2, w.T, preferred_element_type=jnp.float32).astype(x2.dtype)
+    def step(_, i):
+        # output in x's dtype straight from the GEMM (fp32 accumulation inside), no fp32 pass
+        return None, jnp.dot(x2, band(i).T, precision=prec)
 
-    _, ys = jax.lax.scan(step, None, (packed, absmax))  # [C, M, rows]
+    _, ys = jax.lax.scan(step, None, jnp.arange(c, dtype=jnp.int32))  # [C, M, rows]
     y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], -1)[:, :n]
     if bias is not None:
         y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x2.dtype)
     return y
 
 
-def tiled_backward(g2, q):
-    """``g2 @ W`` for many rows, W decoded TILE_ROWS rows at a time inside a scan."""
+def tiled_backward(g2, q, *, interpret=False):
+    """``g2 @ W`` for many rows, W decoded one band of rows at a time inside a scan."""
     n, k = q.shape
-    packed, absmax, rows = _chunks(q)
-    c = packed.shape[0]
+    band, rows, c = _decoded_bands(q, g2.dtype, interpret)
     gc = jnp.moveaxis(jnp.pad(g2, ((0, 0), (0, c * rows - n))).reshape(g2.shape[0], c, rows), 1, 0)
+    prec = jax.lax.Precision.HIGHEST if g2.dtype == jnp.float32 else None
 
     def step(acc, chunk):
-        p, a, g = chunk
-        w = _decode_chunk(q, p, a, g2.dtype)
-        return acc + jnp.dot(g, w, preferred_element_type=jnp.float32), None
+        i, g = chunk
+        return acc + jnp.dot(g, band(i), precision=prec, preferred_element_type=jnp.float32), None
 
-    acc, _ = jax.lax.scan(step, jnp.zeros((g2.shape[0], k), jnp.float32), (packed, absmax, gc))
+    acc, _ = jax.lax.scan(step, jnp.zeros((g2.shape[0], k), jnp.float32),
+                          (jnp.arange(c, dtype=jnp.int32), gc))
     return acc.astype(g2.dtype)
