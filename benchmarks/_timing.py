@@ -40,3 +40,44 @@ def blocked_time_s(f, *args, reps: int = 20) -> float:
         jax.block_until_ready(f(*args))
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
+
+
+def kernel_profile(f, *args, calls: int = 5) -> dict:
+    """Every GPU kernel that ``calls`` calls of ``f`` launch (jax.profiler trace), per call:
+    ``{"<stream>|<kernel>": {"per_call", "mean_us", "total_per_call_us"}}``, largest first, and
+    ``<stream>|__span_per_call_us`` (first start to last end, over ``calls``) per stream."""
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    jax.block_until_ready(f(*args))
+    d = tempfile.mkdtemp()
+    with jax.profiler.trace(d):
+        for _ in range(calls):
+            out = f(*args)
+        jax.block_until_ready(out)
+    pd = ProfileData.from_file(glob.glob(d + "/**/*.xplane.pb", recursive=True)[0])
+    kernels: dict = {}
+    for plane in pd.planes:
+        if "GPU" not in plane.name:
+            continue
+        for line in plane.lines:
+            starts, ends = [], []
+            for ev in line.events:
+                s = kernels.setdefault(f"{line.name[:24]}|{ev.name[:80]}", [0, 0.0])
+                s[0] += 1
+                s[1] += ev.duration_ns / 1e3
+                starts.append(ev.start_ns)
+                ends.append(ev.start_ns + ev.duration_ns)
+            if starts:
+                kernels[f"{line.name[:24]}|__span_per_call_us"] = [calls, (max(ends) - min(starts)) / 1e3]
+    return {k: {"per_call": v[0] / calls, "mean_us": v[1] / max(v[0], 1), "total_per_call_us": v[1] / calls}
+            for k, v in sorted(kernels.items(), key=lambda kv: -kv[1][1])}
+
+
+def print_profile(label: str, table: dict, top: int = 24) -> None:
+    print(f"profile {label}: per call", flush=True)
+    for k, v in list(table.items())[:top]:
+        print(f"   {v['per_call']:5.1f} x {v['mean_us']:8.2f} us = {v['total_per_call_us']:8.2f}  {k}", flush=True)

@@ -23,9 +23,9 @@ import traceback
 import numpy as np
 
 try:
-    from benchmarks._timing import device_time_s
+    from benchmarks._timing import device_time_s, kernel_profile, print_profile
 except ImportError:  # run as a script from benchmarks/
-    from _timing import device_time_s
+    from _timing import device_time_s, kernel_profile, print_profile
 
 OUT = os.environ.get("OUT", "/tmp")
 L = 8
@@ -277,8 +277,26 @@ def table():
                   f"{cell(row, 'xla_bf16')} | {cell(b, f'bnb_thr{thr}')}{' ' + how if how else ''} | {ratio} |")
 
 
+def profile(n, m=16):
+    """Every GPU kernel of one 8-layer call at threshold 6 and 0 (where the outlier time goes)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lowbit_jax import ops, quant
+
+    qs = [quant.quantize_int8(jnp.asarray(make_w(n, i))) for i in range(L)]
+    x = jnp.asarray(make_x(m)[0], jnp.bfloat16)
+    res = {}
+    for thr in (6.0, 0.0):
+        f = jax.jit(lambda x, qs, thr=thr: tuple(ops.matmul_int8(x, q, thr, impl="pallas") for q in qs))
+        res[f"M{m}_thr{thr:g}"] = table = kernel_profile(f, x, qs)
+        print_profile(f"int8 M={m} thr={thr:g} N={n} (8 layers)", table)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-seconds", type=float, default=90)
@@ -286,7 +304,7 @@ def main():
     ap.add_argument("--n", type=int, default=14336)
     ap.add_argument("--no-bnb", action="store_true")
     a = ap.parse_args()
-    ms = [int(v) for v in a.ms.split(",")]
+    ms = [int(v) for v in a.ms.split(",") if v]
     import jax
 
     R["env"] = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
@@ -294,10 +312,11 @@ def main():
     R["N"] = a.n
     R["copy_TBps"] = copy_bandwidth()
     print("copy bandwidth TB/s", R["copy_TBps"], flush=True)
-    for name, fn in [("check", check if a.check else None),
+    for name, fn in [("profile", (lambda: profile(a.n)) if a.profile else None),
+                     ("check", check if a.check else None),
                      ("sweep", (lambda: sweep(a.sweep_seconds)) if a.sweep else None),
-                     ("jax", lambda: bench_jax(ms, a.n, R["copy_TBps"])),
-                     ("bnb", None if a.no_bnb else (lambda: bench_bnb(ms, a.n)))]:
+                     ("jax", (lambda: bench_jax(ms, a.n, R["copy_TBps"])) if ms else None),
+                     ("bnb", None if (a.no_bnb or not ms) else (lambda: bench_bnb(ms, a.n)))]:
         if fn is None:
             continue
         try:
