@@ -136,8 +136,12 @@ def _register(cls):
 class Packed4bit(QuantizedTensor):
     """A 4-bit blockwise (NF4/FP4) tensor, bitsandbytes' ``Params4bit`` + ``QuantState``.
 
-    packed:        uint8 [ceil(n/2)] (or ``quant_storage`` viewed over the same bytes): the
-                   codes of the flattened row-major tensor, two a byte, first in the high nibble.
+    packed:        uint8 [ceil(n/2)]: the codes of the flattened row-major tensor, two a byte,
+                   first in the high nibble.
+    quant_storage: the dtype bitsandbytes stores those bytes as (``bnb_4bit_quant_storage``, e.g.
+                   bfloat16 for FSDP). Applied only when exporting: in memory the codes stay
+                   uint8, because a float view of code bytes holds NaN bit patterns that XLA may
+                   canonicalise in any copy (seen with ``jnp.stack`` on the CPU), changing codes.
     absmax:        float32 [blocks] -- or, when double-quantized, uint8 [blocks] codes of
                    ``absmax - offset`` under the signed dynamic map in blocks of 256.
     nested_absmax: float32 [ceil(blocks/256)] scales of those codes (double quant only).
@@ -552,9 +556,7 @@ def quantize_4bit(
             f"quant_storage {storage.name} needs the packed byte count ({nbytes}) to be a multiple "
             f"of {storage.itemsize}"
         )
-    packed, absmax, nested_absmax, offset = _quantize_4bit_arrays(
-        w, blocksize, quant_type, compress_statistics, storage.name
-    )
+    packed, absmax, nested_absmax, offset = _quantize_4bit_arrays(w, blocksize, quant_type, compress_statistics)
     return Packed4bit(
         packed=packed,
         absmax=absmax,
@@ -568,9 +570,8 @@ def quantize_4bit(
     )
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _quantize_4bit_arrays(w, blocksize: int, quant_type: str, compress_statistics: bool, storage_name: str):
-    storage = jnp.dtype(storage_name)
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_4bit_arrays(w, blocksize: int, quant_type: str, compress_statistics: bool):
     n = w.size
     flat = w.reshape(-1).astype(jnp.float32)
     blocks, absmax = _block_absmax(flat, blocksize)
@@ -578,8 +579,6 @@ def _quantize_4bit_arrays(w, blocksize: int, quant_type: str, compress_statistic
     # An odd count is padded with a scaled 0.0 *before* coding (NF4 stores code 7 there).
     scaled = jnp.pad(scaled, (0, n % 2))
     packed = _pack_nibbles(_codes_4bit(scaled, quant_type))
-    if storage != jnp.uint8:
-        packed = jax.lax.bitcast_convert_type(packed.reshape(-1, storage.itemsize), storage)
     nested_absmax = offset = None
     if compress_statistics:
         # A block holding NaN/Inf must not poison the shared mean and the 255 neighbours quantized
@@ -714,9 +713,9 @@ def to_rows(q: Packed4bit) -> Packed4bit:
     if len(q.shape) != 2:
         raise ValueError(f"to_rows needs a 2-D weight [out, in], got shape {q.shape}")
     out_f, in_f = q.shape
-    if in_f % q.blocksize or q.quant_storage != "uint8":
+    if in_f % q.blocksize:
         raise ValueError(
-            f"to_rows needs in-features ({in_f}) to be a multiple of the blocksize ({q.blocksize}) and uint8 storage"
+            f"to_rows needs in-features ({in_f}) to be a multiple of the blocksize ({q.blocksize})"
         )
     return q.replace(
         packed=q.packed.reshape(out_f, in_f // 2),

@@ -5,6 +5,7 @@ exercise the partial last block and odd element counts.
 """
 
 import numpy as np
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -90,8 +91,19 @@ def test_4bit_quant_storage(bnbF, torch, rng):
     x = _rand(rng, (16, 64))
     packed, _ = bnbF.quantize_4bit(to_torch(torch, x, "float32"), quant_type="nf4", quant_storage=torch.bfloat16)
     q = quant.quantize_4bit(jnp.asarray(x), quant_storage=jnp.bfloat16)
-    assert q.packed.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(q.packed).view(np.uint16), packed.view(torch.int16).numpy().reshape(-1).view(np.uint16))
+    # codes stay bytes in memory; the export writes them as bitsandbytes' bf16 view, bit for bit
+    assert q.packed.dtype == jnp.uint8 and q.quant_storage == "bfloat16"
+    theirs = packed.view(torch.int16).numpy().reshape(-1).view(np.uint16)
+    np.testing.assert_array_equal(np.asarray(q.packed).view(np.uint16), theirs)
+    from lowbit_jax.convert.bnb_format import packed4bit_to_bnb
+
+    exported = packed4bit_to_bnb(q)["weight"]
+    assert str(exported.dtype) == "bfloat16" and exported.shape == (x.size // 4, 1)
+    np.testing.assert_array_equal(exported.view(np.uint16).reshape(-1), theirs)
+    # stacking (as models stack layers) must not touch a code: float views of code bytes are
+    # NaN patterns that XLA may canonicalise
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), q, q)
+    np.testing.assert_array_equal(np.asarray(stacked.packed[1]), np.asarray(q.packed))
     ref = quant.dequantize_4bit(quant.quantize_4bit(jnp.asarray(x)))
     np.testing.assert_array_equal(np.asarray(quant.dequantize_4bit(q)), np.asarray(ref))
 

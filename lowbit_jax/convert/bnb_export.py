@@ -105,7 +105,7 @@ def _quantized_entries(name: str, q, i: Optional[int], cache: _GroupCache) -> li
             offset = float(np.float32(off if i is None else off[i]))
         qs_bytes = _pack_json(_quant_state_json(q, offset))
         entries = [
-            (name, np.dtype(q.packed.dtype).name, (per(q.packed), 1), get(name)),
+            (name, q.quant_storage, (per(q.packed) // numpy_dtype(q.quant_storage).itemsize, 1), get(name)),
             (f"{name}.absmax", np.dtype(q.absmax.dtype).name, (per(q.absmax),), get(f"{name}.absmax")),
             (f"{name}.quant_map", "float32", (16,), get(f"{name}.quant_map")),
         ]  # fmt: skip

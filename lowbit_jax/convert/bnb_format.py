@@ -163,7 +163,10 @@ def packed4bit_to_bnb(q: Packed4bit, prefix: str = "weight") -> dict[str, np.nda
     """:class:`Packed4bit` -> the state-dict entries ``Linear4bit`` writes (keys under ``prefix``)."""
     if q.layout != "bnb":
         raise ValueError(f"{prefix}: export needs the canonical 'bnb' layout, got layout={q.layout!r} (use quant.to_flat)")
-    packed = np.asarray(q.packed).reshape(-1, 1)
+    packed = np.asarray(q.packed).reshape(-1)
+    if q.quant_storage != "uint8":  # bitsandbytes' quant_storage: the same bytes, another dtype
+        packed = packed.view(numpy_dtype(q.quant_storage))
+    packed = packed.reshape(-1, 1)
     out = {
         prefix: packed,
         f"{prefix}.absmax": np.asarray(q.absmax),
