@@ -33,6 +33,8 @@ BM, BN, BK = 128, 128, 128
 NUM_WARPS, NUM_STAGES = 8, 3
 # bitsandbytes' int8_mm_dequant constant: 1 / 127**2 in float32.
 INV_127_SQ = 6.200124e-05
+# bitsandbytes' int8_vectorwise_dequant constant: 1 / 127 as it rounds it.
+INV_127 = 7.874015718698502e-3
 
 
 def reference(codes_x, codes_w, sx, sw, sub_x=None, sub_w=None, extra=None, bias=None,
@@ -65,9 +67,31 @@ def epilogue(acc, sx, sw, sub_x=None, sub_w=None, extra=None, bias=None, out_dty
     return out.astype(out_dtype)
 
 
-def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias, fused):
+def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias, fused, dense):
     rest = list(rest)
     sx_ref = sw_ref = extra_ref = bias_ref = subx_ref = subw_ref = None
+    if dense:  # split-K with the outlier product computed densely from the loaded W tile
+        xo_ref, swd_ref, o_ref, of_ref = rest
+        bm, bn = x_ref.shape[0], w_ref.shape[0]
+        dims = (((1,), (1,)), ((), ()))
+        # bitsandbytes' subB = int8_vectorwise_dequant(CB, SCB).to(A.dtype), in registers
+        swd = swd_ref[...][:, None]
+
+        def dbody(kb, carry):
+            acc, accf = carry
+            xs = x_ref[:, pl.ds(kb * block_k, block_k)]
+            ws = w_ref[:, pl.ds(kb * block_k, block_k)]
+            xo = xo_ref[:, pl.ds(kb * block_k, block_k)]
+            wd = ((ws.astype(jnp.float32) * swd) * jnp.float32(INV_127)).astype(xo.dtype)
+            acc = acc + jax.lax.dot_general(xs, ws, dims, preferred_element_type=jnp.int32)
+            accf = accf + jax.lax.dot_general(xo, wd, dims, preferred_element_type=jnp.float32)
+            return acc, accf
+
+        acc, accf = jax.lax.fori_loop(0, n_ktiles, dbody, (jnp.zeros((bm, bn), jnp.int32),
+                                                            jnp.zeros((bm, bn), jnp.float32)))
+        o_ref[...] = acc.reshape(o_ref.shape)
+        of_ref[...] = accf.reshape(of_ref.shape)
+        return
     if fused:
         sx_ref, sw_ref = rest.pop(0), rest.pop(0)
         if has_sub:
@@ -98,14 +122,17 @@ def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, bias=None, *, out_dtype=jnp.float32,
-        block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
+def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, bias=None, *, x_outlier=None,
+        out_dtype=jnp.float32, block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES, interpret=False):
     """The launch. Shapes must tile exactly (``fused_matmul`` pads):
 
     codes_x [M, K] int8, codes_w [N, K] int8; M % block_m == N % block_n == 0,
     K % (splits * block_k) == 0; sub_x [M, C], sub_w [N, C] 16-bit, C a multiple of 16. ``splits == 1``: fused epilogue, returns [M, N] ``out_dtype``.
-    ``splits > 1``: returns exact int32 partials [splits, M, N] (no epilogue).
+    ``splits > 1``: returns exact int32 partials [splits, M, N] (no epilogue); with
+    ``x_outlier`` [M, K] (16-bit, x with its non-outlier columns zeroed) and ``sw`` also the
+    fp32 partials [splits, M, N] of ``x_outlier @ dequant(codes_w, sw).T``, the weight tile
+    dequantized in registers from the int8 tile already loaded (no gather, any outlier count).
     """
     m, k = codes_x.shape
     n = codes_w.shape[0]
@@ -144,8 +171,18 @@ def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, 
             raise ValueError("sub_x, extra and bias are added by the caller when splits > 1")
         out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.int32)
         out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j))
+        if x_outlier is not None:
+            if sw is None or x_outlier.shape != (m, k):
+                raise ValueError("x_outlier must be [M, K] and needs sw")
+            args += [x_outlier, sw.astype(jnp.float32)]
+            in_specs += [pl.BlockSpec((block_m, kc), lambda i, j, s: (i, s)),
+                         pl.BlockSpec((block_n,), lambda i, j, s: (j,))]
+            out_shape = (out_shape, jax.ShapeDtypeStruct((splits, m, n), jnp.float32))
+            out_spec = (out_spec, pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j)))
+    dense = (not fused) and x_outlier is not None
     kernel = functools.partial(_kernel, block_k=block_k, n_ktiles=kc // block_k,
-                               has_sub=sub_x is not None, has_extra=extra is not None, has_bias=bias is not None, fused=fused)
+                               has_sub=sub_x is not None, has_extra=extra is not None, has_bias=bias is not None, fused=fused,
+                               dense=dense)
     params = None
     if not interpret:
         params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -179,15 +216,17 @@ def _pad(a, axis, mult):
     return jnp.pad(a, widths)
 
 
-def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, bias=None, *, out_dtype=jnp.float32,
-                 block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
+def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, bias=None, *, x_outlier=None,
+                 out_dtype=jnp.float32, block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
                  num_stages=NUM_STAGES, interpret=False):
     """``(codes_x @ codes_w.T) * sx * sw / 127^2 + sub_x @ sub_w.T + extra + bias`` for any shapes.
 
     Tiles are shrunk to powers of two dividing N and K where possible; otherwise the operands
     are zero-padded (zero codes add nothing). M is always padded to the row tile, which is
     cheap (activations); padding N or K copies the weight, which real layer shapes
-    (multiples of 128) never need. ``splits > 1`` is the small-M split-K path.
+    (multiples of 128) never need. ``splits > 1`` is the small-M split-K path; there ``x_outlier`` (x with non-outlier
+    columns zeroed, 16-bit [M, K]) adds ``x_outlier @ dequant(codes_w, sw).T`` computed densely
+    from the W tiles the int8 dot loads: exact for any number of outlier columns.
     """
     m, k = codes_x.shape
     n = codes_w.shape[0]
@@ -203,7 +242,13 @@ def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, b
     kw = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
               num_stages=num_stages, interpret=interpret)
     if splits > 1:
-        parts = raw(xp, wp, splits=splits, **kw)
+        if x_outlier is not None:
+            xop = _pad(_pad(x_outlier, 0, block_m), 1, kmult)
+            parts, fparts = raw(xp, wp, None, swp, x_outlier=xop, splits=splits, **kw)
+            dense = jnp.sum(fparts, axis=0)[:m, :n]
+            extra = dense if extra is None else extra.astype(jnp.float32) + dense
+        else:
+            parts = raw(xp, wp, splits=splits, **kw)
         acc = jnp.sum(parts, axis=0)[:m, :n]
         return epilogue(acc, sx, sw, sub_x, sub_w, extra, bias, out_dtype)
     subxp = subwp = None

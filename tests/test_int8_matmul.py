@@ -172,3 +172,25 @@ def test_bad_input_errors(rng):
         ops.matmul_int8(x, w8, bias=jnp.zeros((3,)))
     with pytest.raises(ValueError, match="int8"):
         int8_gemm.fused_matmul(x, jnp.ones(2), w8.codes, w8.row_absmax)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_small_m_dense_outliers_any_count(rng, m, dtype):
+    # Small M (the split-K path) computes the outlier product densely in the kernel: no cap.
+    # 40 outlier columns, far over max_outliers=4; K ragged. Random data, never zeros.
+    k, n = 200, 72
+    w8 = quant.quantize_int8(jnp.asarray(rng.standard_normal((n, k)) * 0.1, jnp.float32))
+    cols = rng.choice(k, size=40, replace=False)
+    x = jnp.asarray(_planted(rng, m, k, cols), dtype)
+    b = jnp.asarray(rng.standard_normal(n), dtype)
+    _, _, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
+    assert int(mask.sum()) >= 40
+    y = jax.jit(lambda x: ops.matmul_int8(x, w8, 6.0, b, max_outliers=4, impl="pallas_interpret"))(x)
+    ref = ops.matmul_int8(x, w8, 6.0, b, impl="reference")
+    y32, r32 = np.asarray(y, np.float32), np.asarray(ref, np.float32)
+    assert np.all(np.isfinite(y32))
+    # Same int8 part and same dequantized outlier weights; the reference casts the int8 part to
+    # the 16-bit dtype before adding, we add in fp32 and cast once: <= 2 16-bit roundings.
+    ulp = 2.0**-7 if dtype == jnp.bfloat16 else 2.0**-10
+    np.testing.assert_allclose(y32, r32, rtol=0, atol=2 * ulp * np.abs(r32).max())

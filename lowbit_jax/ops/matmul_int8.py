@@ -16,6 +16,12 @@ data-dependent; jit needs static shapes. Two schemes were possible:
   processed in further chunks of C by a ``lax.while_loop`` into an fp32 [M, N] term that the
   kernel's epilogue adds: still exact, just slower, and never a full 16-bit copy of W.
 
+Small M (<= SMALL_MAX_M, the split-K Pallas path) uses neither: the kernel is bandwidth-bound
+on W, so it multiplies ``x`` with its non-outlier columns zeroed against every W tile it loads,
+dequantized in registers exactly as bitsandbytes' subB (``CB * SCB * (1/127)`` in fp32, cast to
+x's dtype): exact for any number of outliers, no gather, no ``lax.cond`` (whose predicate copy
+to the host stalled the GPU stream ~80 us a layer), no 16-bit copy of W in HBM.
+
 The trade-off: C bounds the fast path's extra work (gather N*C bytes, an M*C*N 16-bit GEMM);
 LLM.int8's own measurements put outlier features at a handful of columns per layer, so 64 is
 generous; raise it if a model routinely has more.
@@ -147,6 +153,15 @@ def _forward(x, w8, bias, threshold, max_outliers, impl):
     codes, sx, outlier_cols = quant.int8_vectorwise_quant(x2, threshold=threshold)
     if threshold == 0.0:
         out = _int8_part(codes, sx, w8, None, None, None, bias, x.dtype, impl)
+    elif impl != "xla" and x2.shape[0] <= SMALL_MAX_M and GPU_CONFIG["small"]["splits"] > 1:
+        # Small M: the split-K kernel is bandwidth-bound on W, so the outlier product is done
+        # densely from the W tiles it already loads (x with non-outlier columns zeroed against
+        # the tile dequantized in registers): no gather, no cap, no lax.cond (whose predicate
+        # copy to the host stalled the GPU stream ~80 us a layer), exact for any outlier count.
+        x_out = jnp.where(outlier_cols[None, :], x2, jnp.zeros((), x2.dtype))
+        out = int8_gemm.fused_matmul(codes, sx, w8.codes, w8.row_absmax, bias=bias, x_outlier=x_out,
+                                     out_dtype=x.dtype, interpret=impl == "pallas_interpret",
+                                     **GPU_CONFIG["small"])
     else:
         chunk, count, cap, n_chunks = _outlier_chunks(x2, w8, outlier_cols, max_outliers)
         sub_x, sub_w = chunk(0)  # fused into the int8 kernel's epilogue
