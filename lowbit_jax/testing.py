@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
+
+from lowbit_jax.convert.atomic import atomic_dir
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -81,20 +81,12 @@ def tiny_checkpoint(path: str, *, vocab_size: int = 512, hidden_size: int = 64, 
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
                "pad_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE, "add_bos_token": False,
                "model_max_length": 2048}
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-ckpt-", dir=parent)
-    try:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        tok.save(os.path.join(tmp, "tokenizer.json"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with atomic_dir(path, overwrite=True) as tmp_dir:
+        save_file(tensors, os.path.join(tmp_dir, "model.safetensors"), metadata={"format": "pt"})
+        tok.save(os.path.join(tmp_dir, "tokenizer.json"))
+        with open(os.path.join(tmp_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        with open(os.path.join(tmp_dir, "tokenizer_config.json"), "w") as f:
             json.dump(tok_cfg, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

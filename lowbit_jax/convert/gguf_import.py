@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
+
+from lowbit_jax.convert.atomic import atomic_dir
 
 _NAME_MAP = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -166,14 +166,12 @@ def convert_gguf(gguf_path: str, out_dir: str, progress: bool = True) -> str:
             values = unpermute_qk(values, config["num_key_value_heads"])
         tensors[name] = np.ascontiguousarray(values)
     tokenizer = gguf_tokenizer(reader)
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".gguf-convert-", dir=parent)
-    try:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)) or ".", exist_ok=True)
+    with atomic_dir(out_dir, overwrite=True) as tmp_dir:
+        save_file(tensors, os.path.join(tmp_dir, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        tokenizer.save(os.path.join(tmp_dir, "tokenizer.json"))
         tokens = _field(reader, "tokenizer.ggml.tokens")
         tok_cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -184,14 +182,8 @@ def convert_gguf(gguf_path: str, out_dir: str, progress: bool = True) -> str:
             "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
             "model_max_length": config["max_position_embeddings"],
         }
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        with open(os.path.join(tmp_dir, "tokenizer_config.json"), "w") as f:
             json.dump(tok_cfg, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
