@@ -81,3 +81,41 @@ def print_profile(label: str, table: dict, top: int = 24) -> None:
     print(f"profile {label}: per call", flush=True)
     for k, v in list(table.items())[:top]:
         print(f"   {v['per_call']:5.1f} x {v['mean_us']:8.2f} us = {v['total_per_call_us']:8.2f}  {k}", flush=True)
+
+
+def copy_bandwidth_tbps() -> float:
+    """HBM copy bandwidth (read + write) of a 1 GiB elementwise pass, best of 10: the ceiling
+    the weight-streaming kernels are compared against in the same run."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((256 * 1024 * 1024,), jnp.float32)
+    f = jax.jit(lambda a: a * 2.0)
+    jax.block_until_ready(f(a))
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        ts.append(time.perf_counter() - t0)
+    return 2 * a.nbytes / float(np.min(ts)) / 1e12
+
+
+def chained_passes(mm):
+    """jit of ``len(xs)`` passes of ``mm(x, w)`` over the layers; returns the last pass's
+    outputs and a checksum that uses every product (so none is dead code).
+
+    Each pass's x depends on the previous pass's outputs (times 0): XLA may not merge the
+    passes' dots that share a weight into one (it does for independent ones, which reads each
+    weight once for all passes)."""
+    import jax
+    import jax.numpy as jnp
+
+    def f(xs, ws):
+        outs, s = [], jnp.float32(0)
+        for x in xs:
+            x = x + (s * 0).astype(x.dtype)
+            ys = [mm(x, w) for w in ws]
+            s = s + sum(y[0, 0].astype(jnp.float32) for y in ys)
+            outs += ys
+        return tuple(outs[-len(ws):]), s
+    return jax.jit(f)

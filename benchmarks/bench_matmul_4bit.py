@@ -28,9 +28,9 @@ import traceback
 import numpy as np
 
 try:
-    from benchmarks._timing import device_time_s, kernel_profile, print_profile
+    from benchmarks._timing import chained_passes, copy_bandwidth_tbps, device_time_s, kernel_profile, print_profile
 except ImportError:  # run as a script from benchmarks/
-    from _timing import device_time_s, kernel_profile, print_profile
+    from _timing import chained_passes, copy_bandwidth_tbps, device_time_s, kernel_profile, print_profile
 
 OUT = os.environ.get("OUT", "/tmp")
 L = 8
@@ -68,21 +68,6 @@ def jax_time(f, xs, *args, reps=20):
     """Per-matmul device time in us: queued calls of the jit (len(xs) passes over L layers),
     total / calls / (L * passes)."""
     return device_time_s(f, xs, *args, calls=reps) * 1e6 / (L * len(xs))
-
-
-def copy_bandwidth():
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((256 * 1024 * 1024,), jnp.float32)  # 1 GiB
-    f = jax.jit(lambda a: a * 2.0)
-    jax.block_until_ready(f(a))
-    ts = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a))
-        ts.append(time.perf_counter() - t0)
-    return 2 * a.nbytes / float(np.min(ts)) / 1e12  # TB/s, read + write
 
 
 _WEIGHTS: dict = {}
@@ -187,30 +172,10 @@ def check(variants):
     return res
 
 
-def _passes(mm):
-    """jit of ``len(xs)`` passes of ``mm(x, w)`` over the layers; returns the last pass's
-    outputs and a checksum that uses every product (so none is dead code)."""
-    import jax
-    import jax.numpy as jnp
-
-    def f(xs, ws):
-        outs, s = [], jnp.float32(0)
-        for x in xs:
-            # each pass's x depends on the previous pass's outputs (times 0): XLA may not merge
-            # the passes' dots that share a weight into one (it does for independent ones,
-            # which reads each weight once for all passes)
-            x = x + (s * 0).astype(x.dtype)
-            ys = [mm(x, w) for w in ws]
-            s = s + sum(y[0, 0].astype(jnp.float32) for y in ys)
-            outs += ys
-        return tuple(outs[-len(ws):]), s
-    return jax.jit(f)
-
-
 def lowbit_fn():
     from lowbit_jax.ops import matmul_4bit
 
-    return _passes(matmul_4bit)
+    return chained_passes(matmul_4bit)
 
 
 def profile(ms, n):
@@ -233,7 +198,7 @@ def bench_jax(ms, ns, bw):
     import jax
     import jax.numpy as jnp
 
-    bf16 = _passes(lambda x, w: x @ w.T)
+    bf16 = chained_passes(lambda x, w: x @ w.T)
     res = {}
     for n in ns:
         wq = weights(n)
@@ -401,7 +366,7 @@ def main():
         return
     R["env"] = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    R["copy_TBps"] = copy_bandwidth()
+    R["copy_TBps"] = copy_bandwidth_tbps()
     print("copy bandwidth TB/s", R["copy_TBps"], flush=True)
     plan = sweep_plan()
     steps = [("check", (lambda: check(plan + SMALL_N_PLAN if a.check_variants else [])) if a.check else None),

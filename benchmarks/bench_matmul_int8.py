@@ -24,9 +24,9 @@ import traceback
 import numpy as np
 
 try:
-    from benchmarks._timing import device_time_s, kernel_profile, print_profile
+    from benchmarks._timing import chained_passes, copy_bandwidth_tbps, device_time_s, kernel_profile, print_profile
 except ImportError:  # run as a script from benchmarks/
-    from _timing import device_time_s, kernel_profile, print_profile
+    from _timing import chained_passes, copy_bandwidth_tbps, device_time_s, kernel_profile, print_profile
 
 OUT = os.environ.get("OUT", "/tmp")
 L = 8
@@ -54,39 +54,6 @@ def repeat_for(m):
     the host; 4 chained passes (fresh x per pass; 8 x 59 MB of weights cycle through the 50 MB
     L2, nothing cached) keep the GPU busy. Large M is device-bound at 1."""
     return int(os.environ.get("BENCH_PASSES", 4 if m <= 128 else 1))
-
-
-def _passes(mm):
-    """jit of ``len(xs)`` passes of ``mm(x, w)`` over the layers, each pass's x depending on
-    the previous pass's outputs (times 0, so XLA cannot merge passes); returns the last pass's
-    outputs and a checksum that uses every product."""
-    import jax
-    import jax.numpy as jnp
-
-    def f(xs, ws):
-        outs, s = [], jnp.float32(0)
-        for x in xs:
-            x = x + (s * 0).astype(x.dtype)
-            ys = [mm(x, w) for w in ws]
-            s = s + sum(y[0, 0].astype(jnp.float32) for y in ys)
-            outs += ys
-        return tuple(outs[-len(ws):]), s
-    return jax.jit(f)
-
-
-def copy_bandwidth():
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((256 * 1024 * 1024,), jnp.float32)
-    f = jax.jit(lambda a: a * 2.0)
-    jax.block_until_ready(f(a))
-    ts = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a))
-        ts.append(time.perf_counter() - t0)
-    return 2 * a.nbytes / float(np.min(ts)) / 1e12
 
 
 def make_x(m, seed=99):
@@ -198,7 +165,7 @@ def bench_jax(ms, n, bw):
     ws = [jnp.asarray(w, jnp.bfloat16) for w in w32]
     qs = [quant.quantize_int8(w) for w in ws]
     nbytes = qs[0].codes.size + 4 * qs[0].row_absmax.size
-    bf16 = _passes(lambda x, w: x @ w.T)
+    bf16 = chained_passes(lambda x, w: x @ w.T)
     res = {}
     for m in ms:
         p = repeat_for(m)
@@ -213,7 +180,7 @@ def bench_jax(ms, n, bw):
         for thr in (6.0, 0.0):
             for impl in ("pallas", "xla"):
                 name = f"lowbit_{impl}_thr{thr:g}"
-                f = _passes(lambda x, q, impl=impl, thr=thr: ops.matmul_int8(x, q, thr, impl=impl))
+                f = chained_passes(lambda x, q, impl=impl, thr=thr: ops.matmul_int8(x, q, thr, impl=impl))
                 try:
                     row[name] = jax_time(f, xs, qs, passes=p)
                     row[name + "_err"] = rel_err(f(xs, qs)[0][0].astype(jnp.float32), y32)
@@ -342,7 +309,7 @@ def main():
     R["env"] = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     R["N"] = a.n
-    R["copy_TBps"] = copy_bandwidth()
+    R["copy_TBps"] = copy_bandwidth_tbps()
     print("copy bandwidth TB/s", R["copy_TBps"], flush=True)
     for name, fn in [("profile", (lambda: profile(a.n)) if a.profile else None),
                      ("check", check if a.check else None),
