@@ -154,6 +154,32 @@ def check_fused(results):
     print(f"fused vs reference after 3 steps: max|dp| {dp:.3g}, code mismatch m {dm:.2e} v {dv:.2e}", flush=True)
 
 
+def check_quantizers(results):
+    """On the GPU: every rounding variant of the kernel gives the same codes and parameters."""
+    from lowbit_jax.optim._state import zeros_state
+
+    key = jax.random.key(4)
+    p = jax.random.normal(key, (DIM, DIM), jnp.float32) * 0.02
+    outs = {}
+    for quantizer in ("lut", "segments", "bsearch"):
+        mq, vq, pp = zeros_state(p, True, 4096), zeros_state(p, False, 4096), p
+        step = jax.jit(lambda h, a, g, m, v: adam8bit_step_fused(h, a, g, m, v, interpret=INTERPRET,
+                                                                  quantizer=quantizer))
+        for i in range(3):
+            g = jax.random.normal(jax.random.fold_in(key, i), (DIM, DIM), jnp.float32) * (10.0 ** -i)
+            pp, mq, vq = step(adam_hyper(0.9, 0.999, 1e-8, 1e-3, 1e-2, i + 1), pp, g, mq, vq)
+        outs[quantizer] = (pp, mq, vq)
+    base = outs["lut"]
+    for quantizer, (pp, mq, vq) in outs.items():
+        rec = {
+            "max_abs_param_diff_vs_lut": float(jnp.max(jnp.abs(pp - base[0]))),
+            "m_codes_differing_vs_lut": int(jnp.sum(mq.codes != base[1].codes)),
+            "v_codes_differing_vs_lut": int(jnp.sum(vq.codes != base[2].codes)),
+        }
+        results[f"quantizer check {quantizer}"] = rec
+        print(f"quantizer {quantizer}: {rec}", flush=True)
+
+
 def bench_bnb(results):
     try:
         import bitsandbytes as bnb
@@ -201,25 +227,36 @@ def sweep(results):
     that skip a gather and so give wrong codes: timing only)."""
     from pallas_kernels import optim_8bit as K
 
-    for quantizer in ("lut",):
-        for rows in (8, 16, 32):
-            for warps in (4, 8):
-                name = f"sweep {quantizer} rows={rows} warps={warps}"
-                _guard(lambda: bench_inplace(jnp.float32, name, results, 16, quantizer=quantizer, rows=rows,
-                                             num_warps=warps))
+    configs = [("lut", 32, 4), ("lut", 64, 4), ("lut", 32, 8)]
+    configs += [("segments", r, w) for r in (4, 8, 16) for w in (2, 4, 8)]
+    for guess in ("select", "chain"):
+        K.SEGMENT_GUESS = guess
+        jax.clear_caches()
+        for quantizer, rows, warps in configs:
+            if guess == "chain" and quantizer == "lut":
+                continue
+            name = f"sweep {quantizer}{'-' + guess if quantizer == 'segments' else ''} rows={rows} warps={warps}"
+            _guard(lambda: bench_inplace(jnp.float32, name, results, 16, quantizer=quantizer, rows=rows,
+                                         num_warps=warps))
+    K.SEGMENT_GUESS = "select"
+    jax.clear_caches()
     exact_req, exact_deq = K._requantize, K._dequantize
 
-    def req_nogather(x, table_ref, quantizer):
+    def req_nogather(x, table_ref, quantizer, pieces=None):
         idx, absmax = K._lut_index(x)
         return (idx >> 8).astype(jnp.uint8), absmax
 
     def deq_nogather(codes_ref, absmax_ref, code_ref):
         return codes_ref[...].astype(jnp.float32) * absmax_ref[...][:, None]
 
-    for label, req, deq in (("no gathers", req_nogather, deq_nogather),):
+    for label, req, deq in (("no gathers", req_nogather, deq_nogather),
+                            ("map gathers only (no rounding read)", req_nogather, exact_deq),
+                            ("rounding reads only (no map gather)", exact_req, deq_nogather)):
         K._requantize, K._dequantize = req, deq
         jax.clear_caches()
-        _guard(lambda: bench_inplace(jnp.float32, f"diagnostic {label}", results, 16))
+        for quantizer in ("lut", "segments") if req is exact_req else ("lut",):
+            _guard(lambda: bench_inplace(jnp.float32, f"diagnostic {label} {quantizer}", results, 16,
+                                         quantizer=quantizer))
     K._requantize, K._dequantize = exact_req, exact_deq
     jax.clear_caches()
 
@@ -248,11 +285,13 @@ def main():
     results["copy_bandwidth_GBps"] = bw / 1e9
     print(f"device {results['device']}, jax {jax.__version__}, HBM copy {bw / 1e9:.0f} GB/s", flush=True)
     if args.sweep:
+        _guard(lambda: check_quantizers(results))
         sweep(results)
         if args.sweep_only:
             _dump(results, args.out)
             return
     _guard(lambda: check_fused(results))
+    _guard(lambda: check_quantizers(results))
     _guard(lambda: bench_inplace(jnp.float32, "lowbit adamw8bit fused in-place", results, 16))
     _guard(lambda: bench_optax(adamw8bit(1e-3, fused=True, interpret=INTERPRET), jnp.float32, "lowbit adamw8bit fused (optax update+apply)", results))
     _guard(lambda: bench_optax(adamw8bit(1e-3, fused=False), jnp.float32, "lowbit adamw8bit reference (jnp chain)", results))

@@ -8,7 +8,11 @@ writes p, codes and absmax back in place (``input_output_aliases``). 16 bytes a 
 (fp32 p: 4+4 read/write, g 4, codes 2+2, absmax ~0.03) against fp32 Adam's 28.
 
 The maps and tables are gathered from global memory with array indexers, which Pallas' Triton
-lowering turns into pointer loads (the tables are 1 KiB and 64 KiB, so they stay in L1/L2).
+lowering turns into pointer loads. Those reads, not the 16 bytes, were the cost: on the H100 a
+step with both 64 KiB rounding-table reads and both 1 KiB map reads took 2.97 ms against 2.09
+without any. The default rounding ("segments") reproduces the 64 KiB table from a few linear
+pieces compiled into the kernel plus one read of a 1 KiB table, exhaustively checked against
+the table (2.50 ms).
 
 Scalars arrive as a small fp32 vector (``HYPER_FIELDS``) so learning-rate schedules and
 injected hyperparameters stay traced values instead of recompiling the kernel.
@@ -20,13 +24,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 BLOCK = 256  # bitsandbytes' state blocksize
-MAX_ROWS = 32  # blocks per program: 8192 values; fastest of 8/16/32 on the H100 (benchmarks/RESULTS.md)
+MAX_ROWS = 8  # blocks per program (2048 values): with 8 warps, fastest for "segments" on the H100 (RESULTS.md)
+NUM_WARPS = 8
 LUT_SIZE = 65536
-QUANTIZER = "lut"  # default table reading, see _requantize
+QUANTIZER = "segments"  # default table reading, see _requantize (2.50 vs 2.97 ms for "lut" on the H100)
+QUANTIZERS = ("lut", "bsearch", "segments")
 # order of the scalars in ``hyper``
 HYPER_FIELDS = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "decay", "step_size", "correction2")
 
@@ -54,16 +61,20 @@ def _lut_index(x):
     return idx, absmax
 
 
-def _requantize(x, table_ref, quantizer: str):
+def _requantize(x, table_ref, quantizer: str, segments=None):
     """Codes and absmax of ``x`` [rows, 256] fp32 by bitsandbytes' CPU lookup-table rule.
 
     "lut": one gather from the 64 KiB table. "bsearch": the same answer as an 8-step binary
     search over the 256 bin thresholds where the code changes (``lut_thresholds``): eight
-    gathers, but from 1 KiB, which a warp reads in far fewer cache lines.
+    gathers, but from 1 KiB, which a warp reads in far fewer cache lines. "segments": a
+    piecewise-linear guess of the code from the bin (``lut_segments``: ~10 pieces, compile-time
+    constants) corrected by one gather from the 1 KiB table of packed thresholds.
     """
     idx, absmax = _lut_index(x)
     if quantizer == "lut":
         codes = table_ref[idx]
+    elif quantizer == "segments":
+        codes = _segment_codes(idx, table_ref, segments)
     else:
         k = jnp.zeros(idx.shape, jnp.int32)
         for step in (128, 64, 32, 16, 8, 4, 2, 1):
@@ -81,9 +92,103 @@ def lut_thresholds(lut):
     return jnp.searchsorted(lut.astype(jnp.int32), keys, side="left", method="compare_all").astype(jnp.int32)
 
 
+def lut_segments(lut: np.ndarray):
+    """Pieces and packed thresholds that reproduce the rounding table ``lut`` without reading it.
+
+    Returns ``(pieces, packed)``: ``pieces`` a tuple of (first bin, code there, slope) whose
+    guess ``code + floor((bin - first) * slope)`` is within one of the table's code for every
+    bin of the piece; ``packed`` int32 [256]: the first bin of code k in the low 16 bits and the
+    bins until code k + 1 in the high 16, so one gather corrects the guess. The pieces are
+    grown greedily and the result is checked against the table for all 65536 bins with the
+    same float32 arithmetic the kernel runs (an exact multiply, a floor, integer adds), so the
+    kernel's codes equal the table's by construction; a table this cannot reproduce raises.
+    """
+    lut = np.asarray(lut).astype(np.int64)
+    if lut.shape != (LUT_SIZE,) or np.any(np.diff(lut) < 0):
+        raise ValueError("lut must be a non-decreasing table of 65536 codes")
+    first = np.searchsorted(lut, np.arange(257), side="left")  # first bin with code >= k
+    first[0] = 0
+    bins = np.arange(LUT_SIZE, dtype=np.int64)
+
+    def guess(start, code, slope, x):
+        g = code + np.floor((x - start).astype(np.float32) * np.float32(slope)).astype(np.int64)
+        return np.clip(g, 0, 255)
+
+    def corrected(g, x):
+        return g - (x < first[g]) + (x >= first[g + 1])
+
+    def fits(s, e):
+        slope = np.float32((lut[e - 1] - lut[s]) / max(e - 1 - s, 1))
+        x = bins[s:e]
+        return np.array_equal(corrected(guess(s, lut[s], slope, x), x), lut[s:e]), slope
+
+    pieces, s = [], 0
+    while s < LUT_SIZE:
+        lo, hi = s + 1, LUT_SIZE
+        while lo < hi:  # the longest piece from s that fits (bisection on its end)
+            mid = (lo + hi + 1) // 2
+            if fits(s, mid)[0]:
+                lo = mid
+            else:
+                hi = mid - 1
+        ok, slope = fits(s, lo)
+        if not ok:
+            raise ValueError(f"rounding table cannot be split into pieces at bin {s}")
+        pieces.append((int(s), int(lut[s]), float(slope)))
+        s = lo
+    gaps = first[1:] - first[:-1]
+    if first[:256].max() > 0xFFFF or gaps.max() > 0xFFFF:
+        raise ValueError("rounding table thresholds do not fit 16 bits")
+    packed = (first[:256] | (gaps << 16)).astype(np.uint32).view(np.int32)
+    # the check the kernel relies on, over every bin at once
+    start = np.zeros(LUT_SIZE, np.int64)
+    code = np.zeros(LUT_SIZE, np.int64)
+    slope = np.zeros(LUT_SIZE, np.float32)
+    for p0, c0, sl in pieces:
+        sel = bins >= p0
+        start[sel], code[sel], slope[sel] = p0, c0, sl
+    g = np.clip(code + np.floor((bins - start).astype(np.float32) * slope).astype(np.int64), 0, 255)
+    if not np.array_equal(corrected(g, bins), lut):
+        raise AssertionError("lut_segments does not reproduce the rounding table")
+    return tuple(pieces), packed
+
+
+SEGMENT_GUESS = "select"  # how _segment_codes evaluates the pieces: "select" or "chain"
+
+
+def _segment_codes(idx, packed_ref, pieces):
+    """The table's code for every bin in ``idx``: piecewise guess, then one 1 KiB gather.
+
+    "select" picks each piece's three constants with selects (three live arrays);
+    "chain" evaluates every piece's guess and keeps the last one that applies (one live
+    array, more arithmetic). Both give the guess ``lut_segments`` checked.
+    """
+    if SEGMENT_GUESS == "select":
+        start = jnp.full(idx.shape, pieces[0][0], jnp.int32)
+        code = jnp.full(idx.shape, pieces[0][1], jnp.int32)
+        slope = jnp.full(idx.shape, pieces[0][2], jnp.float32)
+        for p0, c0, sl in pieces[1:]:
+            sel = idx >= p0
+            start = jnp.where(sel, jnp.int32(p0), start)
+            code = jnp.where(sel, jnp.int32(c0), code)
+            slope = jnp.where(sel, jnp.float32(sl), slope)
+        g = code + jnp.floor((idx - start).astype(jnp.float32) * slope).astype(jnp.int32)
+    else:
+        g = None
+        for p0, c0, sl in pieces:
+            here = jnp.int32(c0) + jnp.floor((idx - p0).astype(jnp.float32) * jnp.float32(sl)).astype(jnp.int32)
+            g = here if g is None else jnp.where(idx >= p0, here, g)
+    g = jnp.clip(g, 0, 255)
+    packed = packed_ref[g]
+    lo = packed & jnp.int32(0xFFFF)
+    hi = lo + jax.lax.shift_right_logical(packed, jnp.int32(16))
+    g = g - (idx < lo).astype(jnp.int32) + (idx >= hi).astype(jnp.int32)
+    return g.astype(jnp.uint8)
+
+
 def _adam_kernel(
     hyper_ref, p_ref, g_ref, c1_ref, a1_ref, c2_ref, a2_ref, code1_ref, code2_ref, lut1_ref, lut2_ref,
-    p_out, c1_out, a1_out, c2_out, a2_out, *, n: int, rows: int, quantizer: str,
+    p_out, c1_out, a1_out, c2_out, a2_out, *, n: int, rows: int, quantizer: str, pieces1=None, pieces2=None,
 ):
     b1, omb1, b2, omb2 = hyper_ref[0], hyper_ref[1], hyper_ref[2], hyper_ref[3]
     eps, decay, step_size, correction2 = hyper_ref[4], hyper_ref[5], hyper_ref[6], hyper_ref[7]
@@ -105,26 +210,30 @@ def _adam_kernel(
     p = p * decay + step_size * (m / denom)
 
     p_out[...] = p.astype(p_out.dtype)
-    c1, a1 = _requantize(m, lut1_ref, quantizer)
-    c2, a2 = _requantize(v, lut2_ref, quantizer)
+    c1, a1 = _requantize(m, lut1_ref, quantizer, pieces1)
+    c2, a2 = _requantize(v, lut2_ref, quantizer, pieces2)
     c1_out[...] = c1
     a1_out[...] = a1
     c2_out[...] = c2
     a2_out[...] = a2
 
 
-@functools.partial(jax.jit, static_argnames=("n", "interpret", "quantizer", "rows", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("n", "interpret", "quantizer", "rows", "num_warps", "pieces"))
 def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2, lut1, lut2, *, n: int,
                     interpret: bool = False, quantizer: str = QUANTIZER, rows: int | None = None,
-                    num_warps: int | None = None):
+                    num_warps: int | None = None, pieces=None):
     """One fused Adam(W) step on [nblocks, 256] views; returns (p, codes1, absmax1, codes2, absmax2).
 
     ``n`` is the number of real values (the rest of the last block is padding). ``lut1/2`` are
     the uint8 [65536] tables of the two maps (``quant._code_lut``); ``quantizer`` picks how the
-    kernel reads them (see ``_requantize``), both giving the same codes.
+    kernel reads them (see ``_requantize``), all giving the same codes. For "segments",
+    ``lut1/2`` are instead the packed tables and ``pieces`` the two maps' pieces, both from
+    :func:`lut_segments` (host constants: the pieces are compiled into the kernel).
     """
-    if quantizer not in ("lut", "bsearch"):
-        raise ValueError(f"quantizer must be 'lut' or 'bsearch', got {quantizer!r}")
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+    if quantizer == "segments" and (pieces is None or len(pieces) != 2):
+        raise ValueError("quantizer='segments' needs pieces=(pieces1, pieces2) from lut_segments")
     nblocks = p.shape[0]
     rows = rows or rows_per_program(nblocks)
     if nblocks % rows:
@@ -138,10 +247,11 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
     def whole(size):
         return pl.BlockSpec((size,), lambda i: (0,))
 
-    kernel = functools.partial(_adam_kernel, n=n, rows=rows, quantizer=quantizer)
+    pieces1, pieces2 = pieces if quantizer == "segments" else (None, None)
+    kernel = functools.partial(_adam_kernel, n=n, rows=rows, quantizer=quantizer, pieces1=pieces1, pieces2=pieces2)
     extra = {}
-    if num_warps is not None and not interpret:
-        extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps)
+    if not interpret:
+        extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS)
     return pl.pallas_call(
         kernel,
         grid=(nblocks // rows,),

@@ -23,6 +23,8 @@ def _state(rng, shape, signed):
     ((64, 256), "float32", "lut"),      # whole blocks, 4 programs of ROWS blocks
     ((37, 300), "float32", "lut"),      # ragged last block (11100 values)
     ((37, 300), "float32", "bsearch"),
+    ((37, 300), "float32", "segments"),
+    ((48, 128), "bfloat16", "segments"),
     ((48, 128), "bfloat16", "lut"),     # bf16 parameters
 ])
 def test_kernel_matches_reference(rng, shape, dtype, quantizer):
@@ -45,6 +47,20 @@ def test_kernel_matches_reference(rng, shape, dtype, quantizer):
     assert m_off <= 1e-3 and v_off <= 1e-3
     # the step did something: state and params moved
     assert float(np.mean(np.asarray(m_k.codes) != np.asarray(mq.codes))) > 0.5
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_segments_reproduce_rounding_table(signed):
+    """The "segments" rounding (piecewise guess + one packed-threshold read) gives the 64 KiB
+    table's code for every one of its 65536 bins, run through the kernel's own jnp code."""
+    from lowbit_jax.optim import _state
+    from pallas_kernels.optim_8bit import _segment_codes
+
+    pieces, packed = _state.state_segments(signed)
+    assert 2 <= len(pieces) <= 16  # few pieces: each costs the kernel three selects a value
+    bins = jnp.arange(65536, dtype=jnp.int32).reshape(256, 256)
+    codes = jax.jit(lambda b, t: _segment_codes(b, t, pieces))(bins, jnp.asarray(packed))
+    np.testing.assert_array_equal(np.asarray(codes).reshape(-1), _state.state_lut(signed))
 
 
 def test_fused_optax_matches_chain(rng):

@@ -71,6 +71,17 @@ def state_lut(signed: bool) -> np.ndarray:
     return lut
 
 
+@functools.lru_cache(maxsize=None)
+def state_segments(signed: bool):
+    """(pieces, packed thresholds) reproducing :func:`state_lut` for the fused kernel's
+    gather-light rounding (``pallas_kernels.optim_8bit.lut_segments``), built once."""
+    from pallas_kernels.optim_8bit import lut_segments
+
+    pieces, packed = lut_segments(state_lut(signed))
+    packed.setflags(write=False)
+    return pieces, packed
+
+
 def store(value: jax.Array, like, signed: bool):
     """``value`` (fp32) stored the way ``like`` is: requantized with fresh absmax, or as is.
 

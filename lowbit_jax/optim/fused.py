@@ -77,10 +77,15 @@ def adam8bit_step_fused(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit, *, in
     """
     n = mq.size
     nblocks = mq.absmax.shape[0]
+    if kernel_options.get("quantizer", kernel.QUANTIZER) == "segments":
+        (pieces1, table1), (pieces2, table2) = _state.state_segments(True), _state.state_segments(False)
+        kernel_options = dict(kernel_options, pieces=(pieces1, pieces2))
+    else:
+        table1, table2 = _state.state_lut(True), _state.state_lut(False)
     outs = kernel.adam8bit_blocks(
         hyper, _blocks(p, nblocks), _blocks(g, nblocks),
         _blocks(mq.codes, nblocks), mq.absmax, _blocks(vq.codes, nblocks), vq.absmax,
-        mq.code, vq.code, jnp.asarray(_state.state_lut(True)), jnp.asarray(_state.state_lut(False)),
+        mq.code, vq.code, jnp.asarray(table1), jnp.asarray(table2),
         n=n, interpret=interpret, **kernel_options,
     )
     p_new, c1, a1, c2, a2 = outs
