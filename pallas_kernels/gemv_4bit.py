@@ -37,7 +37,7 @@ ROWS, ROW_BLOCKS = 8, 16  # weight rows a program, quantization blocks of each a
 
 def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
                  blocks_per_row, nested_blocksize, n_nested, kchunk_blocks, prefetch, xdtype,
-                 interpret):
+                 x3d, interpret):
     """``bn`` output rows: stream ``tb`` blocks (tb * blocksize/2 contiguous bytes) of each
     row per iteration; per block a dot product in fp32, times its absmax; sum at the end."""
     rest = list(rest)
@@ -50,10 +50,14 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
 
     def load(it):
         cols = pl.ds(it * tb, tb)
-        return p_ref[:, cols, :], a_ref[:, cols], x_ref[0, cols, :]
+        # x3d: x as a [1, tb, hb] tile, which Triton lays out like the weight tile it broadcasts
+        # over (no layout change between load and multiply) instead of a 2D slice of it
+        return p_ref[:, cols, :], a_ref[:, cols], (x_ref[:, cols, :] if x3d else x_ref[0, cols, :])
 
     def compute(tiles, it, acc):
-        p, a, u = tiles  # [bn, tb, hb] uint8, [bn, tb] absmax, [tb, hb] x pairs (uint32)
+        p, a, u = tiles  # [bn, tb, hb] uint8, [bn, tb] absmax, [(1,) tb, hb] x pairs (uint32)
+        if not x3d:
+            u = u[None]
         if nested:
             shape = (bn, tb)
             flat = ((jax.lax.broadcasted_iota(jnp.int32, shape, 0) + row0) * blocks_per_row
@@ -70,7 +74,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
             xo = jax.lax.bitcast_convert_type((u >> 16).astype(jnp.uint16), jnp.float16)
             xe, xo = xe.astype(jnp.float32), xo.astype(jnp.float32)
         hi, lo = c4.decode16(p, values, xdtype, interpret)
-        part = jnp.sum(hi.astype(jnp.float32) * xe[None] + lo.astype(jnp.float32) * xo[None], axis=2)
+        part = jnp.sum(hi.astype(jnp.float32) * xe + lo.astype(jnp.float32) * xo, axis=2)
         return acc + part * a.astype(jnp.float32)
 
     zeros = jnp.zeros((bn, tb), jnp.float32)
@@ -90,7 +94,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
 
 def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, nested_code=None,
               offset=None, nested_blocksize=256, bias=None, block_n=ROWS, blocks_per_iter=ROW_BLOCKS,
-              splits=1, prefetch=True, num_warps=4, num_stages=1, interpret=False):
+              splits=1, prefetch=True, x3d=False, num_warps=4, num_stages=1, interpret=False):
     """``x @ W.T (+ bias)`` for ONE row of 16-bit x ``[1, K]``: ``[1, N]`` in x's dtype.
 
     ``packed`` ``[N, K/2]`` uint8 (N a multiple of ``block_n``), ``absmax`` ``[N, K/blocksize]``
@@ -139,7 +143,7 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
         _rowsum_body, bn=block_n, tb=blocks_per_iter, n_iters=kchunk_blocks // blocks_per_iter,
         values=c4.table(quant_type), nested=nested, has_bias=fuse_bias, blocks_per_row=blocks,
         nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[0] if nested else 0,
-        kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret)
+        kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), x3d=x3d, interpret=interpret)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,

@@ -70,27 +70,26 @@ def epilogue(acc, sx, sw, sub_x=None, sub_w=None, extra=None, bias=None, out_dty
 def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias, fused, dense):
     rest = list(rest)
     sx_ref = sw_ref = extra_ref = bias_ref = subx_ref = subw_ref = None
-    if dense:  # split-K with the outlier product computed densely from the loaded W tile
-        xo_ref, swd_ref, o_ref, of_ref = rest
+    if dense:  # split-K; the outlier product from x's two int8 digits against the same W tile
+        dig_ref, ds_ref, swd_ref, o_ref, of_ref = rest
         bm, bn = x_ref.shape[0], w_ref.shape[0]
         dims = (((1,), (1,)), ((), ()))
-        # bitsandbytes' subB = int8_vectorwise_dequant(CB, SCB).to(A.dtype), in registers
-        swd = swd_ref[...][:, None]
 
         def dbody(kb, carry):
-            acc, accf = carry
-            xs = x_ref[:, pl.ds(kb * block_k, block_k)]
-            ws = w_ref[:, pl.ds(kb * block_k, block_k)]
-            xo = xo_ref[:, pl.ds(kb * block_k, block_k)]
-            wd = ((ws.astype(jnp.float32) * swd) * jnp.float32(INV_127)).astype(xo.dtype)
-            acc = acc + jax.lax.dot_general(xs, ws, dims, preferred_element_type=jnp.int32)
-            accf = accf + jax.lax.dot_general(xo, wd, dims, preferred_element_type=jnp.float32)
-            return acc, accf
+            acc, acc1, acc2 = carry
+            cols = pl.ds(kb * block_k, block_k)
+            ws = w_ref[:, cols]
+            acc = acc + jax.lax.dot_general(x_ref[:, cols], ws, dims, preferred_element_type=jnp.int32)
+            acc1 = acc1 + jax.lax.dot_general(dig_ref[0, :, cols], ws, dims, preferred_element_type=jnp.int32)
+            acc2 = acc2 + jax.lax.dot_general(dig_ref[1, :, cols], ws, dims, preferred_element_type=jnp.int32)
+            return acc, acc1, acc2
 
-        acc, accf = jax.lax.fori_loop(0, n_ktiles, dbody, (jnp.zeros((bm, bn), jnp.int32),
-                                                            jnp.zeros((bm, bn), jnp.float32)))
+        zero = jnp.zeros((bm, bn), jnp.int32)
+        acc, acc1, acc2 = jax.lax.fori_loop(0, n_ktiles, dbody, (zero, zero, zero))
+        ds = ds_ref[...]
+        outl = acc1.astype(jnp.float32) * ds[0][:, None] + acc2.astype(jnp.float32) * ds[1][:, None]
         o_ref[...] = acc.reshape(o_ref.shape)
-        of_ref[...] = accf.reshape(of_ref.shape)
+        of_ref[...] = (outl * (swd_ref[...][None, :] * jnp.float32(INV_127))).reshape(of_ref.shape)
         return
     if fused:
         sx_ref, sw_ref = rest.pop(0), rest.pop(0)
@@ -122,7 +121,7 @@ def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, bias=None, *, x_outlier=None,
+def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, bias=None, *, digits=None,
         out_dtype=jnp.float32, block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES, interpret=False):
     """The launch. Shapes must tile exactly (``fused_matmul`` pads):
@@ -130,9 +129,9 @@ def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, 
     codes_x [M, K] int8, codes_w [N, K] int8; M % block_m == N % block_n == 0,
     K % (splits * block_k) == 0; sub_x [M, C], sub_w [N, C] 16-bit, C a multiple of 16. ``splits == 1``: fused epilogue, returns [M, N] ``out_dtype``.
     ``splits > 1``: returns exact int32 partials [splits, M, N] (no epilogue); with
-    ``x_outlier`` [M, K] (16-bit, x with its non-outlier columns zeroed) and ``sw`` also the
-    fp32 partials [splits, M, N] of ``x_outlier @ dequant(codes_w, sw).T``, the weight tile
-    dequantized in registers from the int8 tile already loaded (no gather, any outlier count).
+    ``digits`` = (int8 [2, M, K], fp32 [2, M]) from :func:`outlier_digits` and ``sw`` also the
+    fp32 partials [splits, M, N] of the outlier product, two more int8 dots against the W tile
+    already loaded (no gather, no 16-bit copy of W, any outlier count).
     """
     m, k = codes_x.shape
     n = codes_w.shape[0]
@@ -171,15 +170,17 @@ def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, 
             raise ValueError("sub_x, extra and bias are added by the caller when splits > 1")
         out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.int32)
         out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j))
-        if x_outlier is not None:
-            if sw is None or x_outlier.shape != (m, k):
-                raise ValueError("x_outlier must be [M, K] and needs sw")
-            args += [x_outlier, sw.astype(jnp.float32)]
-            in_specs += [pl.BlockSpec((block_m, kc), lambda i, j, s: (i, s)),
+        if digits is not None:
+            dig, dscale = digits
+            if sw is None or dig.shape != (2, m, k) or dig.dtype != jnp.int8 or dscale.shape != (2, m):
+                raise ValueError("digits must be (int8 [2, M, K], fp32 [2, M]) and need sw")
+            args += [dig, dscale.astype(jnp.float32), sw.astype(jnp.float32)]
+            in_specs += [pl.BlockSpec((2, block_m, kc), lambda i, j, s: (0, i, s)),
+                         pl.BlockSpec((2, block_m), lambda i, j, s: (0, i)),
                          pl.BlockSpec((block_n,), lambda i, j, s: (j,))]
             out_shape = (out_shape, jax.ShapeDtypeStruct((splits, m, n), jnp.float32))
             out_spec = (out_spec, pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j)))
-    dense = (not fused) and x_outlier is not None
+    dense = (not fused) and digits is not None
     kernel = functools.partial(_kernel, block_k=block_k, n_ktiles=kc // block_k,
                                has_sub=sub_x is not None, has_extra=extra is not None, has_bias=bias is not None, fused=fused,
                                dense=dense)
@@ -216,7 +217,23 @@ def _pad(a, axis, mult):
     return jnp.pad(a, widths)
 
 
-def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, bias=None, *, x_outlier=None,
+def outlier_digits(x, outlier_cols):
+    """x's outlier columns (zero elsewhere) as two int8 digits per element and their row scales.
+
+    ``x ~= s1 * d1 + s2 * d2`` with ``s1 = max|x_outliers| / 127`` per row and ``s2 = s1 / 254``:
+    the error is at most ``s2 / 2``, 1/64516 of the row's largest outlier (finer than bf16's
+    quantum for every element above 1/256 of that maximum). Returns (int8 [2, M, K], fp32 [2, M]).
+    """
+    xo = jnp.where(outlier_cols[None, :], x.astype(jnp.float32), jnp.float32(0.0))
+    amax = jnp.max(jnp.abs(xo), axis=1)
+    s1 = jnp.where(amax > 0, amax / jnp.float32(127.0), jnp.float32(1.0))
+    d1 = jnp.clip(jnp.round(xo / s1[:, None]), -127, 127)
+    s2 = s1 / jnp.float32(254.0)
+    d2 = jnp.clip(jnp.round((xo - d1 * s1[:, None]) / s2[:, None]), -127, 127)
+    return jnp.stack([d1, d2]).astype(jnp.int8), jnp.stack([s1, s2])
+
+
+def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, bias=None, *, digits=None,
                  out_dtype=jnp.float32, block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
                  num_stages=NUM_STAGES, interpret=False):
     """``(codes_x @ codes_w.T) * sx * sw / 127^2 + sub_x @ sub_w.T + extra + bias`` for any shapes.
@@ -224,9 +241,9 @@ def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, b
     Tiles are shrunk to powers of two dividing N and K where possible; otherwise the operands
     are zero-padded (zero codes add nothing). M is always padded to the row tile, which is
     cheap (activations); padding N or K copies the weight, which real layer shapes
-    (multiples of 128) never need. ``splits > 1`` is the small-M split-K path; there ``x_outlier`` (x with non-outlier
-    columns zeroed, 16-bit [M, K]) adds ``x_outlier @ dequant(codes_w, sw).T`` computed densely
-    from the W tiles the int8 dot loads: exact for any number of outlier columns.
+    (multiples of 128) never need. ``splits > 1`` is the small-M split-K path; there ``digits``
+    (:func:`outlier_digits`) adds the outlier columns' product with the int8 weight scaled by
+    ``sw / 127``, computed from the W tiles the int8 dot loads, for any number of outliers.
     """
     m, k = codes_x.shape
     n = codes_w.shape[0]
@@ -242,9 +259,10 @@ def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, b
     kw = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
               num_stages=num_stages, interpret=interpret)
     if splits > 1:
-        if x_outlier is not None:
-            xop = _pad(_pad(x_outlier, 0, block_m), 1, kmult)
-            parts, fparts = raw(xp, wp, None, swp, x_outlier=xop, splits=splits, **kw)
+        if digits is not None:
+            dig = _pad(_pad(digits[0], 1, block_m), 2, kmult)
+            dsc = _pad(digits[1], 1, block_m)
+            parts, fparts = raw(xp, wp, None, swp, digits=(dig, dsc), splits=splits, **kw)
             dense = jnp.sum(fparts, axis=0)[:m, :n]
             extra = dense if extra is None else extra.astype(jnp.float32) + dense
         else:

@@ -36,9 +36,10 @@ def _bnb_linear(torch, w, b, threshold):
 
 
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
-@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
-def test_parity_with_bnb_linear8bitlt(torch, bnbF, rng, threshold, impl):
-    k, n, m = 160, 96, 24
+@pytest.mark.parametrize("impl,m", [("xla", 24), ("pallas_interpret", 24), ("pallas_interpret", 8)])
+def test_parity_with_bnb_linear8bitlt(torch, bnbF, rng, threshold, impl, m):
+    # m=8 takes the small-M split-K kernel (outliers as int8 digits), m=24 the capped gather
+    k, n = 160, 96
     w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
     b = (rng.standard_normal(n) * 0.1).astype(np.float32)
     cols = sorted(rng.choice(k, size=5, replace=False).tolist())
@@ -174,6 +175,19 @@ def test_bad_input_errors(rng):
         int8_gemm.fused_matmul(x, jnp.ones(2), w8.codes, w8.row_absmax)
 
 
+def test_outlier_digits_bound(rng):
+    # x ~= s1 d1 + s2 d2 on outlier columns, zero elsewhere; error <= s2 / 2 = max / 64516 a row
+    x = jnp.asarray(_planted(rng, 5, 300, rng.choice(300, 12, replace=False), value=40.0), jnp.bfloat16)
+    _, _, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
+    dig, sc = int8_gemm.outlier_digits(x, mask)
+    assert dig.dtype == jnp.int8 and dig.shape == (2, 5, 300) and sc.shape == (2, 5)
+    rebuilt = np.asarray(sc[0])[:, None] * np.asarray(dig[0], np.float32) + np.asarray(sc[1])[:, None] * np.asarray(dig[1], np.float32)
+    xo = np.where(np.asarray(mask)[None, :], np.asarray(x, np.float32), 0.0)
+    bound = np.abs(xo).max(axis=1) / 64516 * 1.001
+    assert np.all(np.abs(rebuilt - xo) <= bound[:, None])
+    assert np.all(rebuilt[:, ~np.asarray(mask)] == 0)
+
+
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_small_m_dense_outliers_any_count(rng, m, dtype):
@@ -190,7 +204,8 @@ def test_small_m_dense_outliers_any_count(rng, m, dtype):
     ref = ops.matmul_int8(x, w8, 6.0, b, impl="reference")
     y32, r32 = np.asarray(y, np.float32), np.asarray(ref, np.float32)
     assert np.all(np.isfinite(y32))
-    # Same int8 part and same dequantized outlier weights; the reference casts the int8 part to
-    # the 16-bit dtype before adding, we add in fp32 and cast once: <= 2 16-bit roundings.
+    # Same int8 part; the reference casts the int8 part to the 16-bit dtype before adding and
+    # rounds the dequantized outlier weights to it, we add in fp32 and cast once, and keep the
+    # weight in int8 with x's outliers as two int8 digits: within 2 16-bit roundings of max|y|.
     ulp = 2.0**-7 if dtype == jnp.bfloat16 else 2.0**-10
     np.testing.assert_allclose(y32, r32, rtol=0, atol=2 * ulp * np.abs(r32).max())
