@@ -277,12 +277,15 @@ def bench_bnb(ms, ns):
 def sweep_plan():
     """(M, GPU_CONFIG section or None, config, module attributes) to time at N=14336."""
     plan = []
-    rows = lambda **kw: dict(dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=False, num_warps=4, num_stages=1), **kw)
-    for kw in [{}, dict(prefetch=True), dict(block_n=16), dict(block_n=32, num_warps=8, blocks_per_iter=8),
-               dict(block_n=16, num_warps=8), dict(blocks_per_iter=32, num_warps=8), dict(block_n=4, blocks_per_iter=64, num_warps=8)]:
+    rows = lambda **kw: dict(dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, x3d=False, num_warps=4,
+                                  num_stages=1), **kw)
+    for kw in [{}, dict(x3d=True), dict(prefetch=False, num_stages=2), dict(prefetch=False, num_stages=3),
+               dict(prefetch=False, num_stages=3, x3d=True), dict(block_n=16, num_warps=8, x3d=True),
+               dict(blocks_per_iter=8, prefetch=False, num_stages=4, x3d=True),
+               dict(block_n=16, blocks_per_iter=8, x3d=True)]:
         plan.append((1, "gemv", rows(**kw), {}))
     dot = lambda **kw: dict(dict(block_n=64, block_h=128, splits=4, decode="prmt", num_warps=8, num_stages=3), **kw)
-    for kw in [{}, dict(num_warps=4), dict(block_h=256), dict(splits=2)]:
+    for kw in [dict(num_warps=4)]:
         plan.append((16, "gemv_dot", dot(**kw), {}))
     return plan
 

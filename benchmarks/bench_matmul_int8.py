@@ -90,8 +90,14 @@ def check():
         x = rng.standard_normal((m, k)).astype(np.float32)
         x[:, rng.choice(k, 3, replace=False)] *= 10
         x = jnp.asarray(x, jnp.bfloat16)
-        for thr, cap in ((6.0, 64), (6.0, 2), (0.0, 64)):  # cap 2 < 3 planted columns: overflow path
-            key = f"M{m}_K{k}_N{n}_thr{thr:g}_cap{cap}"
+        import importlib
+
+        mi = importlib.import_module("lowbit_jax.ops.matmul_int8")
+        engines = ("xla", "pallas") if m <= mi.SMALL_MAX_M else (mi.SMALL_ENGINE,)
+        for (thr, cap), engine in [(tc, e) for tc in ((6.0, 64), (6.0, 2), (0.0, 64)) for e in engines]:
+            # cap 2 < 3 planted columns: overflow path; small M: both engines
+            key = f"M{m}_K{k}_N{n}_thr{thr:g}_cap{cap}" + (f"_{engine}" if m <= mi.SMALL_MAX_M else "")
+            saved, mi.SMALL_ENGINE = mi.SMALL_ENGINE, engine
             try:
                 out = jax.jit(lambda x: ops.matmul_int8(x, w8, thr, max_outliers=cap, impl="pallas"))(x)
                 ref = jax.jit(lambda x: ops.matmul_int8(x, w8, thr, impl="xla"))(x)
@@ -101,6 +107,8 @@ def check():
                             "ok": bool(jnp.isfinite(out).all()) and d <= 2.0**-7 * scale}
             except Exception as e:  # noqa: BLE001
                 res[key] = f"ERR {type(e).__name__}: {str(e)[:400]}"
+            finally:
+                mi.SMALL_ENGINE = saved
             print("check", key, res[key], flush=True)
     return res
 
@@ -178,14 +186,23 @@ def bench_jax(ms, n, bw):
                "xla_bf16_err": rel_err(bf16(xs, ws)[0][0].astype(jnp.float32), y32)}
         R.setdefault("gpu_config", {k: dict(v) for k, v in importlib.import_module("lowbit_jax.ops.matmul_int8").GPU_CONFIG.items()})
         for thr in (6.0, 0.0):
-            for impl in ("pallas", "xla"):
-                name = f"lowbit_{impl}_thr{thr:g}"
+            mi = importlib.import_module("lowbit_jax.ops.matmul_int8")
+            # "pallas" is what matmul_int8 runs on a GPU (small M: mi.SMALL_ENGINE decides);
+            # "splitk" forces the Pallas split-K kernel for small M, so both engines are timed
+            variants = [("pallas", "pallas", mi.SMALL_ENGINE), ("xla", "xla", mi.SMALL_ENGINE)]
+            if m <= mi.SMALL_MAX_M:
+                variants.append(("splitk", "pallas", "pallas"))
+            for label, impl, engine in variants:
+                name = f"lowbit_{label}_thr{thr:g}"
+                saved, mi.SMALL_ENGINE = mi.SMALL_ENGINE, engine
                 f = chained_passes(lambda x, q, impl=impl, thr=thr: ops.matmul_int8(x, q, thr, impl=impl))
                 try:
                     row[name] = jax_time(f, xs, qs, passes=p)
                     row[name + "_err"] = rel_err(f(xs, qs)[0][0].astype(jnp.float32), y32)
                 except Exception as e:  # noqa: BLE001
                     row[name] = f"ERR {type(e).__name__}: {str(e)[:300]}"
+                finally:
+                    mi.SMALL_ENGINE = saved
             _, _, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
             row["outlier_cols_found"] = int(np.asarray(mask).sum())
         if isinstance(row.get("lowbit_pallas_thr6"), float):
@@ -254,8 +271,8 @@ def bench_bnb(ms, n):
 def table():
     jx, bb = R.get("jax", {}), R.get("bnb", {})
     print(f"\n==== per-matmul us (rel. err vs fp32), K={K}, N={R.get('N')}, L={L}, {R.get('env')}, copy {R.get('copy_TBps', 0):.2f} TB/s ====")
-    print("| M | thr | lowbit Pallas | lowbit XLA-int8 | XLA bf16 | bnb Linear8bitLt | Pallas/bf16 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| M | thr | lowbit (default) | lowbit XLA-int8 | lowbit split-K kernel | XLA bf16 | bnb Linear8bitLt | default/bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
 
     def cell(d, k):
         v = d.get(k)
@@ -273,6 +290,7 @@ def table():
             ratio = f"{p / row['xla_bf16']:.2f}" if isinstance(p, float) else "-"
             how = b.get(f"bnb_thr{thr}_how", "")
             print(f"| {key[1:]} | {thr} | {cell(row, f'lowbit_pallas_thr{thr}')} | {cell(row, f'lowbit_xla_thr{thr}')} | "
+                  f"{cell(row, f'lowbit_splitk_thr{thr}')} | "
                   f"{cell(row, 'xla_bf16')} | {cell(b, f'bnb_thr{thr}')}{' ' + how if how else ''} | {ratio} |")
 
 

@@ -71,7 +71,7 @@ def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias
     rest = list(rest)
     sx_ref = sw_ref = extra_ref = bias_ref = subx_ref = subw_ref = None
     if dense:  # split-K; the outlier product from x's two int8 digits against the same W tile
-        dig_ref, ds_ref, swd_ref, o_ref, of_ref = rest
+        d1_ref, d2_ref, s1_ref, s2_ref, swd_ref, o_ref, of_ref = rest
         bm, bn = x_ref.shape[0], w_ref.shape[0]
         dims = (((1,), (1,)), ((), ()))
 
@@ -80,14 +80,13 @@ def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias
             cols = pl.ds(kb * block_k, block_k)
             ws = w_ref[:, cols]
             acc = acc + jax.lax.dot_general(x_ref[:, cols], ws, dims, preferred_element_type=jnp.int32)
-            acc1 = acc1 + jax.lax.dot_general(dig_ref[0, :, cols], ws, dims, preferred_element_type=jnp.int32)
-            acc2 = acc2 + jax.lax.dot_general(dig_ref[1, :, cols], ws, dims, preferred_element_type=jnp.int32)
+            acc1 = acc1 + jax.lax.dot_general(d1_ref[:, cols], ws, dims, preferred_element_type=jnp.int32)
+            acc2 = acc2 + jax.lax.dot_general(d2_ref[:, cols], ws, dims, preferred_element_type=jnp.int32)
             return acc, acc1, acc2
 
         zero = jnp.zeros((bm, bn), jnp.int32)
         acc, acc1, acc2 = jax.lax.fori_loop(0, n_ktiles, dbody, (zero, zero, zero))
-        ds = ds_ref[...]
-        outl = acc1.astype(jnp.float32) * ds[0][:, None] + acc2.astype(jnp.float32) * ds[1][:, None]
+        outl = acc1.astype(jnp.float32) * s1_ref[...][:, None] + acc2.astype(jnp.float32) * s2_ref[...][:, None]
         o_ref[...] = acc.reshape(o_ref.shape)
         of_ref[...] = (outl * (swd_ref[...][None, :] * jnp.float32(INV_127))).reshape(of_ref.shape)
         return
@@ -174,9 +173,13 @@ def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, 
             dig, dscale = digits
             if sw is None or dig.shape != (2, m, k) or dig.dtype != jnp.int8 or dscale.shape != (2, m):
                 raise ValueError("digits must be (int8 [2, M, K], fp32 [2, M]) and need sw")
-            args += [dig, dscale.astype(jnp.float32), sw.astype(jnp.float32)]
-            in_specs += [pl.BlockSpec((2, block_m, kc), lambda i, j, s: (0, i, s)),
-                         pl.BlockSpec((2, block_m), lambda i, j, s: (0, i)),
+            # separate operands: integer-indexing a stacked ref does not lower in Triton
+            dscale = dscale.astype(jnp.float32)
+            args += [dig[0], dig[1], dscale[0], dscale[1], sw.astype(jnp.float32)]
+            in_specs += [pl.BlockSpec((block_m, kc), lambda i, j, s: (i, s)),
+                         pl.BlockSpec((block_m, kc), lambda i, j, s: (i, s)),
+                         pl.BlockSpec((block_m,), lambda i, j, s: (i,)),
+                         pl.BlockSpec((block_m,), lambda i, j, s: (i,)),
                          pl.BlockSpec((block_n,), lambda i, j, s: (j,))]
             out_shape = (out_shape, jax.ShapeDtypeStruct((splits, m, n), jnp.float32))
             out_spec = (out_spec, pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j)))
@@ -231,6 +234,21 @@ def outlier_digits(x, outlier_cols):
     s2 = s1 / jnp.float32(254.0)
     d2 = jnp.clip(jnp.round((xo - d1 * s1[:, None]) / s2[:, None]), -127, 127)
     return jnp.stack([d1, d2]).astype(jnp.int8), jnp.stack([s1, s2])
+
+
+def digits_reference(codes_x, sx, codes_w, sw, digits, bias=None, out_dtype=jnp.float32):
+    """The small-M product with outlier digits as ONE int8 dot in XLA: x's codes and its two
+    outlier digits stacked as 3M rows against the weight (the vendor int8 GEMM reads W once),
+    then the epilogue: ``acc0 * sx * sw / 127^2 + (acc1 * s1 + acc2 * s2) * sw / 127 + bias``."""
+    m = codes_x.shape[0]
+    dig, dsc = digits
+    acc = jax.lax.dot_general(jnp.concatenate([codes_x, dig[0], dig[1]], axis=0), codes_w,
+                              (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    acc0, acc1, acc2 = acc[:m], acc[m:2 * m], acc[2 * m:]
+    sw32 = sw.astype(jnp.float32)
+    outl = acc1.astype(jnp.float32) * dsc[0][:, None] + acc2.astype(jnp.float32) * dsc[1][:, None]
+    extra = outl * (sw32[None, :] * jnp.float32(INV_127))
+    return epilogue(acc0, sx, sw, extra=extra, bias=bias, out_dtype=out_dtype)
 
 
 def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, bias=None, *, digits=None,

@@ -28,6 +28,8 @@ weight keeps its int8 precision and x's outlier columns get ~15 bits relative to
 largest outlier. A first version did bitsandbytes' exact rounding in registers (every W tile
 dequantized to 16 bits, one 16-bit dot): 39.2 us against 26.4 us for the int8 dot alone at
 M=16 on an H100; the digits cost two int8 dots and no per-element weight arithmetic.
+In XLA (``impl="xla"``, and on a GPU when ``SMALL_ENGINE == "xla"``) the digits are 2M more
+rows of one int8 dot: the vendor GEMM still reads W once.
 
 The trade-off: C bounds the fast path's extra work (gather N*C bytes, an M*C*N 16-bit GEMM);
 LLM.int8's own measurements put outlier features at a handful of columns per layer, so 64 is
@@ -65,6 +67,10 @@ GPU_CONFIG = {
     "large": dict(block_m=128, block_n=128, block_k=128, splits=1, num_warps=8, num_stages=4),
 }
 SMALL_MAX_M = 16
+# Which int8 GEMM runs rows <= SMALL_MAX_M on a GPU: "xla" (the vendor int8 GEMM, codes and
+# outlier digits stacked as rows of one dot) or "pallas" (the split-K kernel). Measured on an H100
+# (benchmarks/RESULTS.md): see the int8 section for the numbers behind the choice.
+SMALL_ENGINE = "xla"
 
 
 def _check(x, w8):
@@ -158,9 +164,16 @@ def _forward(x, w8, bias, threshold, max_outliers, impl):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     codes, sx, outlier_cols = quant.int8_vectorwise_quant(x2, threshold=threshold)
+    small = x2.shape[0] <= SMALL_MAX_M
+    if small and impl == "pallas" and SMALL_ENGINE == "xla":
+        impl = "xla"
     if threshold == 0.0:
         out = _int8_part(codes, sx, w8, None, None, None, bias, x.dtype, impl)
-    elif impl != "xla" and x2.shape[0] <= SMALL_MAX_M and GPU_CONFIG["small"]["splits"] > 1:
+    elif small and impl == "xla":
+        # the same outlier digits as the Pallas split-K kernel below, as extra rows of one int8 dot
+        out = int8_gemm.digits_reference(codes, sx, w8.codes, w8.row_absmax,
+                                         int8_gemm.outlier_digits(x2, outlier_cols), bias, x.dtype)
+    elif small and GPU_CONFIG["small"]["splits"] > 1:
         # Small M: the split-K kernel is bandwidth-bound on W, so the outlier product is done
         # densely from the W tiles it already loads (x's outlier columns as two int8 digits,
         # two more int8 dots): no gather, no cap, no lax.cond (whose predicate copy to the
