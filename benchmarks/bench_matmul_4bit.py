@@ -279,14 +279,14 @@ def sweep_plan():
     plan = []
     rows = lambda **kw: dict(dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, x3d=False, num_warps=4,
                                   num_stages=1), **kw)
-    for kw in [{}, dict(x3d=True), dict(prefetch=False, num_stages=2), dict(prefetch=False, num_stages=3),
-               dict(prefetch=False, num_stages=3, x3d=True), dict(block_n=16, num_warps=8, x3d=True),
-               dict(blocks_per_iter=8, prefetch=False, num_stages=4, x3d=True),
-               dict(block_n=16, blocks_per_iter=8, x3d=True)]:
+    for kw in [{}, dict(num_warps=8), dict(block_n=4), dict(blocks_per_iter=8), dict(block_n=16, num_warps=8),
+               dict(block_n=16, blocks_per_iter=8, num_warps=8)]:
         plan.append((1, "gemv", rows(**kw), {}))
     dot = lambda **kw: dict(dict(block_n=64, block_h=128, splits=4, decode="prmt", num_warps=8, num_stages=3), **kw)
-    for kw in [dict(num_warps=4)]:
-        plan.append((16, "gemv_dot", dot(**kw), {}))
+    gemm = lambda **kw: dict(dict(block_m=128, block_n=128, block_h=64, decode="prmt", num_warps=8, num_stages=4), **kw)
+    for kw in [{}, dict(block_n=64), dict(block_n=64, num_warps=4), dict(block_m=64), dict(block_m=64, num_warps=4),
+               dict(block_n=64, block_h=128, num_stages=3)]:
+        plan.append((128, "gemm", gemm(**kw), {}))
     return plan
 
 
@@ -375,7 +375,7 @@ def main():
     steps = [("check", (lambda: check(plan + SMALL_N_PLAN if a.check_variants else [])) if a.check else None),
              ("profile", (lambda: profile([1, 16], 14336)) if a.profile else None),
              ("sweep_N14336", (lambda: sweep(plan, 14336, a.sweep_seconds)) if a.sweep else None),
-             ("sweep_N4096", (lambda: sweep(SMALL_N_PLAN, 4096, 60)) if a.sweep else None),
+             ("sweep_N4096", (lambda: sweep(SMALL_N_PLAN, 4096, 60)) if a.sweep and 4096 in ns else None),
              ("jax", (lambda: bench_jax(ms, ns, R["copy_TBps"])) if ms else None),
              ("bnb", None if (a.no_bnb or not ms) else (lambda: bench_bnb(ms, ns)))]
     for name, fn in steps:
