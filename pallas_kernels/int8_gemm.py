@@ -67,7 +67,40 @@ def epilogue(acc, sx, sw, sub_x=None, sub_w=None, extra=None, bias=None, out_dty
     return out.astype(out_dtype)
 
 
-def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias, fused, dense):
+OVERFLOW_CHUNK = 64  # outlier columns a step of the in-kernel overflow loop
+
+
+def _overflow(out, x16_ref, w_ref, idx_ref, count_ref, sw, first: int):
+    """Add the outlier columns past the first ``first`` (bitsandbytes' rounding of the weight
+    columns) to ``out`` [bm, bn], chunk by chunk, gathering x's and W's columns in-kernel.
+
+    Runs under an in-kernel branch on the outlier count, so a GPU never waits on the host for
+    it (an XLA ``lax.cond`` copies its predicate to the host: ~80 us a layer on an H100). Rare
+    and slower (pointer gathers), but exact for any number of outlier columns.
+    """
+    bm, bn = out.shape
+    count = count_ref[0]
+    rows_m = jax.lax.broadcasted_iota(jnp.int32, (bm, OVERFLOW_CHUNK), 0)
+    rows_n = jax.lax.broadcasted_iota(jnp.int32, (bn, OVERFLOW_CHUNK), 0)
+    slot = jax.lax.broadcasted_iota(jnp.int32, (1, OVERFLOW_CHUNK), 1)
+    dims = (((1,), (1,)), ((), ()))
+
+    def body(c, out):
+        start = first + c * OVERFLOW_CHUNK
+        idx = idx_ref[pl.ds(start, OVERFLOW_CHUNK)][None, :]
+        valid = (start + slot) < count
+        xs = x16_ref[rows_m, jnp.broadcast_to(idx, (bm, OVERFLOW_CHUNK))]
+        xs = jnp.where(valid, xs, jnp.zeros((), xs.dtype))
+        wc = w_ref[rows_n, jnp.broadcast_to(idx, (bn, OVERFLOW_CHUNK))]
+        wd = ((wc.astype(jnp.float32) * sw[:, None]) * jnp.float32(INV_127)).astype(xs.dtype)
+        return out + jax.lax.dot_general(xs, wd, dims, preferred_element_type=jnp.float32)
+
+    n_chunks = (count - first + OVERFLOW_CHUNK - 1) // OVERFLOW_CHUNK
+    return jax.lax.fori_loop(0, n_chunks, body, out)
+
+
+def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias, fused, dense,
+            overflow_from=None):
     rest = list(rest)
     sx_ref = sw_ref = extra_ref = bias_ref = subx_ref = subw_ref = None
     if dense:  # split-K; the outlier product from x's two int8 digits against the same W tile
@@ -96,6 +129,8 @@ def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias
             subx_ref, subw_ref = rest.pop(0), rest.pop(0)
         extra_ref = rest.pop(0) if has_extra else None
         bias_ref = rest.pop(0) if has_bias else None
+        if overflow_from is not None:
+            x16_ref, idx_ref, count_ref = rest.pop(0), rest.pop(0), rest.pop(0)
     (o_ref,) = rest
     bm, bn = x_ref.shape[0], w_ref.shape[0]
     dims = (((1,), (1,)), ((), ()))
@@ -113,6 +148,11 @@ def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias
     out = out * jnp.float32(INV_127_SQ)
     if has_sub:  # the outlier columns: one 16-bit tensor-core dot over C columns
         out = out + jax.lax.dot_general(subx_ref[...], subw_ref[...], dims, preferred_element_type=jnp.float32)
+    if overflow_from is not None:
+        sw = sw_ref[...]
+        out = jax.lax.cond(count_ref[0] > overflow_from,
+                           lambda o: _overflow(o, x16_ref, w_ref, idx_ref, count_ref, sw, overflow_from),
+                           lambda o: o, out)
     if has_extra:
         out = out + extra_ref[...].astype(jnp.float32)
     if has_bias:
@@ -121,6 +161,7 @@ def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias
 
 
 def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, bias=None, *, digits=None,
+        overflow=None,
         out_dtype=jnp.float32, block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES, interpret=False):
     """The launch. Shapes must tile exactly (``fused_matmul`` pads):
@@ -162,6 +203,14 @@ def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, 
         if bias is not None:
             args.append(bias)
             in_specs.append(pl.BlockSpec((block_n,), lambda i, j, s: (j,)))
+        if overflow is not None:
+            x16, idx_all, count, _ = overflow
+            if x16.shape != (m, k) or idx_all.ndim != 1:
+                raise ValueError(f"overflow needs x [M, K] = [{m}, {k}] and a 1-D index list")
+            args += [x16, idx_all.astype(jnp.int32), jnp.reshape(count, (1,)).astype(jnp.int32)]
+            in_specs += [pl.BlockSpec((block_m, k), lambda i, j, s: (i, 0)),
+                         pl.BlockSpec((idx_all.shape[0],), lambda i, j, s: (0,)),
+                         pl.BlockSpec((1,), lambda i, j, s: (0,))]
         out_shape = jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype))
         out_spec = pl.BlockSpec((block_m, block_n), lambda i, j, s: (i, j))
     else:
@@ -186,7 +235,7 @@ def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, 
     dense = (not fused) and digits is not None
     kernel = functools.partial(_kernel, block_k=block_k, n_ktiles=kc // block_k,
                                has_sub=sub_x is not None, has_extra=extra is not None, has_bias=bias is not None, fused=fused,
-                               dense=dense)
+                               dense=dense, overflow_from=None if overflow is None else int(overflow[3]))
     params = None
     if not interpret:
         params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -252,6 +301,7 @@ def digits_reference(codes_x, sx, codes_w, sw, digits, bias=None, out_dtype=jnp.
 
 
 def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, bias=None, *, digits=None,
+                 overflow=None,
                  out_dtype=jnp.float32, block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
                  num_stages=NUM_STAGES, interpret=False):
     """``(codes_x @ codes_w.T) * sx * sw / 127^2 + sub_x @ sub_w.T + extra + bias`` for any shapes.
@@ -262,6 +312,10 @@ def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, b
     (multiples of 128) never need. ``splits > 1`` is the small-M split-K path; there ``digits``
     (:func:`outlier_digits`) adds the outlier columns' product with the int8 weight scaled by
     ``sw / 127``, computed from the W tiles the int8 dot loads, for any number of outliers.
+    ``overflow`` = (x [M, K] 16-bit, int32 outlier column indices in order (any length >= count),
+    int32 count, first): with ``splits == 1``, the outlier columns from position ``first`` of
+    the list on (those past ``sub_x``/``sub_w``) are added by the kernel itself under an
+    in-kernel branch on ``count > first``.
     """
     m, k = codes_x.shape
     n = codes_w.shape[0]
@@ -276,6 +330,8 @@ def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, b
     swp = _pad(sw.astype(jnp.float32), 0, block_n)
     kw = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
               num_stages=num_stages, interpret=interpret)
+    if splits > 1 and overflow is not None:
+        raise ValueError("overflow is handled by the fused launch (splits == 1) only")
     if splits > 1:
         if digits is not None:
             dig = _pad(_pad(digits[0], 1, block_m), 2, kmult)
@@ -293,7 +349,12 @@ def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, b
         subwp = _pad(_pad(sub_w, 0, block_n), 1, 16)
     ep = None if extra is None else _pad(_pad(extra, 0, block_m), 1, block_n)
     bp = None if bias is None else _pad(bias, 0, block_n)
-    out = raw(xp, wp, sxp, swp, subxp, subwp, ep, bp, out_dtype=out_dtype, **kw)
+    ovp = None
+    if overflow is not None:  # (x [M, K] 16-bit, outlier indices, count, first column handled in-kernel)
+        x16, idx_all, count, first = overflow
+        idx_all = _pad(idx_all.astype(jnp.int32), 0, OVERFLOW_CHUNK)
+        ovp = (_pad(_pad(x16, 0, block_m), 1, kmult), idx_all, count, first)
+    out = raw(xp, wp, sxp, swp, subxp, subwp, ep, bp, out_dtype=out_dtype, overflow=ovp, **kw)
     if (mp, np_) != (m, n):
         out = out[:m, :n]
     return out

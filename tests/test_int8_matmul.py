@@ -87,6 +87,24 @@ def test_cap_exceeded_is_exact_just_chunked(rng):
     np.testing.assert_allclose(np.asarray(part), dense, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_cap_exceeded_in_kernel_branch(rng, dtype):
+    # M > 16: the Pallas kernel adds the columns past the cap itself (in-kernel branch on the
+    # count, no XLA lax.cond); 150 outlier columns over cap 4 = 3 in-kernel chunks of 64 (ragged)
+    k, n, m = 400, 48, 20
+    w8 = quant.quantize_int8(jnp.asarray(rng.standard_normal((n, k)) * 0.1, jnp.float32))
+    x = jnp.asarray(_planted(rng, m, k, rng.choice(k, size=150, replace=False)), dtype)
+    b = jnp.asarray(rng.standard_normal(n), dtype)
+    ref = np.asarray(ops.matmul_int8(x, w8, 6.0, b, max_outliers=64, impl="xla"), np.float32)
+    scale = np.abs(ref).max()
+    ulp = 2.0**-7 if dtype == jnp.bfloat16 else 2.0**-10
+    for cap in (4, 64, 160):  # over the cap (chunks in-kernel), over it, under it
+        y = jax.jit(lambda x: ops.matmul_int8(x, w8, 6.0, b, max_outliers=cap, impl="pallas_interpret"))(x)
+        y = np.asarray(y, np.float32)
+        assert np.all(np.isfinite(y))
+        np.testing.assert_allclose(y, ref, rtol=0, atol=2 * ulp * scale)
+
+
 @pytest.mark.parametrize(
     "m,k,n,cfg",
     [

@@ -12,9 +12,12 @@ data-dependent; jit needs static shapes. Two schemes were possible:
   and runs as one more tensor-core dot inside the int8 kernel's epilogue (no [M, N] round trip).
   Unused slots are masked to zero, so whenever ``#outliers <= C`` the result is exactly
   bitsandbytes' algorithm (same columns, same int8 codes, same dequantized weight columns).
-  When the cap is exceeded (a ``lax.cond`` on the count) the remaining outlier columns are
-  processed in further chunks of C by a ``lax.while_loop`` into an fp32 [M, N] term that the
-  kernel's epilogue adds: still exact, just slower, and never a full 16-bit copy of W.
+  When the cap is exceeded the remaining outlier columns are still added exactly, just
+  slower, never through a full 16-bit copy of W: on a GPU by the Pallas kernel itself, under
+  an in-kernel branch on the count (chunks of 64 columns gathered from x and the W tile); in
+  XLA by a ``lax.cond`` and ``lax.while_loop`` into an fp32 [M, N] term. The GPU path used the
+  XLA ``lax.cond`` first: its predicate is copied to the host, which stalled the stream ~80 us
+  a layer on an H100.
 
 Small M (<= SMALL_MAX_M, the split-K Pallas path) uses neither: the kernel is bandwidth-bound
 on W, so it multiplies x's outlier columns against every W tile it loads, as int8 too: the
@@ -107,7 +110,8 @@ def matmul_int8_reference(x, w8, threshold: float = 6.0, bias=None):
 
 
 def _outlier_chunks(x2, w8, outlier_cols, max_outliers):
-    """(chunk(c) -> (sub_x [M, C], sub_w [N, C]) in x's dtype, count, C, number of chunks).
+    """(chunk(c) -> (sub_x [M, C], sub_w [N, C]) in x's dtype, count, C, number of chunks,
+    all outlier indices).
 
     All outlier indices come first (column order) from ``jnp.nonzero(size=...)``; slots past
     the count are masked to zero, so a chunk holding fewer than C real columns adds nothing.
@@ -127,7 +131,7 @@ def _outlier_chunks(x2, w8, outlier_cols, max_outliers):
         sub_w = quant.int8_vectorwise_dequant(jnp.take(w8.codes, idx, axis=1), w8.row_absmax).astype(x2.dtype)
         return sub_x, sub_w
 
-    return chunk, count, cap, n_chunks
+    return chunk, count, cap, n_chunks, idx_all
 
 
 def outlier_part(x2, w8, outlier_cols, max_outliers, first_chunk=0):
@@ -136,7 +140,7 @@ def outlier_part(x2, w8, outlier_cols, max_outliers, first_chunk=0):
     Chunks from ``first_chunk`` on run in a while_loop that stops at the last real outlier, so
     only as many chunks as there are outliers are computed. W is never expanded beyond N x C.
     """
-    chunk, count, cap, _ = _outlier_chunks(x2, w8, outlier_cols, max_outliers)
+    chunk, count, cap, _, _ = _outlier_chunks(x2, w8, outlier_cols, max_outliers)
 
     def cond(state):
         c, _ = state
@@ -183,8 +187,15 @@ def _forward(x, w8, bias, threshold, max_outliers, impl):
                                      out_dtype=x.dtype, interpret=impl == "pallas_interpret",
                                      **GPU_CONFIG["small"])
     else:
-        chunk, count, cap, n_chunks = _outlier_chunks(x2, w8, outlier_cols, max_outliers)
+        chunk, count, cap, n_chunks, idx_all = _outlier_chunks(x2, w8, outlier_cols, max_outliers)
         sub_x, sub_w = chunk(0)  # fused into the int8 kernel's epilogue
+        if impl != "xla":
+            # columns past the cap: added by the kernel under an in-kernel branch on the count
+            cfg = dict(GPU_CONFIG["large"])
+            out = int8_gemm.fused_matmul(codes, sx, w8.codes, w8.row_absmax, sub_x, sub_w, None, bias,
+                                         overflow=(x2, idx_all, count, cap), out_dtype=x.dtype,
+                                         interpret=impl == "pallas_interpret", **cfg)
+            return out.reshape(*lead, w8.shape[0])
 
         def fast():
             return _int8_part(codes, sx, w8, sub_x, sub_w, None, bias, x.dtype, impl)
