@@ -47,7 +47,7 @@ def _tile_absmax(a_ref, kb, bh, half_block, nested_args, row0, col_base):
 
 def forward_body(xe_ref, xo_ref, p_ref, a_ref, *rest, bh, half_block, n_ktiles, values, decode,
                  nested, has_bias, mode, block_n, blocks_per_row, nested_blocksize, kchunk_blocks,
-                 interpret):
+                 orient, interpret):
     """One output tile: loop over byte tiles of this program's K range, decode, accumulate."""
     rest = list(rest)
     lut_ref = rest.pop(0) if decode == "gather" else None
@@ -72,17 +72,24 @@ def forward_body(xe_ref, xo_ref, p_ref, a_ref, *rest, bh, half_block, n_ktiles, 
         dims = (((1,), (1,)), ((), ()))
         prec = _precision(cdt)
 
+        # orient "wx": the decoded weight tile is the dot's left operand and the result the
+        # transposed tile (Hopper's wgmma takes its left operand from registers, its right
+        # from shared memory), transposed once at the end
+        wx = orient == "wx"
+
         def body(kb, acc):
             hi, lo = weights(kb)
             xe = xe_ref[:, pl.ds(kb * bh, bh)]
             xo = xo_ref[:, pl.ds(kb * bh, bh)]
-            acc += jax.lax.dot_general(xe, hi.astype(cdt), dims, precision=prec,
-                                       preferred_element_type=jnp.float32)
-            acc += jax.lax.dot_general(xo, lo.astype(cdt), dims, precision=prec,
-                                       preferred_element_type=jnp.float32)
+            for xs, w in ((xe, hi), (xo, lo)):
+                a, b = (w.astype(cdt), xs) if wx else (xs, w.astype(cdt))
+                acc += jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
             return acc
 
-        acc = jax.lax.fori_loop(0, n_ktiles, body, jnp.zeros((bm, block_n), jnp.float32))
+        shape = (block_n, bm) if wx else (bm, block_n)
+        acc = jax.lax.fori_loop(0, n_ktiles, body, jnp.zeros(shape, jnp.float32))
+        if wx:
+            acc = acc.T
     else:  # "fma": a few rows, elementwise multiply-add into [BN, BH] accumulators, one reduce
         def body(kb, accs):
             hi, lo = weights(kb)
@@ -108,7 +115,7 @@ def forward_body(xe_ref, xo_ref, p_ref, a_ref, *rest, bh, half_block, n_ktiles, 
 def fused_forward(xe, xo, packed, absmax, *, quant_type, blocksize, nested_absmax=None,
                   nested_code=None, offset=None, nested_blocksize=256, bias=None, block_m=BM,
                   block_n=BN, block_h=BH, splits=1, mode="dot", decode="select", out_dtype=None,
-                  num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=False):
+                  orient="xw", num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=False):
     """The raw launch. Shapes must already tile exactly (the wrapper pads):
 
     xe, xo  [M, K/2]  x's even / odd columns (M a multiple of block_m)
@@ -165,7 +172,9 @@ def fused_forward(xe, xo, packed, absmax, *, quant_type, blocksize, nested_absma
         forward_body, bh=block_h, half_block=half_block, n_ktiles=kc // block_h, values=values,
         decode=decode, nested=nested, has_bias=bias is not None, mode=mode, block_n=block_n,
         blocks_per_row=blocks_per_row, nested_blocksize=nested_blocksize,
-        kchunk_blocks=kchunk_blocks, interpret=interpret)
+        kchunk_blocks=kchunk_blocks, orient=orient, interpret=interpret)
+    if orient not in ("xw", "wx"):
+        raise ValueError(f"orient must be 'xw' or 'wx', got {orient!r}")
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,

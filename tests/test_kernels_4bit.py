@@ -122,6 +122,19 @@ def test_gather_decode_and_blocksize_128(rng, monkeypatch, section):
         assert _rel(y, _oracle(x, q)) < TOL["float32"]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gemm_weight_left_orientation(rng, monkeypatch, dtype):
+    # orient "wx": W tile as the dot's left operand, transposed result; same numbers
+    cfg = {key: dict(val) for key, val in kern.GPU_CONFIG.items()}
+    cfg["gemm"]["orient"] = "wx"
+    monkeypatch.setattr(kern, "GPU_CONFIG", cfg)
+    x, q = _case(rng, 40, 512, 80, "nf4", True, dtype)
+    y = matmul_4bit(x, q, impl="pallas_interpret")
+    assert y.shape == (40, 80)
+    assert _rel(y, _oracle(x, q)) < TOL[dtype]
+    assert _rel(y, matmul_4bit_reference(x, q)) < TOL_REF[dtype]
+
+
 def test_tiled_large_m_path(rng, monkeypatch):
     monkeypatch.setattr(kern, "TILED_MIN_M", 32)
     monkeypatch.setattr(kern, "TILE_ROWS", 32)
