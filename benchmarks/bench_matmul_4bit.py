@@ -277,19 +277,16 @@ def bench_bnb(ms, ns):
 def sweep_plan():
     """(M, GPU_CONFIG section or None, config, module attributes) to time at N=14336."""
     plan = []
-    gemm = lambda **kw: dict(dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="xw", num_warps=8,
+    dot = lambda **kw: dict(dict(block_n=64, block_h=128, splits=4, decode="prmt", orient="xw", num_warps=4,
+                                 num_stages=3), **kw)
+    for kw in [{}, dict(orient="wx"), dict(orient="wx", block_n=128), dict(orient="wx", num_warps=8),
+               dict(orient="wx", block_h=64), dict(orient="wx", splits=2), dict(orient="wx", splits=8)]:
+        plan.append((16, "gemv_dot", dot(**kw), {}))
+    gemm = lambda **kw: dict(dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="wx", num_warps=8,
                                   num_stages=4), **kw)
-    for kw in [{}, dict(orient="wx"), dict(orient="wx", num_stages=3), dict(orient="wx", block_n=64, num_warps=4),
-               dict(orient="wx", block_m=64, num_warps=4), dict(orient="wx", block_n=64, num_warps=8),
-               dict(orient="wx", block_m=64, block_n=64, num_warps=4)]:
+    for kw in [{}, dict(block_h=128, num_stages=3), dict(block_h=32), dict(block_m=64, block_n=256),
+               dict(num_warps=4)]:
         plan.append((128, "gemm", gemm(**kw), {}))
-    big = dict(TILED_MIN_M=1 << 30)  # the fused GEMM instead of the band path
-    plan.append((1024, None, {}, {}))
-    for kw in [dict(orient="wx"), dict(orient="wx", block_n=256)]:
-        plan.append((1024, "gemm", gemm(**kw), big))
-    plan.append((4096, None, {}, {}))
-    for kw in [dict(orient="wx"), {}]:
-        plan.append((4096, "gemm", gemm(**kw), big))
     return plan
 
 

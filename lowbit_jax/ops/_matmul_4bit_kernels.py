@@ -29,7 +29,7 @@ GPU_CONFIG = {
     # ("gemv_dot"); fp32 x with 1..FMA_MAX_ROWS rows: elementwise multiply-add ("gemv_fma")
     "gemv_fma": dict(block_n=128, block_h=64, splits=8, decode="prmt", num_warps=4, num_stages=3),
     "gemv_dot": dict(block_n=64, block_h=128, splits=4, decode="prmt", num_warps=4, num_stages=3),
-    "gemm": dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="xw", num_warps=8, num_stages=4),
+    "gemm": dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="wx", num_warps=8, num_stages=4),
     "bwd": dict(block_m=64, block_n=64, block_h=64, decode="prmt", num_warps=4, num_stages=3),
     # the band decode of the large-M path (pallas_kernels.dequant_4bit)
     "dequant": dict(block_rows=32, blocks=4, num_warps=4),

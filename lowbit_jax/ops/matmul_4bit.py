@@ -26,10 +26,13 @@ def _check(x, q):
 def matmul_4bit_reference(x, q, bias=None):
     """The jnp reference: dequantize to x's dtype, then a dense matmul with fp32 accumulation.
 
-    Materialises W; used on the CPU and as the oracle for the GPU kernels.
+    Materialises W; used on the CPU and as the oracle for the GPU kernels. fp32 x gets a
+    full-precision dot (on a GPU XLA's default would use TF32 and differ from the kernels,
+    which multiply fp32 at full precision, by ~3e-4 relative).
     """
     w = quant.dequantize_4bit(q, x.dtype)
-    y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32)
+    prec = jax.lax.Precision.HIGHEST if jnp.dtype(x.dtype) == jnp.dtype(jnp.float32) else None
+    y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32, precision=prec)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
