@@ -277,16 +277,12 @@ def bench_bnb(ms, ns):
 def sweep_plan():
     """(M, GPU_CONFIG section or None, config, module attributes) to time at N=14336."""
     plan = []
-    dot = lambda **kw: dict(dict(block_n=64, block_h=128, splits=4, decode="prmt", orient="xw", num_warps=4,
-                                 num_stages=3), **kw)
-    for kw in [{}, dict(orient="wx"), dict(orient="wx", block_n=128), dict(orient="wx", num_warps=8),
-               dict(orient="wx", block_h=64), dict(orient="wx", splits=2), dict(orient="wx", splits=8)]:
-        plan.append((16, "gemv_dot", dot(**kw), {}))
-    gemm = lambda **kw: dict(dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="wx", num_warps=8,
-                                  num_stages=4), **kw)
-    for kw in [{}, dict(block_h=128, num_stages=3), dict(block_h=32), dict(block_m=64, block_n=256),
-               dict(num_warps=4)]:
-        plan.append((128, "gemm", gemm(**kw), {}))
+    rows = lambda **kw: dict(dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, x3d=False, persistent=0,
+                                  num_warps=4, num_stages=1), **kw)
+    for kw in [{}, dict(persistent=264), dict(persistent=396), dict(persistent=528), dict(persistent=660),
+               dict(persistent=528, blocks_per_iter=8), dict(persistent=264, num_warps=8),
+               dict(persistent=396, block_n=16, num_warps=8)]:
+        plan.append((1, "gemv", rows(**kw), {}))
     return plan
 
 
