@@ -135,6 +135,13 @@ def test_gemm_weight_left_orientation(rng, monkeypatch, dtype):
     assert _rel(y, matmul_4bit_reference(x, q)) < TOL_REF[dtype]
 
 
+def test_band_crossover():
+    # many rows, or a GEMM grid too small for the GPU (N=4096 at M=128), take the band path
+    assert kern.use_bands(kern.TILED_MIN_M, 14336) and kern.use_bands(4096, 64)
+    assert kern.use_bands(128, 4096) and not kern.use_bands(128, 14336)
+    assert not kern.use_bands(16, 4096) and not kern.use_bands(127, 1024)
+
+
 def test_tiled_large_m_path(rng, monkeypatch):
     monkeypatch.setattr(kern, "TILED_MIN_M", 32)
     monkeypatch.setattr(kern, "TILE_ROWS", 32)

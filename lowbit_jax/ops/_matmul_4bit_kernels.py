@@ -7,8 +7,10 @@ quantization is undone in-kernel (uint8 absmax codes, nested scales, offset).
 
 Which kernel, by rows of x (M): one row of bf16/fp16 x, the row-sum GEMV (``gemv_4bit``);
 up to ``GEMV_MAX_M`` rows, the split-K tensor-core GEMV (``gemm_4bit`` in dot mode, or fma
-mode for a few fp32 rows); up to ``TILED_MIN_M``, the fused GEMM; from there, a band of W's
-rows at a time decoded by ``dequant_4bit`` and multiplied by XLA's dot. Launch parameters
+mode for a few fp32 rows); up to ``TILED_MIN_M``, the fused GEMM (the decoded W tile as the
+dot's left operand, ``orient="wx"``), except for narrow layers whose GEMM grid would leave
+SMs idle (``use_bands``); from there, a band of W's rows at a time decoded by
+``dequant_4bit`` and multiplied by XLA's dot. Launch parameters
 live in ``GPU_CONFIG`` so a benchmark can sweep them (best of sweeps on an H100,
 benchmarks/KERNEL_NOTES.md); the decode is the inline-PTX ``prmt`` one, fp32 activations fall
 back to the exact select tree inside the kernels.
@@ -43,6 +45,10 @@ FMA_MAX_ROWS = 4  # fp32 x: rows up to which the elementwise multiply-add beats 
 # tile, costs more than one decode pass plus a vendor GEMM. A scan over the bands keeps one band
 # (<= TILE_ROWS x K in x's dtype, at most half the weight) alive at a time.
 TILED_MIN_M = 512
+# ... and from BAND_MIN_M rows when the GEMM would launch fewer than GEMM_MIN_PROGRAMS output
+# tiles (a narrow layer leaves most SMs idle): N=4096, M=128 took 57.3 us in the GEMM, 51.0 in bands
+BAND_MIN_M = 128
+GEMM_MIN_PROGRAMS = 64
 TILE_ROWS = 4096
 
 
@@ -104,13 +110,22 @@ def _half(dtype) -> bool:
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def use_bands(m: int, n: int) -> bool:
+    """Whether ``m`` rows of x against ``n`` weight rows take the band path (see TILED_MIN_M)."""
+    if m >= TILED_MIN_M:
+        return True
+    cfg = GPU_CONFIG["gemm"]
+    programs = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"])
+    return m >= BAND_MIN_M and programs < GEMM_MIN_PROGRAMS
+
+
 def forward(x, q, bias=None, *, interpret=False):
     """``x @ W.T (+ bias)``: GEMV (M <= GEMV_MAX_M), GEMM, or band decode + XLA dot (large M)."""
     n, k = q.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m >= TILED_MIN_M:
+    if use_bands(m, n):
         return tiled_forward(x2, q, bias, interpret=interpret).reshape(*lead, n)
     ops = operands(q)
     if m == 1 and _half(x.dtype) and q.blocksize <= 256:
