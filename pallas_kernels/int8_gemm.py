@@ -5,8 +5,9 @@ cast to the output dtype. ``codes_x`` [M, K] are x's row-wise int8 codes (outlie
 ``codes_w`` [N, K] the weight's (bitsandbytes' ``CB``), ``sx``/``sw`` their fp32 row absmax
 (``SCA``/``SCB``). ``sub_x`` [M, C] / ``sub_w`` [N, C] are the outlier columns of x and the
 matching dequantized weight columns (16-bit, C small): their product is one more tensor-core
-dot in the epilogue. ``extra`` [M, N] is an optional additive term (used only when more
-outlier columns than C occur). The int32 accumulator lives in registers only: the epilogue
+dot in the epilogue; outlier columns past those C are added by the kernel itself under an
+in-kernel branch on their count (``overflow``). ``extra`` [M, N] is an optional additive term.
+The int32 accumulator lives in registers only: the epilogue
 rescales it, adds the outlier product and bias, and writes the final dtype, so no int32 or
 fp32 [M, N] tensor reaches HBM (bitsandbytes writes the int32 result, dequantizes it in a
 second kernel, computes the outlier matmul in a third and adds it in a fourth).
@@ -14,7 +15,9 @@ second kernel, computes the outlier matmul in a third and adds it in a fourth).
 Small M (decode, M <= 16) is bandwidth-bound on the int8 weight: there ``splits > 1`` cuts K
 into chunks handled by separate programs (more programs than SMs, so the whole HBM bandwidth
 is used), each writing exact int32 partials; the caller sums them (integer adds are exact)
-and applies the same epilogue with :func:`epilogue`.
+and applies the same epilogue with :func:`epilogue`. There the outlier columns arrive as two
+int8 digits of x (:func:`outlier_digits`) and cost two more int8 dots per W tile;
+:func:`digits_reference` is the same product as one XLA int8 dot over stacked rows.
 
 Launch config at the top, the jnp reference beside the kernel, the public wrapper at the
 bottom. Imports only jax.
