@@ -213,7 +213,7 @@ def cmd_finetune(args) -> int:
     cfg = FinetuneConfig(
         model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, learning_rate=args.lr, r=args.rank, lora_alpha=args.alpha or 2.0 * args.rank,
-        mlp=args.mlp, double_quant=not args.no_double_quant, remat=not args.no_remat, baseline=args.baseline,
+        lora_dropout=args.lora_dropout, mlp=args.mlp, double_quant=not args.no_double_quant, remat=not args.no_remat, baseline=args.baseline,
         seeds=args.seeds, heldout_fraction=args.heldout_fraction, merge=args.merge, sample_tokens=args.sample_tokens,
         progress=not args.no_progress)
     run(cfg)
@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' inputs while training")
     p.add_argument("--mlp", action="store_true", help="adapters on gate/up/down_proj too")
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing them")

@@ -231,6 +231,44 @@ def test_qlora_step_learns_and_remat_is_exact(ckpt, rng):
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.05, losses
 
 
+def test_lora_dropout_in_the_model(ckpt, rng):
+    """PEFT's lora_dropout in the Llama forward: only the adapters' inputs are dropped (zero-B
+    adapters give the base output whatever the key), one key gives one output, another key
+    another; without a key it refuses; a training step with dropout learns."""
+    from lowbit_jax.optim import adamw8bit
+
+    m = load_pretrained(ckpt, quant=None, compute_dtype="float32", progress=False)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=ALL)
+    params = adapters.add_adapters(m.params, lora, jax.random.key(1))
+    toks = _tokens(rng, m.config)
+    base = forward(params, toks, m.config, lora_scale=lora.scale)
+    drop = lambda p, k: forward(p, toks, m.config, lora_scale=lora.scale, lora_dropout=0.3, dropout_rng=k)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(drop(params, jax.random.key(0))), np.asarray(base))  # B = 0
+    live = _randomize_b(params, np.random.default_rng(2), scale=0.2)
+    ref = np.asarray(forward(live, toks, m.config, lora_scale=lora.scale))
+    y0, y0b, y1 = (np.asarray(drop(live, jax.random.key(k))) for k in (0, 0, 1))
+    np.testing.assert_array_equal(y0, y0b)
+    assert not np.allclose(y0, ref) and not np.allclose(y0, y1)
+    # a vanishing rate keeps (almost) every input and rescales by 1/(1-p): the adapted output
+    tiny = forward(live, toks, m.config, lora_scale=lora.scale, lora_dropout=1e-7, dropout_rng=jax.random.key(3))
+    assert _rel(tiny, ref) < 1e-5
+    with pytest.raises(ValueError, match="dropout_rng"):
+        forward(live, toks, m.config, lora_dropout=0.3)
+    ids = rng.integers(0, m.config.vocab_size, (4, 17)).astype(np.int32)
+    batch = {"tokens": ids[:, :-1], "targets": ids[:, 1:], "mask": np.ones((4, 16), np.float32)}
+    loss_fn = train_mod.make_loss(m.config, jnp.float32, lora.scale, remat=True, lora_dropout=lora.dropout)
+    with pytest.raises(ValueError, match="dropout_key"):
+        loss_fn(*split_trainable(live), batch)
+    opt = adamw8bit(1e-2, weight_decay=0.0)
+    trainable, frozen, opt_state = train_mod.setup(params, opt)
+    step = train_mod.make_step(loss_fn, opt)
+    losses = []
+    for i in range(8):
+        trainable, opt_state, loss = step(trainable, opt_state, frozen, dict(batch, dropout_key=jax.random.key(i)))
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.05, losses
+
+
 def test_cli_finetune_end_to_end(ckpt, tmp_path, capsys):
     from lowbit_jax.cli import main
 
@@ -240,7 +278,8 @@ def test_cli_finetune_end_to_end(ckpt, tmp_path, capsys):
             f.write(json.dumps({"prompt": f"Say the word number {i}.", "response": f"Word {i}: " + "spam " * (i % 4 + 1)}) + "\n")
     out = tmp_path / "run"
     rc = main(["finetune", "--model", ckpt, "--data", str(data), "--steps", "3", "--batch-size", "2", "--seq-len", "32",
-               "--rank", "4", "--merge", "--out", str(out), "--no-progress", "--heldout-fraction", "0.25"])
+               "--rank", "4", "--merge", "--out", str(out), "--no-progress", "--heldout-fraction", "0.25",
+               "--lora-dropout", "0.05"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "held-out perplexity" in text
@@ -248,6 +287,8 @@ def test_cli_finetune_end_to_end(ckpt, tmp_path, capsys):
     assert [r["variant"] for r in summary["runs"]] == ["qlora"]
     assert all(len(r["losses"]) == 3 and np.isfinite(r["heldout_ppl_after"]) for r in summary["runs"])
     assert summary["runs"][0]["optimizer"] == "adamw8bit" and summary["config"]["double_quant"]
+    assert summary["config"]["lora_dropout"] == 0.05
+    assert json.load(open(out / "adapter" / "adapter_config.json"))["lora_dropout"] == 0.05
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "adapter" / "adapter_config.json").exists()
     assert (out / "merged" / "model.safetensors").exists() and (out / "loss_curves.json").exists()
     m = summary["merge"]

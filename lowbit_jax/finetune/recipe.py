@@ -48,6 +48,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     r: int = 16
     lora_alpha: float = 32.0
+    lora_dropout: float = 0.0  # PEFT's lora_dropout on the adapters' inputs (training steps only)
     mlp: bool = False
     double_quant: bool = True
     blocksize: int = 64
@@ -64,7 +65,7 @@ class FinetuneConfig:
 
     @property
     def lora(self) -> LoraConfig:
-        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=0.0,
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=ATTENTION + (MLP if self.mlp else ()))
 
 
@@ -123,7 +124,7 @@ def run_variant(name: str, model, cfg: FinetuneConfig, train_set, held_set, seed
     trainable, frozen, opt_state = train_mod.setup(params, opt)
     eval_fn = train_mod.make_eval(model.config, dtype, lora.scale)
     before = train_mod.row_nll(eval_fn, params, held_set, cfg.eval_batch_size)
-    step = train_mod.make_step(train_mod.make_loss(model.config, dtype, lora.scale, cfg.remat), opt)
+    step = train_mod.make_step(train_mod.make_loss(model.config, dtype, lora.scale, cfg.remat, lora.dropout), opt)
     res = train_mod.train(step, trainable, opt_state, frozen, train_set, steps=cfg.steps, batch_size=cfg.batch_size,
                           seed=seed, desc=f"{name} (seed {seed})", progress=cfg.progress)
     params = combine(res.trainable, frozen)

@@ -33,12 +33,20 @@ def masked_nll(logits, targets, mask):
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def make_loss(config: LlamaConfig, compute_dtype, lora_scale: float, remat: bool = True) -> Callable:
-    """``loss(trainable, frozen, batch) -> mean NLL`` over the batch's assistant tokens."""
+def make_loss(config: LlamaConfig, compute_dtype, lora_scale: float, remat: bool = True,
+              lora_dropout: float = 0.0) -> Callable:
+    """``loss(trainable, frozen, batch) -> mean NLL`` over the batch's assistant tokens.
+
+    ``lora_dropout`` > 0 drops the adapters' inputs with the key ``batch["dropout_key"]``
+    (``train`` puts a fresh one in every batch)."""
 
     def loss_fn(trainable, frozen, batch):
         params = combine(trainable, frozen)
-        logits = forward(params, batch["tokens"], config, compute_dtype, remat=remat, lora_scale=lora_scale)
+        key = batch.get("dropout_key") if lora_dropout > 0.0 else None
+        if lora_dropout > 0.0 and key is None:
+            raise ValueError("lora_dropout > 0: the batch needs a 'dropout_key' (a jax.random key per step)")
+        logits = forward(params, batch["tokens"], config, compute_dtype, remat=remat, lora_scale=lora_scale,
+                         lora_dropout=lora_dropout, dropout_rng=key)
         total, count = masked_nll(logits, batch["targets"], batch["mask"])
         return total / jnp.maximum(count, 1.0)
 
@@ -118,12 +126,15 @@ def train(step_fn, trainable, opt_state, frozen, data, *, steps: int, batch_size
     from tqdm.auto import tqdm
 
     losses, t_first, tokens_after_first = [], None, 0
+    dropout_root = jax.random.key(seed + 7919)
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     epoch = 0
     done = 0
     while done < steps:
         for batch in data.batches(batch_size, seed=seed * 1000 + epoch, drop_last=len(data) >= batch_size):
+            # a fresh LoRA-dropout key every step (unused by a loss without dropout)
+            batch = dict(batch, dropout_key=jax.random.fold_in(dropout_root, done))
             trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch)
             loss = float(loss)  # syncs: the timing below is of finished steps
             losses.append(loss)

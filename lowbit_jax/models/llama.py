@@ -63,19 +63,28 @@ def apply_rope(x, positions, inv_freq):
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def _linear(x, p, compute_dtype, int8_threshold, lora_scale=1.0, tp=None, path=""):
-    """One projection; with a tensor-parallel plan ``tp`` the weight at tree ``path`` runs per shard."""
+# a fixed number per projection: its LoRA dropout stream is fold_in(layer key, number)
+_PROJ_IDS = {name: i for i, name in enumerate(
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))}
+
+
+def _linear(x, p, compute_dtype, int8_threshold, lora_scale=1.0, tp=None, path="", lora_dropout=0.0, rng=None):
+    """One projection; with a tensor-parallel plan ``tp`` the weight at tree ``path`` runs per shard.
+    ``lora_dropout`` with a key ``rng`` drops the adapter's input as PEFT does (training only)."""
     if tp is not None:
         y = tp.linear(x, p["kernel"], p.get("bias"), path, compute_dtype=compute_dtype, int8_threshold=int8_threshold)
     else:
         y = quantized_linear(x, p["kernel"], p.get("bias"), int8_threshold=int8_threshold, compute_dtype=compute_dtype)
     if "lora_A" in p:  # a LoRA adapter beside the frozen kernel (lowbit_jax.finetune): PEFT's W x + s x A B
-        y = y + lora_delta(x, p["lora_A"], p["lora_B"], lora_scale).astype(y.dtype)
+        y = y + lora_delta(x, p["lora_A"], p["lora_B"], lora_scale, dropout=lora_dropout, rng=rng).astype(y.dtype)
     return y
 
 
-def _named_linear(lp, compute_dtype, int8_threshold, lora_scale, tp, x, name):
-    return _linear(x, lp[name], compute_dtype, int8_threshold, lora_scale, tp, f"['layers']['{name}']['kernel']")
+def _named_linear(lp, compute_dtype, int8_threshold, lora_scale, tp, x, name, lora_dropout=0.0, rng=None):
+    if rng is not None:
+        rng = jax.random.fold_in(rng, _PROJ_IDS[name])
+    return _linear(x, lp[name], compute_dtype, int8_threshold, lora_scale, tp, f"['layers']['{name}']['kernel']",
+                   lora_dropout=lora_dropout, rng=rng)
 
 
 def _attention(q, k, v, q_pos, k_pos, k_valid, config: LlamaConfig):
@@ -94,9 +103,9 @@ def _attention(q, k, v, q_pos, k_pos, k_valid, config: LlamaConfig):
 
 
 def _layer(h, lp, positions, cache_k, cache_v, cache_valid, write_pos, config, compute_dtype, int8_threshold,
-           lora_scale=1.0, tp=None):
+           lora_scale=1.0, tp=None, lora_dropout=0.0, rng=None):
     b, t, _ = h.shape
-    lin = partial(_named_linear, lp, compute_dtype, int8_threshold, lora_scale, tp)
+    lin = partial(_named_linear, lp, compute_dtype, int8_threshold, lora_scale, tp, lora_dropout=lora_dropout, rng=rng)
     x = rms_norm(h, lp["input_norm"], config.rms_norm_eps)
     q = lin(x, "q_proj").reshape(b, t, config.num_attention_heads, config.head_dim)
     k = lin(x, "k_proj").reshape(b, t, config.num_key_value_heads, config.head_dim)
@@ -131,9 +140,10 @@ def _logits(params, h, config, compute_dtype, int8_threshold, tp=None):
     return jnp.einsum("bth,vh->btv", h.astype(compute_dtype), emb.astype(compute_dtype), preferred_element_type=jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold", "remat", "lora_scale", "tp"))
+@partial(jax.jit, static_argnames=("config", "compute_dtype", "int8_threshold", "remat", "lora_scale", "tp",
+                                   "lora_dropout"))
 def forward(params, tokens, config: LlamaConfig, compute_dtype=jnp.float32, int8_threshold: float = 6.0,
-            remat: bool = False, lora_scale: float = 1.0, tp=None):
+            remat: bool = False, lora_scale: float = 1.0, tp=None, lora_dropout: float = 0.0, dropout_rng=None):
     """Logits [B, T, V] (float32) for a full sequence, causal attention, no cache.
 
     ``tp`` (a ``lowbit_jax.sharding.TensorParallel``) runs the layers on its mesh: the params
@@ -142,19 +152,30 @@ def forward(params, tokens, config: LlamaConfig, compute_dtype=jnp.float32, int8
 
     ``remat`` recomputes each layer in the backward pass (gradient checkpointing: one layer's
     activations live at a time); ``lora_scale`` (lora_alpha / r) scales any ``lora_A``/``lora_B``
-    adapters found beside the layer kernels.
+    adapters found beside the layer kernels. ``lora_dropout`` > 0 with a key ``dropout_rng``
+    drops each adapter's input (PEFT's ``lora_dropout``; one stream per layer and projection):
+    for training steps, never for evaluation or decoding.
     """
+    if lora_dropout > 0.0 and dropout_rng is None:
+        raise ValueError("lora_dropout > 0 needs dropout_rng (a jax.random key)")
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
     h = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
+    drop = lora_dropout > 0.0
 
-    def body(h, lp):
-        h, _, _ = _layer(h, lp, positions, None, None, None, 0, config, compute_dtype, int8_threshold, lora_scale, tp)
+    def body(h, xs):
+        lp, key = xs if drop else (xs, None)
+        h, _, _ = _layer(h, lp, positions, None, None, None, 0, config, compute_dtype, int8_threshold, lora_scale, tp,
+                         lora_dropout=lora_dropout, rng=key)
         return h, None
 
     if remat:
         body = jax.checkpoint(body)
-    h, _ = jax.lax.scan(body, h, params["layers"])
+    layers = params["layers"]
+    if drop:
+        n_layers = jax.tree.leaves(layers)[0].shape[0]
+        layers = (layers, jax.random.split(dropout_rng, n_layers))
+    h, _ = jax.lax.scan(body, h, layers)
     return _logits(params, h, config, compute_dtype, int8_threshold, tp)
 
 
