@@ -189,16 +189,12 @@ def bench_jax(ms, n, bw):
             mi = importlib.import_module("lowbit_jax.ops.matmul_int8")
             # "pallas" is what matmul_int8 runs on a GPU (small M: mi.SMALL_ENGINE decides);
             # "splitk" forces the Pallas split-K kernel for small M, so both engines are timed
-            variants = [("pallas", "pallas", mi.SMALL_ENGINE, mi.SMALL_ROWS_MULTIPLE),
-                        ("xla", "xla", mi.SMALL_ENGINE, mi.SMALL_ROWS_MULTIPLE)]
+            variants = [("pallas", "pallas", mi.SMALL_ENGINE), ("xla", "xla", mi.SMALL_ENGINE)]
             if m <= mi.SMALL_MAX_M:
-                variants.append(("splitk", "pallas", "pallas", 1))
-                if thr > 0:  # the stacked codes + digits padded with zero rows to 32 / 64
-                    variants += [(f"rows{r}", "pallas", "xla", r) for r in (32, 64)]
-            for label, impl, engine, rows_mult in variants:
+                variants.append(("splitk", "pallas", "pallas"))
+            for label, impl, engine in variants:
                 name = f"lowbit_{label}_thr{thr:g}"
                 saved, mi.SMALL_ENGINE = mi.SMALL_ENGINE, engine
-                saved_rows, mi.SMALL_ROWS_MULTIPLE = mi.SMALL_ROWS_MULTIPLE, rows_mult
                 f = chained_passes(lambda x, q, impl=impl, thr=thr: ops.matmul_int8(x, q, thr, impl=impl))
                 try:
                     row[name] = jax_time(f, xs, qs, passes=p)
@@ -207,7 +203,6 @@ def bench_jax(ms, n, bw):
                     row[name] = f"ERR {type(e).__name__}: {str(e)[:300]}"
                 finally:
                     mi.SMALL_ENGINE = saved
-                    mi.SMALL_ROWS_MULTIPLE = saved_rows
             _, _, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
             row["outlier_cols_found"] = int(np.asarray(mask).sum())
         if isinstance(row.get("lowbit_pallas_thr6"), float):

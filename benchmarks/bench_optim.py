@@ -229,17 +229,10 @@ def sweep(results):
 
     configs = [("lut", 32, 4), ("lut", 64, 4), ("lut", 32, 8)]
     configs += [("segments", r, w) for r in (4, 8, 16) for w in (2, 4, 8)]
-    for guess in ("select", "chain"):
-        K.SEGMENT_GUESS = guess
-        jax.clear_caches()
-        for quantizer, rows, warps in configs:
-            if guess == "chain" and quantizer == "lut":
-                continue
-            name = f"sweep {quantizer}{'-' + guess if quantizer == 'segments' else ''} rows={rows} warps={warps}"
-            _guard(lambda: bench_inplace(jnp.float32, name, results, 16, quantizer=quantizer, rows=rows,
-                                         num_warps=warps))
-    K.SEGMENT_GUESS = "select"
-    jax.clear_caches()
+    for quantizer, rows, warps in configs:
+        name = f"sweep {quantizer} rows={rows} warps={warps}"
+        _guard(lambda: bench_inplace(jnp.float32, name, results, 16, quantizer=quantizer, rows=rows,
+                                     num_warps=warps))
     exact_req, exact_deq = K._requantize, K._dequantize
 
     def req_nogather(x, table_ref, quantizer, pieces=None):

@@ -35,68 +35,43 @@ from pallas_kernels import _4bit_common as c4
 ROWS, ROW_BLOCKS = 8, 16  # weight rows a program, quantization blocks of each an iteration
 
 
-def _block_sums(p, a, u, row0, col0, *, values, nested_refs, blocks_per_row, nested_blocksize, n_nested,
-                xdtype, interpret):
-    """[bn, tb] per-block dot products of the weight tile with x, times each block's absmax.
-
-    ``p`` [bn, tb, hb] uint8 codes, ``a`` [bn, tb] absmax (uint8 codes when ``nested_refs`` =
-    (nested code, nested absmax, offset) refs: double quantization undone here with the flat
-    block index from ``row0``/``col0``), ``u`` [(1,) tb, hb] x's (even, odd) pairs as uint32.
-    """
-    bn, tb = a.shape
-    if nested_refs is not None:
-        ncode_ref, nabs_ref, off_ref = nested_refs
-        flat = ((jax.lax.broadcasted_iota(jnp.int32, (bn, tb), 0) + row0) * blocks_per_row
-                + jax.lax.broadcasted_iota(jnp.int32, (bn, tb), 1) + col0)
-        nidx = jnp.minimum(flat // nested_blocksize, n_nested - 1)  # padded rows: clamp
-        a = ncode_ref[a.astype(jnp.int32)] * nabs_ref[nidx] + off_ref[0]
-    if u.ndim == 2:
-        u = u[None]
-    # x's even/odd elements are the low/high halves of each 32-bit pair; bf16 -> fp32 is a
-    # shift, fp16 a convert
-    if xdtype == jnp.dtype(jnp.bfloat16):
-        xe = jax.lax.bitcast_convert_type(u << 16, jnp.float32)
-        xo = jax.lax.bitcast_convert_type(u & jnp.uint32(0xFFFF0000), jnp.float32)
-    else:
-        xe = jax.lax.bitcast_convert_type((u & jnp.uint32(0xFFFF)).astype(jnp.uint16), jnp.float16)
-        xo = jax.lax.bitcast_convert_type((u >> 16).astype(jnp.uint16), jnp.float16)
-        xe, xo = xe.astype(jnp.float32), xo.astype(jnp.float32)
-    hi, lo = c4.decode16(p, values, xdtype, interpret)
-    part = jnp.sum(hi.astype(jnp.float32) * xe + lo.astype(jnp.float32) * xo, axis=2)
-    return part * a.astype(jnp.float32)
-
-
-def _trailing_refs(rest, nested, has_bias):
-    """(nested (code, absmax, offset) refs or None, bias ref or None, output ref)."""
-    rest = list(rest)
-    nested_refs = (rest.pop(0), rest.pop(0), rest.pop(0)) if nested else None
-    bias_ref = rest.pop(0) if has_bias else None
-    (o_ref,) = rest
-    return nested_refs, bias_ref, o_ref
-
-
 def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
                  blocks_per_row, nested_blocksize, n_nested, kchunk_blocks, prefetch, xdtype,
-                 x3d, interpret):
+                 interpret):
     """``bn`` output rows: stream ``tb`` blocks (tb * blocksize/2 contiguous bytes) of each
     row per iteration; per block a dot product in fp32, times its absmax; sum at the end."""
-    nested_refs, bias_ref, o_ref = _trailing_refs(rest, nested, has_bias)
+    rest = list(rest)
+    if nested:
+        ncode_ref, nabs_ref, off_ref = rest.pop(0), rest.pop(0), rest.pop(0)
+    bias_ref = rest.pop(0) if has_bias else None
+    (o_ref,) = rest
     row0 = pl.program_id(0) * bn
     col_base = pl.program_id(1) * kchunk_blocks
 
     def load(it):
         cols = pl.ds(it * tb, tb)
-        # x3d: x as a [1, tb, hb] tile, which Triton lays out like the weight tile it broadcasts
-        # over (no layout change between load and multiply) instead of a 2D slice of it
-        return p_ref[:, cols, :], a_ref[:, cols], (x_ref[:, cols, :] if x3d else x_ref[0, cols, :])
-
-    sums = functools.partial(
-        _block_sums, values=values, nested_refs=nested_refs,
-        blocks_per_row=blocks_per_row, nested_blocksize=nested_blocksize, n_nested=n_nested, xdtype=xdtype,
-        interpret=interpret)
+        return p_ref[:, cols, :], a_ref[:, cols], x_ref[0, cols, :]
 
     def compute(tiles, it, acc):
-        return acc + sums(*tiles, row0, col_base + it * tb)
+        p, a, u = tiles  # [bn, tb, hb] uint8, [bn, tb] absmax, [tb, hb] x pairs (uint32)
+        if nested:
+            shape = (bn, tb)
+            flat = ((jax.lax.broadcasted_iota(jnp.int32, shape, 0) + row0) * blocks_per_row
+                    + jax.lax.broadcasted_iota(jnp.int32, shape, 1) + (col_base + it * tb))
+            nidx = jnp.minimum(flat // nested_blocksize, n_nested - 1)  # padded rows: clamp
+            a = ncode_ref[a.astype(jnp.int32)] * nabs_ref[nidx] + off_ref[0]
+        # x's even/odd elements are the low/high halves of each 32-bit pair; bf16 -> fp32 is a
+        # shift, fp16 a convert
+        if xdtype == jnp.dtype(jnp.bfloat16):
+            xe = jax.lax.bitcast_convert_type(u << 16, jnp.float32)
+            xo = jax.lax.bitcast_convert_type(u & jnp.uint32(0xFFFF0000), jnp.float32)
+        else:
+            xe = jax.lax.bitcast_convert_type((u & jnp.uint32(0xFFFF)).astype(jnp.uint16), jnp.float16)
+            xo = jax.lax.bitcast_convert_type((u >> 16).astype(jnp.uint16), jnp.float16)
+            xe, xo = xe.astype(jnp.float32), xo.astype(jnp.float32)
+        hi, lo = c4.decode16(p, values, xdtype, interpret)
+        part = jnp.sum(hi.astype(jnp.float32) * xe[None] + lo.astype(jnp.float32) * xo[None], axis=2)
+        return acc + part * a.astype(jnp.float32)
 
     zeros = jnp.zeros((bn, tb), jnp.float32)
     if prefetch:
@@ -113,46 +88,9 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
     o_ref[...] = y.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
-def _rowsum_persistent_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
-                            blocks_per_row, nested_blocksize, n_nested, n_groups, n_programs, xdtype,
-                            interpret):
-    """Persistent variant: ``n_programs`` programs walk the ``n_groups`` groups of ``bn`` rows
-    (group pid, pid + n_programs, ...), and the next tile is prefetched across group
-    boundaries, so a program pays one load latency in total instead of one per group, and no
-    wave of programs runs a third full."""
-    nested_refs, bias_ref, o_ref = _trailing_refs(rest, nested, has_bias)
-    pid = pl.program_id(0)
-    count = (n_groups - pid + n_programs - 1) // n_programs
-
-    def load(group, it):
-        rows, cols = pl.ds(group * bn, bn), pl.ds(it * tb, tb)
-        return p_ref[rows, cols, :], a_ref[rows, cols], x_ref[0, cols, :]
-
-    sums = functools.partial(
-        _block_sums, values=values, nested_refs=nested_refs,
-        blocks_per_row=blocks_per_row, nested_blocksize=nested_blocksize, n_nested=n_nested, xdtype=xdtype,
-        interpret=interpret)
-
-    def group_body(j, tiles):
-        group = pid + j * n_programs
-        nxt_group = jnp.minimum(group + n_programs, n_groups - 1)  # past the end: a harmless reload
-        acc = jnp.zeros((bn, tb), jnp.float32)
-        for it in range(n_iters):  # static: the prefetch of the next group's first tile is explicit
-            nxt = load(group, it + 1) if it + 1 < n_iters else load(nxt_group, 0)
-            acc = acc + sums(*tiles, group * bn, it * tb)
-            tiles = nxt
-        y = jnp.sum(acc, axis=1)
-        if has_bias:
-            y = y + bias_ref[pl.ds(group * bn, bn)].astype(jnp.float32)
-        o_ref[pl.ds(group * bn, bn)] = y.astype(o_ref.dtype)
-        return tiles
-
-    jax.lax.fori_loop(0, count, group_body, load(pid, 0))
-
-
 def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, nested_code=None,
               offset=None, nested_blocksize=256, bias=None, block_n=ROWS, blocks_per_iter=ROW_BLOCKS,
-              splits=1, prefetch=True, x3d=False, persistent=0, num_warps=4, num_stages=1, interpret=False):
+              splits=1, prefetch=True, num_warps=4, num_stages=1, interpret=False):
     """``x @ W.T (+ bias)`` for ONE row of 16-bit x ``[1, K]``: ``[1, N]`` in x's dtype.
 
     ``packed`` ``[N, K/2]`` uint8 (N a multiple of ``block_n``), ``absmax`` ``[N, K/blocksize]``
@@ -197,34 +135,11 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
     else:
         out_shape = jax.ShapeDtypeStruct((splits, n), jnp.float32)
         out_spec = pl.BlockSpec((1, block_n), lambda j, s: (s, j))
-    if persistent:
-        if splits != 1:
-            raise ValueError("persistent needs splits == 1")
-        n_groups = n // block_n
-        progs = min(int(persistent), n_groups)
-        whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
-        specs = [whole((1, blocks, hb)), whole((n, blocks, hb)), whole((n, blocks))]
-        if nested:
-            specs += [whole((256,)), whole((nested_absmax.shape[0],)), whole((1,))]
-        if fuse_bias:
-            specs.append(whole((n,)))
-        kernel = functools.partial(
-            _rowsum_persistent_body, bn=block_n, tb=blocks_per_iter, n_iters=blocks // blocks_per_iter,
-            values=c4.table(quant_type), nested=nested, has_bias=fuse_bias, blocks_per_row=blocks,
-            nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[0] if nested else 0,
-            n_groups=n_groups, n_programs=progs, xdtype=jnp.dtype(x.dtype), interpret=interpret)
-        out = pl.pallas_call(
-            kernel, out_shape=jax.ShapeDtypeStruct((n,), x.dtype), grid=(progs,), in_specs=specs,
-            out_specs=whole((n,)),
-            compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-            interpret=interpret, name="gemv_4bit_persistent",
-        )(*args)
-        return out.reshape(1, n)
     kernel = functools.partial(
         _rowsum_body, bn=block_n, tb=blocks_per_iter, n_iters=kchunk_blocks // blocks_per_iter,
         values=c4.table(quant_type), nested=nested, has_bias=fuse_bias, blocks_per_row=blocks,
         nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[0] if nested else 0,
-        kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), x3d=x3d, interpret=interpret)
+        kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,

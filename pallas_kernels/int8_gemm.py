@@ -288,17 +288,16 @@ def outlier_digits(x, outlier_cols):
     return jnp.stack([d1, d2]).astype(jnp.int8), jnp.stack([s1, s2])
 
 
-def digits_reference(codes_x, sx, codes_w, sw, digits, bias=None, out_dtype=jnp.float32, rows_multiple=1):
+def digits_reference(codes_x, sx, codes_w, sw, digits, bias=None, out_dtype=jnp.float32):
     """The small-M product with outlier digits as ONE int8 dot in XLA: x's codes and its two
     outlier digits stacked as 3M rows against the weight (the vendor int8 GEMM reads W once),
     then the epilogue: ``acc0 * sx * sw / 127^2 + (acc1 * s1 + acc2 * s2) * sw / 127 + bias``.
-    ``rows_multiple`` pads the stacked rows with zero rows (a GEMM shape the autotuner may
-    serve better)."""
+    (Zero rows padding the 3M to 64 measured no faster on an H100: RESULTS.md.)"""
     m = codes_x.shape[0]
     dig, dsc = digits
-    stacked = _pad(jnp.concatenate([codes_x, dig[0], dig[1]], axis=0), 0, rows_multiple)
+    stacked = jnp.concatenate([codes_x, dig[0], dig[1]], axis=0)
     acc = jax.lax.dot_general(stacked, codes_w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-    acc0, acc1, acc2 = acc[:m], acc[m:2 * m], acc[2 * m:3 * m]
+    acc0, acc1, acc2 = acc[:m], acc[m:2 * m], acc[2 * m:]
     sw32 = sw.astype(jnp.float32)
     outl = acc1.astype(jnp.float32) * dsc[0][:, None] + acc2.astype(jnp.float32) * dsc[1][:, None]
     extra = outl * (sw32[None, :] * jnp.float32(INV_127))

@@ -140,44 +140,31 @@ def lut_segments(lut: np.ndarray):
     if first[:256].max() > 0xFFFF or gaps.max() > 0xFFFF:
         raise ValueError("rounding table thresholds do not fit 16 bits")
     packed = (first[:256] | (gaps << 16)).astype(np.uint32).view(np.int32)
-    # the check the kernel relies on, over every bin at once
-    start = np.zeros(LUT_SIZE, np.int64)
-    code = np.zeros(LUT_SIZE, np.int64)
-    slope = np.zeros(LUT_SIZE, np.float32)
+    # the check the kernel relies on, over every bin at once (per-bin constants, as it selects them)
+    start, code, slope = (np.zeros(LUT_SIZE, np.int64), np.zeros(LUT_SIZE, np.int64), np.zeros(LUT_SIZE, np.float32))
     for p0, c0, sl in pieces:
         sel = bins >= p0
         start[sel], code[sel], slope[sel] = p0, c0, sl
-    g = np.clip(code + np.floor((bins - start).astype(np.float32) * slope).astype(np.int64), 0, 255)
+    g = guess(start, code, slope, bins)
     if not np.array_equal(corrected(g, bins), lut):
         raise AssertionError("lut_segments does not reproduce the rounding table")
     return tuple(pieces), packed
 
 
-SEGMENT_GUESS = "select"  # how _segment_codes evaluates the pieces: "select" or "chain"
-
-
 def _segment_codes(idx, packed_ref, pieces):
-    """The table's code for every bin in ``idx``: piecewise guess, then one 1 KiB gather.
-
-    "select" picks each piece's three constants with selects (three live arrays);
-    "chain" evaluates every piece's guess and keeps the last one that applies (one live
-    array, more arithmetic). Both give the guess ``lut_segments`` checked.
-    """
-    if SEGMENT_GUESS == "select":
-        start = jnp.full(idx.shape, pieces[0][0], jnp.int32)
-        code = jnp.full(idx.shape, pieces[0][1], jnp.int32)
-        slope = jnp.full(idx.shape, pieces[0][2], jnp.float32)
-        for p0, c0, sl in pieces[1:]:
-            sel = idx >= p0
-            start = jnp.where(sel, jnp.int32(p0), start)
-            code = jnp.where(sel, jnp.int32(c0), code)
-            slope = jnp.where(sel, jnp.float32(sl), slope)
-        g = code + jnp.floor((idx - start).astype(jnp.float32) * slope).astype(jnp.int32)
-    else:
-        g = None
-        for p0, c0, sl in pieces:
-            here = jnp.int32(c0) + jnp.floor((idx - p0).astype(jnp.float32) * jnp.float32(sl)).astype(jnp.int32)
-            g = here if g is None else jnp.where(idx >= p0, here, g)
+    """The table's code for every bin in ``idx``: each piece's three constants picked with
+    selects, the linear guess, then one 1 KiB gather of packed thresholds corrects it.
+    (Evaluating every piece's guess and keeping the last that applies, one live array instead
+    of three, measured slower on the H100: 3.18 vs 2.50 ms, benchmarks/KERNEL_NOTES.md.)"""
+    start = jnp.full(idx.shape, pieces[0][0], jnp.int32)
+    code = jnp.full(idx.shape, pieces[0][1], jnp.int32)
+    slope = jnp.full(idx.shape, pieces[0][2], jnp.float32)
+    for p0, c0, sl in pieces[1:]:
+        sel = idx >= p0
+        start = jnp.where(sel, jnp.int32(p0), start)
+        code = jnp.where(sel, jnp.int32(c0), code)
+        slope = jnp.where(sel, jnp.float32(sl), slope)
+    g = code + jnp.floor((idx - start).astype(jnp.float32) * slope).astype(jnp.int32)
     g = jnp.clip(g, 0, 255)
     packed = packed_ref[g]
     lo = packed & jnp.int32(0xFFFF)

@@ -248,11 +248,6 @@ def _operands(q):
 
 @pytest.mark.parametrize("k,n,quant_type,dq,dtype,blocksize,cfg", [
     (512, 32, "nf4", True, "bfloat16", 64, dict(block_n=8, blocks_per_iter=4)),
-    (512, 32, "nf4", True, "bfloat16", 64, dict(block_n=8, blocks_per_iter=4, x3d=True)),
-    (512, 40, "nf4", True, "bfloat16", 64, dict(block_n=4, blocks_per_iter=2, persistent=3)),  # 10 groups / 3
-    (1024, 16, "fp4", False, "float16", 128, dict(block_n=2, blocks_per_iter=8, persistent=8)),  # 1 iteration
-    (512, 32, "fp4", True, "float16", 64, dict(block_n=8, blocks_per_iter=8, persistent=64)),  # > groups
-    (1024, 16, "fp4", False, "float16", 128, dict(block_n=4, blocks_per_iter=2, prefetch=False, x3d=True)),
     (512, 32, "fp4", False, "float16", 64, dict(block_n=4, blocks_per_iter=2, prefetch=True)),
     (512, 32, "nf4", True, "bfloat16", 64, dict(block_n=8, blocks_per_iter=2, splits=2)),
     (1024, 16, "nf4", True, "float16", 128, dict(block_n=16, blocks_per_iter=8)),

@@ -74,7 +74,6 @@ SMALL_MAX_M = 16
 # outlier digits stacked as rows of one dot) or "pallas" (the split-K kernel). Measured on an H100
 # (benchmarks/RESULTS.md): see the int8 section for the numbers behind the choice.
 SMALL_ENGINE = "xla"
-SMALL_ROWS_MULTIPLE = 1  # zero rows padding the stacked codes + digits (benchmarks sweep it)
 
 
 def _check(x, w8):
@@ -177,8 +176,7 @@ def _forward(x, w8, bias, threshold, max_outliers, impl):
     elif small and impl == "xla":
         # the same outlier digits as the Pallas split-K kernel below, as extra rows of one int8 dot
         out = int8_gemm.digits_reference(codes, sx, w8.codes, w8.row_absmax,
-                                         int8_gemm.outlier_digits(x2, outlier_cols), bias, x.dtype,
-                                         rows_multiple=SMALL_ROWS_MULTIPLE)
+                                         int8_gemm.outlier_digits(x2, outlier_cols), bias, x.dtype)
     elif small and GPU_CONFIG["small"]["splits"] > 1:
         # Small M: the split-K kernel is bandwidth-bound on W, so the outlier product is done
         # densely from the W tiles it already loads (x's outlier columns as two int8 digits,
