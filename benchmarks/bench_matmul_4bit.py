@@ -185,12 +185,15 @@ def profile(ms, n):
 
     qs = [q for q, _ in weights(n)]
     res = {}
-    for m, legacy in [(m, lg) for m in ms for lg in (False, True)]:
-        with variant(legacy=legacy):
-            table = kernel_profile(lowbit_fn(), xs_for(m, 5), qs)
-        label = f"M{m}" + ("_legacy" if legacy else "")
-        res[label] = table
-        print_profile(f"{label} N={n} (8 layers)", table)
+    for m in ms:
+        runs = [("", {})] + ([("_legacy", dict(legacy=True))] if m == 1 else [])
+        runs += [("_concat", dict(BAND_ASSEMBLY="concat"))] if m >= 512 else []
+        for suffix, kw in runs:
+            with variant(**kw):
+                table = kernel_profile(lowbit_fn(), xs_for(m, 5), qs)
+            label = f"M{m}{suffix}"
+            res[label] = table
+            print_profile(f"{label} N={n} (8 layers)", table)
     return res
 
 
@@ -288,6 +291,15 @@ def sweep_plan():
     return plan
 
 
+def bands_plan():
+    """Large M: how the bands' products are assembled, and the band height."""
+    plan = []
+    for m in (4096, 1024):
+        for asm, rows in (("scan", 4096), ("concat", 4096), ("concat", 7168), ("concat", 2048)):
+            plan.append((m, None, {}, dict(BAND_ASSEMBLY=asm, TILE_ROWS=rows)))
+    return plan
+
+
 SMALL_N_PLAN = [  # N=4096: few output tiles, split-K matters
     (1, "gemv", dict(block_n=4, blocks_per_iter=16, splits=1, prefetch=False, num_warps=4, num_stages=1), {}),
     (1, "gemv", dict(block_n=8, blocks_per_iter=8, splits=4, prefetch=False, num_warps=4, num_stages=1), {}),
@@ -313,13 +325,16 @@ def sweep(plan, n, budget_s):
         try:
             with variant(section, cfg, **attrs):
                 res[key] = jax_time(lowbit_fn(), x, qs, reps=10)
+                if "BAND_ASSEMBLY" in attrs:  # scratch HBM: one decoded band alive, or more?
+                    mem = lowbit_fn().lower(x, qs).compile().memory_analysis()
+                    res[key + "_temp_MB"] = getattr(mem, "temp_size_in_bytes", -1) / 1e6
         except Exception as e:  # noqa: BLE001
             res[key] = f"ERR {type(e).__name__}: {str(e)[:300]}"
         print("sweep", key, res[key] if not isinstance(res[key], float) else round(res[key], 2), flush=True)
         save()
     best = {}
     for key, v in res.items():
-        if isinstance(v, float) and key != "configs":
+        if isinstance(v, float) and key != "configs" and not key.endswith("_temp_MB"):
             head = "_".join(key.split("_")[:2])
             if head not in best or v < best[head][1]:
                 best[head] = (key, v)
@@ -349,6 +364,9 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--check-variants", action="store_true", help="--check also runs every sweep variant")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-ms", default="1,16")
+    ap.add_argument("--plan", default="launch", choices=("launch", "bands"),
+                    help="--sweep plan: GEMV/GEMM launch shapes, or the large-M band path")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-seconds", type=float, default=240)
     ap.add_argument("--ncu", action="store_true")
@@ -369,9 +387,9 @@ def main():
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     R["copy_TBps"] = copy_bandwidth_tbps()
     print("copy bandwidth TB/s", R["copy_TBps"], flush=True)
-    plan = sweep_plan()
+    plan = sweep_plan() if a.plan == "launch" else bands_plan()
     steps = [("check", (lambda: check(plan + SMALL_N_PLAN if a.check_variants else [])) if a.check else None),
-             ("profile", (lambda: profile([1, 16], 14336)) if a.profile else None),
+             ("profile", (lambda: profile([int(v) for v in a.profile_ms.split(",")], 14336)) if a.profile else None),
              ("sweep_N14336", (lambda: sweep(plan, 14336, a.sweep_seconds)) if a.sweep else None),
              ("sweep_N4096", (lambda: sweep(SMALL_N_PLAN, 4096, 60)) if a.sweep and 4096 in ns else None),
              ("jax", (lambda: bench_jax(ms, ns, R["copy_TBps"])) if ms else None),

@@ -26,6 +26,11 @@ import optax
 from lowbit_jax.optim import adamw8bit, state_nbytes
 from lowbit_jax.optim.fused import adam8bit_step_fused, adam_hyper
 
+try:
+    from benchmarks._timing import copy_bandwidth_tbps
+except ImportError:  # run as a script from benchmarks/
+    from _timing import copy_bandwidth_tbps
+
 LEAVES, DIM = 16, 4096
 INTERPRET = jax.default_backend() == "cpu"  # CPU smoke runs (--dim 512) use the kernel interpreter
 STEPS = 10
@@ -51,15 +56,7 @@ def _time(fn, *args) -> float:
 
 
 def copy_bandwidth() -> float:
-    x = jnp.ones((1024, 1024, 256), jnp.float32)  # 1 GiB
-    f = jax.jit(lambda a: a * 1.0000001)
-    jax.block_until_ready(f(x))
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        best = min(best, time.perf_counter() - t0)
-    return 2 * x.size * 4 / best
+    return copy_bandwidth_tbps() * 1e12
 
 
 def bench_optax(tx, dtype, name, results, grads_dtype=None):
@@ -271,8 +268,13 @@ def main():
     ap.add_argument("--leaves", type=int, default=LEAVES)
     ap.add_argument("--sweep", action="store_true", help="also time kernel configurations and gather costs")
     ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--ncu", action="store_true", help="only run a few fused steps on one leaf (for ncu -k regex:adam)")
     args = ap.parse_args()
     DIM, LEAVES = args.dim, args.leaves
+    if args.ncu:
+        LEAVES = 1
+        bench_inplace(jnp.float32, "ncu target", {}, 16)
+        return
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
     bw = copy_bandwidth()
     results["copy_bandwidth_GBps"] = bw / 1e9

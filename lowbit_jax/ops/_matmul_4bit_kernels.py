@@ -49,6 +49,8 @@ TILED_MIN_M = 512
 BAND_MIN_M = 128
 GEMM_MIN_PROGRAMS = 64
 TILE_ROWS = 4096
+# how the bands' products become one [M, N] output (see tiled_forward)
+BAND_ASSEMBLY = "scan"
 
 
 def supported(q: quant.Packed4bit) -> bool:
@@ -247,8 +249,9 @@ def _decoded_bands(q, dtype, interpret):
         while blocks % cfg["blocks"]:
             cfg["blocks"] //= 2
 
-        def band(i):
-            return dequant_4bit.dequantize_rows(ops["packed"], ops["absmax"], i * rows, rows=rows,
+        def band(i, after=None):
+            packed = ops["packed"] if after is None else jax.lax.optimization_barrier((after, ops["packed"]))[1]
+            return dequant_4bit.dequantize_rows(packed, ops["absmax"], i * rows, rows=rows,
                                                 dtype=dtype, **_rest(ops), interpret=interpret, **cfg)
         return band, rows, c
     # fp32: decode in XLA (exact fp32 code values), band by band
@@ -257,8 +260,9 @@ def _decoded_bands(q, dtype, interpret):
     absmax = _pad_rows(quant.absmax_4bit(q).reshape(n, k // q.blocksize), rows * c)
     code = jnp.asarray(q.code, jnp.float32)
 
-    def band(i):
-        p = jax.lax.dynamic_slice_in_dim(ops["packed"], i * rows, rows)
+    def band(i, after=None):
+        packed = ops["packed"] if after is None else jax.lax.optimization_barrier((after, ops["packed"]))[1]
+        p = jax.lax.dynamic_slice_in_dim(packed, i * rows, rows)
         a = jax.lax.dynamic_slice_in_dim(absmax, i * rows, rows)
         vals = jnp.stack([code[(p >> 4).astype(jnp.int32)], code[(p & 15).astype(jnp.int32)]], -1)
         return (vals.reshape(rows, a.shape[1], q.blocksize) * a[:, :, None]).reshape(rows, k).astype(dtype)
@@ -266,17 +270,27 @@ def _decoded_bands(q, dtype, interpret):
 
 
 def tiled_forward(x2, q, bias=None, *, interpret=False):
-    """``x2 @ W.T`` for many rows: a scan decodes a band of W's rows, then XLA's dot."""
+    """``x2 @ W.T`` for many rows: W decoded a band of rows at a time, then XLA's dot.
+
+    ``BAND_ASSEMBLY`` "concat": the bands are unrolled and their [M, rows] products
+    concatenated once (one copy of the output); an optimization barrier makes band i's
+    decode wait for band i-1's product, so one decoded band is alive at a time. "scan": a
+    scan over the bands stacks [C, M, rows] and transposes it (two copies of the output)."""
     n, k = q.shape
     band, rows, c = _decoded_bands(q, x2.dtype, interpret)
     prec = jax.lax.Precision.HIGHEST if x2.dtype == jnp.float32 else None
+    if BAND_ASSEMBLY == "concat":
+        outs = []
+        for i in range(c):
+            # output in x's dtype straight from the GEMM (fp32 accumulation inside), no fp32 pass
+            outs.append(jnp.dot(x2, band(jnp.int32(i), after=outs[-1] if outs else None).T, precision=prec))
+        y = jnp.concatenate(outs, axis=1)[:, :n]
+    else:
+        def step(_, i):
+            return None, jnp.dot(x2, band(i).T, precision=prec)
 
-    def step(_, i):
-        # output in x's dtype straight from the GEMM (fp32 accumulation inside), no fp32 pass
-        return None, jnp.dot(x2, band(i).T, precision=prec)
-
-    _, ys = jax.lax.scan(step, None, jnp.arange(c, dtype=jnp.int32))  # [C, M, rows]
-    y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], -1)[:, :n]
+        _, ys = jax.lax.scan(step, None, jnp.arange(c, dtype=jnp.int32))  # [C, M, rows]
+        y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], -1)[:, :n]
     if bias is not None:
         y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x2.dtype)
     return y
