@@ -136,6 +136,9 @@ def sweep(budget_s):
         plan += [(4096, "large", large(*t), thr, mi.MAX_OUTLIERS) for t in ts]
     for m, cap in ((4096, 16), (4096, 32), (1024, 16), (1024, mi.MAX_OUTLIERS)):
         plan.append((m, "large", dict(mi.GPU_CONFIG["large"]), 6.0, cap))
+    if os.environ.get("INT8_SWEEP") == "crossover":  # where the wide tiles start to pay
+        plan = [(m, sec, large(*t), 6.0, mi.MAX_OUTLIERS) for m, sec in ((128, "medium"), (256, "medium"), (512, "large"))
+                for t in ((128, 128, 128, 8, 4), (128, 256, 128, 8, 3))]
     base = {k: dict(v) for k, v in mi.GPU_CONFIG.items()}
     res = {}
     keys = []

@@ -290,8 +290,9 @@ def test_dequant_band_matches_reference(rng, dq, dtype, quant_type):
 
 
 def test_bands_cover_the_weight(monkeypatch):
-    monkeypatch.setattr(kern, "TILE_ROWS", 4096)
     w = quant.quantize_4bit(jnp.ones((14336, 4096), jnp.float32), 64, "nf4")
+    assert kern._bands(w, 32) == (7168, 2)  # the default: two halves at N=14336
+    monkeypatch.setattr(kern, "TILE_ROWS", 4096)
     assert kern._bands(w, 32) == (3584, 4)  # no padding at N=14336
     w = quant.quantize_4bit(jnp.ones((4096, 4096), jnp.float32), 64, "nf4")
     assert kern._bands(w, 32) == (2048, 2)  # never one band holding the whole weight

@@ -41,16 +41,19 @@ GEMV_MAX_M = 16  # rows of x up to which a GEMV runs
 FMA_MAX_ROWS = 4  # fp32 x: rows up to which the elementwise multiply-add beats a padded dot
 # rows of x from which W is decoded in bands of at most TILE_ROWS output rows to x's dtype and
 # multiplied by XLA's dot (cuBLAS): with many rows the in-kernel decode, repeated for every M
-# tile, costs more than one decode pass plus a vendor GEMM. A scan over the bands keeps one band
-# (<= TILE_ROWS x K in x's dtype, at most half the weight) alive at a time.
+# tile, costs more than one decode pass plus a vendor GEMM. The bands run one after another
+# (tiled_forward), so one band (<= TILE_ROWS x K in x's dtype, at most half the weight) is alive
+# at a time (scratch measured on the H100: 294 MB at M=4096, N=14336 = output + one band).
 TILED_MIN_M = 512
 # ... and from BAND_MIN_M rows when the GEMM would launch fewer than GEMM_MIN_PROGRAMS output
 # tiles (a narrow layer leaves most SMs idle): N=4096, M=128 took 57.3 us in the GEMM, 51.0 in bands
 BAND_MIN_M = 128
 GEMM_MIN_PROGRAMS = 64
-TILE_ROWS = 4096
-# how the bands' products become one [M, N] output (see tiled_forward)
-BAND_ASSEMBLY = "scan"
+# 7168: two bands at N=14336 (4096-row bands: 976 vs 820 us at M=4096 with "concat", H100)
+TILE_ROWS = 7168
+# how the bands' products become one [M, N] output (see tiled_forward): "concat" measured
+# 820 us against 976 for "scan" at M=4096, 255 against 292 at M=1024 (N=14336, H100)
+BAND_ASSEMBLY = "concat"
 
 
 def supported(q: quant.Packed4bit) -> bool:
@@ -282,8 +285,11 @@ def tiled_forward(x2, q, bias=None, *, interpret=False):
     if BAND_ASSEMBLY == "concat":
         outs = []
         for i in range(c):
+            # x through a barrier too: XLA's dot merger would otherwise fuse bands that share x into
+            # one GEMM over their concatenated decodes (more than one band alive, plus a copy)
+            xi = x2 if not outs else jax.lax.optimization_barrier((outs[-1], x2))[1]
             # output in x's dtype straight from the GEMM (fp32 accumulation inside), no fp32 pass
-            outs.append(jnp.dot(x2, band(jnp.int32(i), after=outs[-1] if outs else None).T, precision=prec))
+            outs.append(jnp.dot(xi, band(jnp.int32(i), after=outs[-1] if outs else None).T, precision=prec))
         y = jnp.concatenate(outs, axis=1)[:, :n]
     else:
         def step(_, i):

@@ -67,9 +67,12 @@ IMPLS = ("auto", "reference", "xla", "pallas", "pallas_interpret")
 # Launch configs per regime (rows of x), measured on an H100 (benchmarks/RESULTS.md).
 GPU_CONFIG = {
     "small": dict(block_m=16, block_n=64, block_k=256, splits=4, num_warps=4, num_stages=4),
-    "large": dict(block_m=128, block_n=128, block_k=128, splits=1, num_warps=8, num_stages=4),
+    "medium": dict(block_m=128, block_n=128, block_k=128, splits=1, num_warps=8, num_stages=4),
+    # 128x256 tiles: 461 vs 537 us at M=4096 thr 0, 505 vs 574 at thr 6 (N=14336, 12:49 UTC sweep)
+    "large": dict(block_m=128, block_n=256, block_k=128, splits=1, num_warps=8, num_stages=3),
 }
 SMALL_MAX_M = 16
+LARGE_MIN_M = 512  # rows from which the wide tiles leave enough programs for 132 SMs
 # Which int8 GEMM runs rows <= SMALL_MAX_M on a GPU: "xla" (the vendor int8 GEMM, codes and
 # outlier digits stacked as rows of one dot) or "pallas" (the split-K kernel). Measured on an H100
 # (benchmarks/RESULTS.md): see the int8 section for the numbers behind the choice.
@@ -154,10 +157,15 @@ def outlier_part(x2, w8, outlier_cols, max_outliers, first_chunk=0):
     return jax.lax.while_loop(cond, body, (jnp.int32(first_chunk), init))[1]
 
 
+def _regime(m: int) -> str:
+    """GPU_CONFIG section for ``m`` rows of x."""
+    return "small" if m <= SMALL_MAX_M else "medium" if m < LARGE_MIN_M else "large"
+
+
 def _int8_part(codes, sx, w8, sub_x, sub_w, extra, bias, out_dtype, impl):
     if impl == "xla":  # XLA's int8 dot_general, the same epilogue arithmetic
         return int8_gemm.reference(codes, w8.codes, sx, w8.row_absmax, sub_x, sub_w, extra, bias, out_dtype)
-    cfg = dict(GPU_CONFIG["small" if codes.shape[0] <= SMALL_MAX_M else "large"])
+    cfg = dict(GPU_CONFIG[_regime(codes.shape[0])])
     return int8_gemm.fused_matmul(codes, sx, w8.codes, w8.row_absmax, sub_x, sub_w, extra, bias,
                                   out_dtype=out_dtype, interpret=impl == "pallas_interpret", **cfg)
 
@@ -191,7 +199,7 @@ def _forward(x, w8, bias, threshold, max_outliers, impl):
         sub_x, sub_w = chunk(0)  # fused into the int8 kernel's epilogue
         if impl != "xla":
             # columns past the cap: added by the kernel under an in-kernel branch on the count
-            cfg = dict(GPU_CONFIG["large"])
+            cfg = dict(GPU_CONFIG[_regime(x2.shape[0])])
             out = int8_gemm.fused_matmul(codes, sx, w8.codes, w8.row_absmax, sub_x, sub_w, None, bias,
                                          overflow=(x2, idx_all, count, cap), out_dtype=x.dtype,
                                          interpret=impl == "pallas_interpret", **cfg)
