@@ -158,14 +158,15 @@ def check_quantizers(results):
     key = jax.random.key(4)
     p = jax.random.normal(key, (DIM, DIM), jnp.float32) * 0.02
     outs = {}
-    for quantizer in ("lut", "segments", "bsearch"):
+    for variant in ("lut", "segments", "bsearch", "segtable", "segtable+fast"):
+        quantizer, _, fast = variant.partition("+")
         mq, vq, pp = zeros_state(p, True, 4096), zeros_state(p, False, 4096), p
         step = jax.jit(lambda h, a, g, m, v: adam8bit_step_fused(h, a, g, m, v, interpret=INTERPRET,
-                                                                  quantizer=quantizer))
+                                                                  quantizer=quantizer, fast_math=fast == "fast"))
         for i in range(3):
             g = jax.random.normal(jax.random.fold_in(key, i), (DIM, DIM), jnp.float32) * (10.0 ** -i)
             pp, mq, vq = step(adam_hyper(0.9, 0.999, 1e-8, 1e-3, 1e-2, i + 1), pp, g, mq, vq)
-        outs[quantizer] = (pp, mq, vq)
+        outs[variant] = (pp, mq, vq)
     base = outs["lut"]
     for quantizer, (pp, mq, vq) in outs.items():
         rec = {
@@ -268,6 +269,8 @@ def main():
     ap.add_argument("--leaves", type=int, default=LEAVES)
     ap.add_argument("--sweep", action="store_true", help="also time kernel configurations and gather costs")
     ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--variants", action="store_true",
+                    help="first time the kernel's rounding/update variants (segments/segtable x fast_math)")
     ap.add_argument("--ncu", action="store_true", help="only run a few fused steps on one leaf (for ncu -k regex:adam)")
     args = ap.parse_args()
     DIM, LEAVES = args.dim, args.leaves
@@ -279,6 +282,20 @@ def main():
     bw = copy_bandwidth()
     results["copy_bandwidth_GBps"] = bw / 1e9
     print(f"device {results['device']}, jax {jax.__version__}, HBM copy {bw / 1e9:.0f} GB/s", flush=True)
+    if args.variants:  # time the rounding/update variants, then run everything with the fastest
+        from pallas_kernels import optim_8bit as K
+
+        timed = {}
+        for quantizer in ("segments", "segtable"):
+            for fast in (False, True):
+                name = f"variant {quantizer} fast_math={fast}"
+                _guard(lambda: bench_inplace(jnp.float32, name, results, 16, quantizer=quantizer, fast_math=fast))
+                if name in results:
+                    timed[(quantizer, fast)] = results[name]["step_ms"]
+        if timed:
+            (K.QUANTIZER, K.FAST_MATH), best = min(timed.items(), key=lambda kv: kv[1])
+            results["applied_variant"] = {"quantizer": K.QUANTIZER, "fast_math": K.FAST_MATH, "step_ms": best}
+            print("applied", results["applied_variant"], flush=True)
     if args.sweep:
         _guard(lambda: check_quantizers(results))
         sweep(results)

@@ -33,7 +33,12 @@ MAX_ROWS = 8  # blocks per program (2048 values): with 8 warps, fastest for "seg
 NUM_WARPS = 8
 LUT_SIZE = 65536
 QUANTIZER = "segments"  # default table reading, see _requantize (2.50 vs 2.97 ms for "lut" on the H100)
-QUANTIZERS = ("lut", "bsearch", "segments")
+QUANTIZERS = ("lut", "bsearch", "segments", "segtable")
+SEG_SLOTS = 16  # pieces a map may have in the "segtable" layout (segment_table)
+# approximate reciprocal and square root (PTX rcp/sqrt.approx.ftz, one MUFU op each) for the
+# update's ``sqrt(v)`` and ``m / denom`` instead of the IEEE-style sequences Triton emits
+# (range checks and rescaling around the MUFU op: ~15 instructions a parameter)
+FAST_MATH = False
 # order of the scalars in ``hyper``
 HYPER_FIELDS = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "decay", "step_size", "correction2")
 
@@ -75,6 +80,8 @@ def _requantize(x, table_ref, quantizer: str, segments=None):
         codes = table_ref[idx]
     elif quantizer == "segments":
         codes = _segment_codes(idx, table_ref, segments)
+    elif quantizer == "segtable":
+        codes = _segtable_codes(idx, table_ref, segments)
     else:
         k = jnp.zeros(idx.shape, jnp.int32)
         for step in (128, 64, 32, 16, 8, 4, 2, 1):
@@ -164,6 +171,11 @@ def _segment_codes(idx, packed_ref, pieces):
         start = jnp.where(sel, jnp.int32(p0), start)
         code = jnp.where(sel, jnp.int32(c0), code)
         slope = jnp.where(sel, jnp.float32(sl), slope)
+    return _corrected(code, start, slope, idx, packed_ref)
+
+
+def _corrected(code, start, slope, idx, packed_ref):
+    """The piece's linear guess, moved by at most one code with one gather of packed thresholds."""
     g = code + jnp.floor((idx - start).astype(jnp.float32) * slope).astype(jnp.int32)
     g = jnp.clip(g, 0, 255)
     packed = packed_ref[g]
@@ -173,9 +185,50 @@ def _segment_codes(idx, packed_ref, pieces):
     return g.astype(jnp.uint8)
 
 
+def segment_table(pieces, packed) -> np.ndarray:
+    """int32 [256 + 2 * SEG_SLOTS]: the packed thresholds, then each piece's ``start | code << 16``,
+    then its slope's float32 bits, so "segtable" reads a piece's constants with two gathers
+    from one 64-byte line instead of three selects a piece."""
+    if len(pieces) > SEG_SLOTS:
+        raise ValueError(f"{len(pieces)} pieces do not fit the {SEG_SLOTS} slots of the segment table")
+    sc = np.zeros(SEG_SLOTS, np.int64)
+    sl = np.zeros(SEG_SLOTS, np.float32)
+    for j, (p0, c0, slope) in enumerate(pieces):
+        sc[j], sl[j] = p0 | (c0 << 16), slope
+    return np.concatenate([np.asarray(packed, np.int32), sc.astype(np.int32), sl.view(np.int32)])
+
+
+def _segtable_codes(idx, table_ref, pieces):
+    """As :func:`_segment_codes`, the piece found by one select a piece (its index), its
+    constants gathered from the segment table (:func:`segment_table`)."""
+    k = jnp.zeros(idx.shape, jnp.int32)
+    for j, (p0, _, _) in enumerate(pieces[1:], start=1):
+        k = jnp.where(idx >= p0, jnp.int32(j), k)
+    sc = table_ref[k + 256]
+    slope = jax.lax.bitcast_convert_type(table_ref[k + (256 + SEG_SLOTS)], jnp.float32)
+    start = sc & jnp.int32(0xFFFF)
+    code = jax.lax.shift_right_logical(sc, jnp.int32(16))
+    return _corrected(code, start, slope, idx, table_ref)
+
+
+def _recip(x, fast: bool):
+    if not fast:
+        return jnp.float32(1.0) / x
+    return pltriton.elementwise_inline_asm("rcp.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                           result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
+
+
+def _sqrt(x, fast: bool):
+    if not fast:
+        return jnp.sqrt(x)
+    return pltriton.elementwise_inline_asm("sqrt.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                           result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
+
+
 def _adam_kernel(
     hyper_ref, p_ref, g_ref, c1_ref, a1_ref, c2_ref, a2_ref, code1_ref, code2_ref, lut1_ref, lut2_ref,
     p_out, c1_out, a1_out, c2_out, a2_out, *, n: int, rows: int, quantizer: str, pieces1=None, pieces2=None,
+    fast_math: bool = False, asm: bool = True,
 ):
     b1, omb1, b2, omb2 = hyper_ref[0], hyper_ref[1], hyper_ref[2], hyper_ref[3]
     eps, decay, step_size, correction2 = hyper_ref[4], hyper_ref[5], hyper_ref[6], hyper_ref[7]
@@ -193,8 +246,12 @@ def _adam_kernel(
 
     m = m * b1 + g * omb1
     v = v * b2 + (g * g) * omb2
-    denom = jnp.sqrt(v) / correction2 + eps
-    p = p * decay + step_size * (m / denom)
+    if fast_math:  # approximate MUFU ops (<= 2 ulp) on the GPU; the interpreter rounds exactly
+        denom = _sqrt(v, asm) * (jnp.float32(1.0) / correction2) + eps
+        p = p * decay + step_size * (m * _recip(denom, asm))
+    else:
+        denom = jnp.sqrt(v) / correction2 + eps
+        p = p * decay + step_size * (m / denom)
 
     p_out[...] = p.astype(p_out.dtype)
     c1, a1 = _requantize(m, lut1_ref, quantizer, pieces1)
@@ -205,10 +262,11 @@ def _adam_kernel(
     a2_out[...] = a2
 
 
-@functools.partial(jax.jit, static_argnames=("n", "interpret", "quantizer", "rows", "num_warps", "pieces"))
+@functools.partial(jax.jit, static_argnames=("n", "interpret", "quantizer", "rows", "num_warps", "pieces",
+                                             "fast_math"))
 def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2, lut1, lut2, *, n: int,
-                    interpret: bool = False, quantizer: str = QUANTIZER, rows: int | None = None,
-                    num_warps: int | None = None, pieces=None):
+                    interpret: bool = False, quantizer: str | None = None, rows: int | None = None,
+                    num_warps: int | None = None, pieces=None, fast_math: bool | None = None):
     """One fused Adam(W) step on [nblocks, 256] views; returns (p, codes1, absmax1, codes2, absmax2).
 
     ``n`` is the number of real values (the rest of the last block is padding). ``lut1/2`` are
@@ -217,10 +275,11 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
     ``lut1/2`` are instead the packed tables and ``pieces`` the two maps' pieces, both from
     :func:`lut_segments` (host constants: the pieces are compiled into the kernel).
     """
+    quantizer = QUANTIZER if quantizer is None else quantizer
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
-    if quantizer == "segments" and (pieces is None or len(pieces) != 2):
-        raise ValueError("quantizer='segments' needs pieces=(pieces1, pieces2) from lut_segments")
+    if quantizer in ("segments", "segtable") and (pieces is None or len(pieces) != 2):
+        raise ValueError(f"quantizer={quantizer!r} needs pieces=(pieces1, pieces2) from lut_segments")
     nblocks = p.shape[0]
     rows = rows or rows_per_program(nblocks)
     if nblocks % rows:
@@ -234,8 +293,10 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
     def whole(size):
         return pl.BlockSpec((size,), lambda i: (0,))
 
-    pieces1, pieces2 = pieces if quantizer == "segments" else (None, None)
-    kernel = functools.partial(_adam_kernel, n=n, rows=rows, quantizer=quantizer, pieces1=pieces1, pieces2=pieces2)
+    pieces1, pieces2 = pieces if quantizer in ("segments", "segtable") else (None, None)
+    fast = FAST_MATH if fast_math is None else fast_math
+    kernel = functools.partial(_adam_kernel, n=n, rows=rows, quantizer=quantizer, pieces1=pieces1, pieces2=pieces2,
+                               fast_math=fast, asm=not interpret)
     extra = {}
     if not interpret:
         extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS)

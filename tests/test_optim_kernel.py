@@ -26,15 +26,18 @@ def _state(rng, shape, signed):
     ((37, 300), "float32", "segments"),
     ((48, 128), "bfloat16", "segments"),
     ((48, 128), "bfloat16", "lut"),     # bf16 parameters
+    ((37, 300), "float32", "segtable"),
+    ((37, 300), "float32", "segtable+fast"),  # reciprocal-multiply update (exact ops in the interpreter)
 ])
 def test_kernel_matches_reference(rng, shape, dtype, quantizer):
+    quantizer, _, fast = quantizer.partition("+")
     p = jnp.asarray(rng.standard_normal(shape), dtype)
     g = jnp.asarray(rng.standard_normal(shape), dtype)
     mq, vq = _state(rng, shape, True), _state(rng, shape, False)
     hyper = adam_hyper(0.9, 0.999, 1e-8, 1e-2, 1e-2, 7)
     p_ref, m_ref, v_ref = adam8bit_step_reference(hyper, p, g, mq, vq)
     p_k, m_k, v_k = jax.jit(
-        lambda *a: adam8bit_step_fused(*a, interpret=True, quantizer=quantizer)
+        lambda *a: adam8bit_step_fused(*a, interpret=True, quantizer=quantizer, fast_math=bool(fast))
     )(hyper, p, g, mq, vq)
     assert p_k.dtype == p.dtype and m_k.codes.shape == shape
     atol = 1e-6 if dtype == "float32" else 1e-2
@@ -54,12 +57,16 @@ def test_segments_reproduce_rounding_table(signed):
     """The "segments" rounding (piecewise guess + one packed-threshold read) gives the 64 KiB
     table's code for every one of its 65536 bins, run through the kernel's own jnp code."""
     from lowbit_jax.optim import _state
-    from pallas_kernels.optim_8bit import _segment_codes
+    from pallas_kernels.optim_8bit import _segment_codes, _segtable_codes, segment_table
 
     pieces, packed = _state.state_segments(signed)
     assert 2 <= len(pieces) <= 16  # few pieces: each costs the kernel three selects a value
     bins = jnp.arange(65536, dtype=jnp.int32).reshape(256, 256)
     codes = jax.jit(lambda b, t: _segment_codes(b, t, pieces))(bins, jnp.asarray(packed))
+    np.testing.assert_array_equal(np.asarray(codes).reshape(-1), _state.state_lut(signed))
+    # the same pieces read from the segment table (piece index, two gathers) instead of selects
+    table = jnp.asarray(segment_table(pieces, packed))
+    codes = jax.jit(lambda b, t: _segtable_codes(b, t, pieces))(bins, table)
     np.testing.assert_array_equal(np.asarray(codes).reshape(-1), _state.state_lut(signed))
 
 

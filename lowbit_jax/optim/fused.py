@@ -73,13 +73,16 @@ def adam8bit_step_fused(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit, *, in
                         **kernel_options):
     """The kernel's step on one leaf: (p, m, v), equal to :func:`adam8bit_step_reference`.
 
-    ``kernel_options`` (quantizer, rows, num_warps) go to ``optim_8bit.adam8bit_blocks``.
+    ``kernel_options`` (quantizer, rows, num_warps, fast_math) go to ``optim_8bit.adam8bit_blocks``.
     """
     n = mq.size
     nblocks = mq.absmax.shape[0]
-    if kernel_options.get("quantizer", kernel.QUANTIZER) == "segments":
+    quantizer = kernel_options.get("quantizer", kernel.QUANTIZER)
+    if quantizer in ("segments", "segtable"):
         (pieces1, table1), (pieces2, table2) = _state.state_segments(True), _state.state_segments(False)
-        kernel_options = dict(kernel_options, pieces=(pieces1, pieces2))
+        kernel_options = dict(kernel_options, pieces=(pieces1, pieces2), quantizer=quantizer)
+        if quantizer == "segtable":
+            table1, table2 = kernel.segment_table(pieces1, table1), kernel.segment_table(pieces2, table2)
     else:
         table1, table2 = _state.state_lut(True), _state.state_lut(False)
     outs = kernel.adam8bit_blocks(
