@@ -220,6 +220,29 @@ def bench_jax(ms, n, bw):
     return res
 
 
+def errors_fp16(ms, n):
+    """Relative error vs fp32 of the default path with fp16 x (bitsandbytes' input dtype in
+    bench_bnb) beside bf16 x: the same inputs as bench_jax's last pass, no timing."""
+    import jax
+    import jax.numpy as jnp
+
+    from lowbit_jax import ops, quant
+
+    w32 = make_w(n, 0)
+    # W rounded to x's dtype before quantizing, as bench_jax (bf16) and bench_bnb (fp16) do
+    qs = {dt: quant.quantize_int8(jnp.asarray(w32, dt)) for dt in ("float16", "bfloat16")}
+    res = {}
+    for m in ms:
+        xf = make_x(m, seed=99 + repeat_for(m) - 1)[0]
+        y32 = xf.astype(np.float64) @ w32.T.astype(np.float64)
+        for thr in (6.0, 0.0):
+            for dt in ("float16", "bfloat16"):
+                f = jax.jit(lambda x, thr=thr, q=qs[dt]: ops.matmul_int8(x, q, thr))
+                res[f"M{m}_thr{thr:g}_{dt}"] = rel_err(f(jnp.asarray(xf, dt)).astype(jnp.float32), y32)
+        print("errors", m, {k: f"{v:.3e}" for k, v in res.items() if k.startswith(f"M{m}_")}, flush=True)
+    return res
+
+
 def bench_bnb(ms, n):
     import torch
     import bitsandbytes as bnb
@@ -329,6 +352,7 @@ def main():
     ap.add_argument("--ms", default="1,16,128,1024,4096")
     ap.add_argument("--n", type=int, default=14336)
     ap.add_argument("--no-bnb", action="store_true")
+    ap.add_argument("--errors-fp16", action="store_true", help="only the fp16/bf16-x errors of the default path")
     a = ap.parse_args()
     ms = [int(v) for v in a.ms.split(",") if v]
     import jax
@@ -338,6 +362,10 @@ def main():
     R["N"] = a.n
     R["copy_TBps"] = copy_bandwidth_tbps()
     print("copy bandwidth TB/s", R["copy_TBps"], flush=True)
+    if a.errors_fp16:
+        R["errors_fp16"] = errors_fp16(ms, a.n)
+        save()
+        return
     for name, fn in [("profile", (lambda: profile(a.n, [int(v) for v in a.profile_ms.split(",")])) if a.profile else None),
                      ("check", check if a.check else None),
                      ("sweep", (lambda: sweep(a.sweep_seconds)) if a.sweep else None),

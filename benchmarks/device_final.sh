@@ -23,6 +23,8 @@ else
   BENCH_TAG=_final timeout 400 python3 benchmarks/bench_matmul_4bit.py --check --ms 1,16,128,1024,4096 \
     --ns 14336,4096 > "$OUT/4bit.log" 2>&1
   echo "4bit rc=$?"
+  timeout 60 python3 benchmarks/bench_matmul_int8.py --errors-fp16 --ms 1,16,128,1024,4096 > "$OUT/int8_errors.log" 2>&1
+  echo "int8 errors rc=$?"
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 "$NCU" --target-processes all -k "regex:gemv|rowsum" \
     --launch-count 1 --set full --import-source no -f -o /tmp/gemv python3 benchmarks/bench_matmul_4bit.py --ncu \
@@ -30,6 +32,7 @@ else
   echo "ncu rc=$?"
   { grep -E "==PROF==|==ERROR==" /tmp/gemv_run.txt | head; "$NCU" -i /tmp/gemv.ncu-rep --page details; } > "$OUT/ncu_gemv.txt" 2>&1
   "$NCU" -i /tmp/gemv.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_gemv_sass.csv" 2>&1
+  grep -E "^errors" "$OUT/int8_errors.log"
   grep -E "check all_ok|'ok': False" "$OUT/4bit.log" | cut -c1-300
   sed -n '/^==== per-matmul/,$p' "$OUT/4bit.log"
   grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible" "$OUT/ncu_gemv.txt" | cut -c1-150

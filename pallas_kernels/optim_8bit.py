@@ -8,11 +8,14 @@ writes p, codes and absmax back in place (``input_output_aliases``). 16 bytes a 
 (fp32 p: 4+4 read/write, g 4, codes 2+2, absmax ~0.03) against fp32 Adam's 28.
 
 The maps and tables are gathered from global memory with array indexers, which Pallas' Triton
-lowering turns into pointer loads. Those reads, not the 16 bytes, were the cost: on the H100 a
-step with both 64 KiB rounding-table reads and both 1 KiB map reads took 2.97 ms against 2.09
-without any. The default rounding ("segments") reproduces the 64 KiB table from a few linear
-pieces compiled into the kernel plus one read of a 1 KiB table, exhaustively checked against
-the table (2.50 ms).
+lowering turns into pointer loads. Those reads, not the 16 bytes, were the first cost: on the
+H100 a step with both 64 KiB rounding-table reads and both 1 KiB map reads took 2.97 ms against
+2.09 without any. The rounding ("segtable", the default) reproduces the 64 KiB table from ~10
+linear pieces: the piece is found with one compare-select per piece, its constants come from
+a 64-byte table, and one read of a 1 KiB table of packed thresholds corrects the guess;
+exhaustively checked against the table (2.07 ms). Picking the constants with three selects a
+piece ("segments", 2.51 ms) made the kernel bound by its integer pipe (ncu: 189 instructions a
+parameter, ALU 79% busy).
 
 Scalars arrive as a small fp32 vector (``HYPER_FIELDS``) so learning-rate schedules and
 injected hyperparameters stay traced values instead of recompiling the kernel.
@@ -32,13 +35,15 @@ BLOCK = 256  # bitsandbytes' state blocksize
 MAX_ROWS = 8  # blocks per program (2048 values): with 8 warps, fastest for "segments" on the H100 (RESULTS.md)
 NUM_WARPS = 8
 LUT_SIZE = 65536
-QUANTIZER = "segments"  # default table reading, see _requantize (2.50 vs 2.97 ms for "lut" on the H100)
+# default table reading, see _requantize: on the H100 "segtable" 2.07 ms a step, "segments" 2.51,
+# "lut" 2.97 (268M fp32 params; benchmarks/RESULTS.md)
+QUANTIZER = "segtable"
 QUANTIZERS = ("lut", "bsearch", "segments", "segtable")
 SEG_SLOTS = 16  # pieces a map may have in the "segtable" layout (segment_table)
 # approximate reciprocal and square root (PTX rcp/sqrt.approx.ftz, one MUFU op each) for the
 # update's ``sqrt(v)`` and ``m / denom`` instead of the IEEE-style sequences Triton emits
 # (range checks and rescaling around the MUFU op: ~15 instructions a parameter)
-FAST_MATH = False
+FAST_MATH = False  # measured: 2.14 vs 2.07 ms with "segtable", 2.37 vs 2.51 with "segments": off
 # order of the scalars in ``hyper``
 HYPER_FIELDS = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "decay", "step_size", "correction2")
 

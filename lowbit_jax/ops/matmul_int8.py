@@ -68,11 +68,12 @@ IMPLS = ("auto", "reference", "xla", "pallas", "pallas_interpret")
 GPU_CONFIG = {
     "small": dict(block_m=16, block_n=64, block_k=256, splits=4, num_warps=4, num_stages=4),
     "medium": dict(block_m=128, block_n=128, block_k=128, splits=1, num_warps=8, num_stages=4),
-    # 128x256 tiles: 461 vs 537 us at M=4096 thr 0, 505 vs 574 at thr 6 (N=14336, 12:49 UTC sweep)
+    # 128x256 tiles: 461 vs 537 us at M=4096 thr 0, 505 vs 574 at thr 6; 52.6 vs 55.3 at M=256,
+    # but 50.5 vs 41.6 at M=128 (N=14336, H100 sweeps 12:49 and 13:01 UTC)
     "large": dict(block_m=128, block_n=256, block_k=128, splits=1, num_warps=8, num_stages=3),
 }
 SMALL_MAX_M = 16
-LARGE_MIN_M = 512  # rows from which the wide tiles leave enough programs for 132 SMs
+LARGE_MIN_M = 256  # rows from which the wide tiles leave enough programs for 132 SMs
 # Which int8 GEMM runs rows <= SMALL_MAX_M on a GPU: "xla" (the vendor int8 GEMM, codes and
 # outlier digits stacked as rows of one dot) or "pallas" (the split-K kernel). Measured on an H100
 # (benchmarks/RESULTS.md): see the int8 section for the numbers behind the choice.
