@@ -213,9 +213,9 @@ def bench_jax(ms, ns, bw):
             runs = [("lowbit", {})]
             if m == 1 or m >= 1024:  # M=1: the split-K fma GEMV; large M: bands decoded by XLA
                 runs.append(("lowbit_legacy", dict(legacy=True)))
-            if 128 < m <= 1024:
+            if 128 <= m <= 1024:
                 runs.append(("lowbit_gemm", dict(TILED_MIN_M=1 << 30)))
-            if m >= 128:
+            if m >= 64:
                 runs.append(("lowbit_tiled", dict(TILED_MIN_M=0)))
             for name, kw in runs:
                 try:

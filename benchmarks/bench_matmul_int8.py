@@ -222,7 +222,8 @@ def bench_jax(ms, n, bw):
 
 def errors_fp16(ms, n):
     """Relative error vs fp32 of the default path with fp16 x (bitsandbytes' input dtype in
-    bench_bnb) beside bf16 x: the same inputs as bench_jax's last pass, no timing."""
+    bench_bnb) beside bf16 x, on bench_bnb's inputs (bench_jax's errors use its last pass's x,
+    a different sample for M <= 128), no timing."""
     import jax
     import jax.numpy as jnp
 
@@ -233,7 +234,7 @@ def errors_fp16(ms, n):
     qs = {dt: quant.quantize_int8(jnp.asarray(w32, dt)) for dt in ("float16", "bfloat16")}
     res = {}
     for m in ms:
-        xf = make_x(m, seed=99 + repeat_for(m) - 1)[0]
+        xf = make_x(m)[0]  # bench_bnb's x
         y32 = xf.astype(np.float64) @ w32.T.astype(np.float64)
         for thr in (6.0, 0.0):
             for dt in ("float16", "bfloat16"):

@@ -8,8 +8,7 @@ quantization is undone in-kernel (uint8 absmax codes, nested scales, offset).
 Which kernel, by rows of x (M): one row of bf16/fp16 x, the row-sum GEMV (``gemv_4bit``);
 up to ``GEMV_MAX_M`` rows, the split-K tensor-core GEMV (``gemm_4bit`` in dot mode, or fma
 mode for a few fp32 rows); up to ``TILED_MIN_M``, the fused GEMM (the decoded W tile as the
-dot's left operand, ``orient="wx"``), except for narrow layers whose GEMM grid would leave
-SMs idle (``use_bands``); from there, a band of W's rows at a time decoded by
+dot's left operand, ``orient="wx"``); from there, a band of W's rows at a time decoded by
 ``dequant_4bit`` and multiplied by XLA's dot. Launch parameters
 live in ``GPU_CONFIG`` so a benchmark can sweep them (best of sweeps on an H100,
 benchmarks/KERNEL_NOTES.md); the decode is the inline-PTX ``prmt`` one, fp32 activations fall
@@ -44,12 +43,9 @@ FMA_MAX_ROWS = 4  # fp32 x: rows up to which the elementwise multiply-add beats 
 # tile, costs more than one decode pass plus a vendor GEMM. The bands run one after another
 # (tiled_forward), so one band (<= TILE_ROWS x K in x's dtype, at most half the weight) is alive
 # at a time (scratch measured on the H100: 294 MB at M=4096, N=14336 = output + one band).
-TILED_MIN_M = 512
-# ... and from BAND_MIN_M rows when the GEMM would launch fewer than GEMM_MIN_PROGRAMS output
-# tiles (a narrow layer leaves most SMs idle): N=4096, M=128 took 57.3 us in the GEMM, 51.0 in bands
-BAND_MIN_M = 128
-GEMM_MIN_PROGRAMS = 64
-# 7168: two bands at N=14336 (4096-row bands: 976 vs 820 us at M=4096 with "concat", H100)
+TILED_MIN_M = 128  # forward: bands 51.9 vs GEMM 57.9 us at M=128, N=14336 (H100, 13:08 UTC)
+BWD_TILED_MIN_M = 512  # backward (g @ W): the tiled transposed kernel below this, not re-measured
+# 7168: two bands at N=14336 (4096-row bands: 909 vs 820 us at M=4096 with "concat", H100)
 TILE_ROWS = 7168
 # how the bands' products become one [M, N] output (see tiled_forward): "concat" measured
 # 820 us against 976 for "scan" at M=4096, 255 against 292 at M=1024 (N=14336, H100)
@@ -115,12 +111,12 @@ def _half(dtype) -> bool:
 
 
 def use_bands(m: int, n: int) -> bool:
-    """Whether ``m`` rows of x against ``n`` weight rows take the band path (see TILED_MIN_M)."""
-    if m >= TILED_MIN_M:
-        return True
-    cfg = GPU_CONFIG["gemm"]
-    programs = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"])
-    return m >= BAND_MIN_M and programs < GEMM_MIN_PROGRAMS
+    """Whether ``m`` rows of x against ``n`` weight rows take the band path (see TILED_MIN_M).
+    (With one-copy band assembly the bands beat the fused GEMM from M=128 at N=4096 and N=14336
+    alike, so the earlier narrow-layer rule, bands from M=128 when the GEMM grid has < 64 tiles,
+    is subsumed.)"""
+    del n
+    return m >= TILED_MIN_M
 
 
 def forward(x, q, bias=None, *, interpret=False):
@@ -207,7 +203,7 @@ def backward(g, q, *, interpret=False):
     lead = g.shape[:-1]
     g2 = g.reshape(-1, n)
     m = g2.shape[0]
-    if m >= TILED_MIN_M:
+    if m >= BWD_TILED_MIN_M:
         return tiled_backward(g2, q, interpret=interpret).reshape(*lead, k)
     ops = operands(q)
     cfg = dict(GPU_CONFIG["bwd"])
