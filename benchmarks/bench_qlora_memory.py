@@ -122,7 +122,8 @@ def run_jax(mode: str, p: dict, steps: int) -> dict:
     nf4 = mode == "jax-qlora"
     t0 = time.perf_counter()
     params = _jax_params(cfg, nf4, jax.random.key(0))
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+    dropout = float(p.get("lora_dropout", 0.0))
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS)
     params = adapters.add_adapters(params, lora, jax.random.key(1))
     weights_bytes = footprint({k: v for k, v in params.items()}).total_bytes
     opt = adamw8bit(2e-4) if nf4 else optax.adamw(2e-4)
@@ -131,13 +132,15 @@ def run_jax(mode: str, p: dict, steps: int) -> dict:
     jax.block_until_ready((trainable, frozen, opt_state))
     build_s = time.perf_counter() - t0
     in_use_built, peak_built = mem()
-    loss_fn = train_mod.make_loss(cfg, jnp.bfloat16, lora.scale, remat=True)
+    loss_fn = train_mod.make_loss(cfg, jnp.bfloat16, lora.scale, remat=True, lora_dropout=dropout)
     step = train_mod.make_step(loss_fn, opt)
     rng = np.random.default_rng(0)
     seq = p["seq"]
     ids = rng.integers(0, cfg.vocab_size, (1, seq + 1)).astype(np.int32)
     batch = {"tokens": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
              "mask": jnp.ones((1, seq), jnp.float32)}
+    if dropout > 0:  # PEFT's lora_dropout: a fresh key every step, as finetune.train passes it
+        batch["dropout_key"] = jax.random.key(7)
     t0 = time.perf_counter()
     compiled = step.lower(trainable, opt_state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -146,7 +149,9 @@ def run_jax(mode: str, p: dict, steps: int) -> dict:
     temp_bytes = getattr(ma, "temp_size_in_bytes", None) if ma is not None else None
     b0 = np.asarray(jax.device_get(trainable["layers"]["q_proj"]["lora_B"]))
     times, losses = [], []
-    for _ in range(steps + 1):
+    for i in range(steps + 1):
+        if dropout > 0:
+            batch = dict(batch, dropout_key=jax.random.fold_in(jax.random.key(7), i))
         t = time.perf_counter()
         trainable, opt_state, loss = compiled(trainable, opt_state, frozen, batch)
         loss = float(loss)
@@ -161,7 +166,7 @@ def run_jax(mode: str, p: dict, steps: int) -> dict:
     st = _median(times[1:])
     return {"mode": mode, "device": dev.device_kind, "jax": jax.__version__, "seq": seq, "layers": cfg.num_hidden_layers,
             "build_s": build_s, "compile_s": compile_s, "first_step_s": times[0], "step_s_median": st,
-            "step_s_all": times, "tokens_per_s": seq / st, "loss": losses,
+            "step_s_all": times, "tokens_per_s": seq / st, "loss": losses, "lora_dropout": dropout,
             "weights_and_adapters_GB": weights_bytes / 1e9, "trainable_params": train_mod.count(trainable),
             "in_use_after_build_GB": _gb(in_use_built), "peak_after_build_GB": _gb(peak_built),
             "peak_before_step_GB": _gb(peak_compiled),
@@ -249,7 +254,7 @@ def run_torch(p: dict, steps: int) -> dict:
     st = _median(times[1:])
     return {"mode": "torch-qlora", "versions": versions, "device": torch.cuda.get_device_name() if cuda else "cpu",
             "seq": seq, "layers": p["layers"], "build_s": build_s, "first_step_s": times[0], "step_s_median": st,
-            "step_s_all": times, "tokens_per_s": seq / st, "loss": losses,
+            "step_s_all": times, "tokens_per_s": seq / st, "loss": losses, "lora_dropout": dropout,
             "trainable_params": sum(q.numel() for q in params), "in_use_after_build_GB": _gb(in_use_built),
             "peak_GB": _gb(torch.cuda.max_memory_allocated()) if cuda else None,
             "optimizer": type(opt).__name__, "lora_dropout": 0.05}
@@ -290,12 +295,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up step")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per contender (subprocess)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="directory for qlora_memory.json")
+    ap.add_argument("--lora-dropout", type=float, default=0.05, help="the JAX contenders' LoRA dropout (the anchor's: 0.05)")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
     if args.layers:
         p["layers"] = args.layers
     if args.seq:
         p["seq"] = args.seq
+    p["lora_dropout"] = args.lora_dropout
     if args.mode != "all":
         r = run_one(args.mode, p, args.steps)
         print("RESULT " + json.dumps(r), flush=True)
@@ -303,7 +310,7 @@ def main(argv=None) -> int:
     results = []
     for mode in args.modes.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--preset", args.preset, "--steps", str(args.steps)]
-        cmd += ["--layers", str(p["layers"]), "--seq", str(p["seq"])]
+        cmd += ["--layers", str(p["layers"]), "--seq", str(p["seq"]), "--lora-dropout", str(p["lora_dropout"])]
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", BITSANDBYTES_NOWELCOME="1")
         t0 = time.perf_counter()
         try:

@@ -136,10 +136,12 @@ def test_gemm_weight_left_orientation(rng, monkeypatch, dtype):
 
 
 def test_band_crossover():
-    # from TILED_MIN_M rows (128, measured) the band path, below it the fused GEMM / GEMVs
+    # from TILED_MIN_M rows (128, measured) the band path; from BAND_MIN_M (64) for narrow
+    # layers whose GEMM grid would leave SMs idle (N=4096: 32 tiles at M=64); else the GEMM / GEMVs
     assert kern.use_bands(kern.TILED_MIN_M, 14336) and kern.use_bands(4096, 64)
     assert kern.use_bands(128, 4096) and kern.use_bands(128, 14336)
-    assert not kern.use_bands(16, 4096) and not kern.use_bands(127, 1024)
+    assert kern.use_bands(64, 4096) and not kern.use_bands(64, 14336)
+    assert not kern.use_bands(16, 4096) and not kern.use_bands(63, 1024)
 
 
 @pytest.mark.parametrize("assembly", ["scan", "concat"])

@@ -45,6 +45,10 @@ FMA_MAX_ROWS = 4  # fp32 x: rows up to which the elementwise multiply-add beats 
 # at a time (scratch measured on the H100: 294 MB at M=4096, N=14336 = output + one band).
 TILED_MIN_M = 128  # forward: bands 51.9 vs GEMM 57.9 us at M=128, N=14336 (H100, 13:08 UTC)
 BWD_TILED_MIN_M = 512  # backward (g @ W): the tiled transposed kernel below this, not re-measured
+# ... and from BAND_MIN_M rows for narrow layers (GEMM grid under GEMM_MIN_PROGRAMS tiles):
+# N=4096, M=64: bands 16.7 vs GEMM 44.2 us; N=14336 (112 tiles), M=64: GEMM 45.5 vs bands 48.5
+BAND_MIN_M = 64
+GEMM_MIN_PROGRAMS = 64
 # 7168: two bands at N=14336 (4096-row bands: 909 vs 820 us at M=4096 with "concat", H100)
 TILE_ROWS = 7168
 # how the bands' products become one [M, N] output (see tiled_forward): "concat" measured
@@ -111,12 +115,15 @@ def _half(dtype) -> bool:
 
 
 def use_bands(m: int, n: int) -> bool:
-    """Whether ``m`` rows of x against ``n`` weight rows take the band path (see TILED_MIN_M).
-    (With one-copy band assembly the bands beat the fused GEMM from M=128 at N=4096 and N=14336
-    alike, so the earlier narrow-layer rule, bands from M=128 when the GEMM grid has < 64 tiles,
-    is subsumed.)"""
-    del n
-    return m >= TILED_MIN_M
+    """Whether ``m`` rows of x against ``n`` weight rows take the band path (see TILED_MIN_M);
+    from BAND_MIN_M rows also when the fused GEMM would launch fewer than GEMM_MIN_PROGRAMS
+    output tiles (a narrow layer leaves most SMs idle)."""
+    if m >= TILED_MIN_M:
+        return True
+    cfg = GPU_CONFIG["gemm"]
+    bm = min(cfg["block_m"], max(16, 1 << (m - 1).bit_length()))
+    programs = -(-m // bm) * -(-n // cfg["block_n"])
+    return m >= BAND_MIN_M and programs < GEMM_MIN_PROGRAMS
 
 
 def forward(x, q, bias=None, *, interpret=False):
