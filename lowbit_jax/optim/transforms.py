@@ -410,9 +410,9 @@ def adamw8bit(
     By default the step is the jnp chain ``scale_by_adam_8bit -> add_decayed_weights ->
     scale_by_learning_rate``, which XLA fuses well and which runs the same on every backend.
     ``fused=True`` runs the Pallas kernel that updates each 256-value block in one pass
-    (H100, 268M parameters, with optax's ``apply_updates``: 4.30 ms against the chain's 4.80;
+    (H100, 268M parameters, with optax's ``apply_updates``: 3.92 ms against the chain's 4.81;
     :func:`lowbit_jax.optim.adamw8bit_inplace`, which skips ``apply_updates``' extra pass over
-    p: 2.47 ms). It stays opt-in because its state is one ``ScaleByAdam8bitState`` rather than
+    p: 2.08 ms). It stays opt-in because its state is one ``ScaleByAdam8bitState`` rather than
     the chain's tuple (a checkpoint of one does not restore into the other, so the default must
     not change with the backend) and its update needs ``params``. ``interpret=True`` runs the
     kernel in Pallas' interpreter (CPU tests).
