@@ -281,8 +281,8 @@ def sweep_plan():
     """(M, GPU_CONFIG section or None, config, module attributes) to time at N=14336."""
     plan = []
     rows = lambda **kw: dict(dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4,
-                                  num_stages=1, fused_fma=False), **kw)
-    for kw in [{}, dict(fused_fma=True), dict(fused_fma=True, block_n=16, blocks_per_iter=8), dict(num_warps=8)]:
+                                  num_stages=1), **kw)
+    for kw in [{}, dict(prefetch=False, num_stages=3), dict(num_warps=8), dict(blocks_per_iter=8)]:
         plan.append((1, "gemv", rows(**kw), {}))
     gemm = lambda **kw: dict(dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="wx", num_warps=8,
                                   num_stages=4), **kw)

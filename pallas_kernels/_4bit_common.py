@@ -106,20 +106,6 @@ def decode_prmt(p, values, dtype=jnp.float16):
     return hi, lo
 
 
-def fma(a, b, c, interpret: bool = False):
-    """fp32 ``a * b + c`` as one fused multiply-add (PTX ``fma.rn.f32``): Pallas' Triton lowering
-    emits separate multiplies and adds (no contraction), one more instruction per weight in the
-    GEMV. The interpreter rounds twice (the product, then the sum)."""
-    if interpret:
-        return a * b + c
-    from jax.experimental.pallas import triton as pltriton
-
-    out = jax.ShapeDtypeStruct(jnp.broadcast_shapes(a.shape, b.shape, c.shape), jnp.float32)
-    a, b, c = (jnp.broadcast_to(v, out.shape) for v in (a, b, c))
-    return pltriton.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f",
-                                           pack=1, result_shape_dtypes=[out])[0]
-
-
 def decode16(p, values, dtype, interpret: bool = False):
     """(high-nibble, low-nibble) code values of a uint8 tile in x's 16-bit ``dtype``, unscaled.
 

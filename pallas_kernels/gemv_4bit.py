@@ -37,7 +37,7 @@ ROWS, ROW_BLOCKS = 8, 16  # weight rows a program, quantization blocks of each a
 
 def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
                  blocks_per_row, nested_blocksize, n_nested, kchunk_blocks, prefetch, xdtype,
-                 interpret, fused_fma=False):
+                 interpret):
     """``bn`` output rows: stream ``tb`` blocks (tb * blocksize/2 contiguous bytes) of each
     row per iteration; per block a dot product in fp32, times its absmax; sum at the end."""
     rest = list(rest)
@@ -70,11 +70,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
             xo = jax.lax.bitcast_convert_type((u >> 16).astype(jnp.uint16), jnp.float16)
             xe, xo = xe.astype(jnp.float32), xo.astype(jnp.float32)
         hi, lo = c4.decode16(p, values, xdtype, interpret)
-        if fused_fma:  # hi * xe + lo * xo as one multiply and one fused multiply-add
-            t = c4.fma(hi.astype(jnp.float32), xe[None], lo.astype(jnp.float32) * xo[None], interpret)
-        else:
-            t = hi.astype(jnp.float32) * xe[None] + lo.astype(jnp.float32) * xo[None]
-        part = jnp.sum(t, axis=2)
+        part = jnp.sum(hi.astype(jnp.float32) * xe[None] + lo.astype(jnp.float32) * xo[None], axis=2)
         return acc + part * a.astype(jnp.float32)
 
     zeros = jnp.zeros((bn, tb), jnp.float32)
@@ -94,7 +90,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
 
 def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, nested_code=None,
               offset=None, nested_blocksize=256, bias=None, block_n=ROWS, blocks_per_iter=ROW_BLOCKS,
-              splits=1, prefetch=True, num_warps=4, num_stages=1, fused_fma=False, interpret=False):
+              splits=1, prefetch=True, num_warps=4, num_stages=1, interpret=False):
     """``x @ W.T (+ bias)`` for ONE row of 16-bit x ``[1, K]``: ``[1, N]`` in x's dtype.
 
     ``packed`` ``[N, K/2]`` uint8 (N a multiple of ``block_n``), ``absmax`` ``[N, K/blocksize]``
@@ -143,8 +139,7 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
         _rowsum_body, bn=block_n, tb=blocks_per_iter, n_iters=kchunk_blocks // blocks_per_iter,
         values=c4.table(quant_type), nested=nested, has_bias=fuse_bias, blocks_per_row=blocks,
         nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[0] if nested else 0,
-        kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret,
-        fused_fma=fused_fma)
+        kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,

@@ -256,7 +256,6 @@ def _operands(q):
     (512, 32, "nf4", True, "bfloat16", 64, dict(block_n=8, blocks_per_iter=2, splits=2)),
     (1024, 16, "nf4", True, "float16", 128, dict(block_n=16, blocks_per_iter=8)),
     (1024, 16, "fp4", True, "bfloat16", 256, dict(block_n=2, blocks_per_iter=1, prefetch=True, splits=2)),
-    (512, 32, "nf4", True, "bfloat16", 64, dict(block_n=8, blocks_per_iter=4, fused_fma=True)),
 ])
 def test_gemv_rows_kernel_variants(rng, k, n, quant_type, dq, dtype, blocksize, cfg):
     x, q = _case(rng, 1, k, n, quant_type, dq, dtype, blocksize=blocksize)

@@ -25,8 +25,7 @@ from pallas_kernels import dequant_4bit, gemm_4bit, gemv_4bit
 
 GPU_CONFIG = {
     # one row of 16-bit x: row sums over whole cache lines (pallas_kernels.gemv_4bit)
-    "gemv": dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4, num_stages=1,
-                 fused_fma=False),
+    "gemv": dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4, num_stages=1),
     # split-K GEMV for 2..GEMV_MAX_M rows (and fp32 x): x padded to 16 rows, tensor-core dots
     # ("gemv_dot"); fp32 x with 1..FMA_MAX_ROWS rows: elementwise multiply-add ("gemv_fma")
     "gemv_fma": dict(block_n=128, block_h=64, splits=8, decode="prmt", num_warps=4, num_stages=3),
