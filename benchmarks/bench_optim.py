@@ -271,6 +271,8 @@ def main():
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--variants", action="store_true",
                     help="first time the kernel's rounding/update variants (segments/segtable x fast_math)")
+    ap.add_argument("--sweep-launch", action="store_true",
+                    help="only time rows x warps for the default rounding, then exit")
     ap.add_argument("--ncu", action="store_true", help="only run a few fused steps on one leaf (for ncu -k regex:adam)")
     args = ap.parse_args()
     DIM, LEAVES = args.dim, args.leaves
@@ -282,6 +284,14 @@ def main():
     bw = copy_bandwidth()
     results["copy_bandwidth_GBps"] = bw / 1e9
     print(f"device {results['device']}, jax {jax.__version__}, HBM copy {bw / 1e9:.0f} GB/s", flush=True)
+    if args.sweep_launch:
+        from pallas_kernels import optim_8bit as K
+
+        for rows, warps in [(8, 8), (4, 4), (4, 8), (8, 4), (16, 8), (16, 16)]:
+            name = f"launch {K.QUANTIZER} rows={rows} warps={warps}"
+            _guard(lambda: bench_inplace(jnp.float32, name, results, 16, rows=rows, num_warps=warps))
+        _dump(results, args.out)
+        return
     if args.variants:  # time the rounding/update variants, then run everything with the fastest
         from pallas_kernels import optim_8bit as K
 
