@@ -231,3 +231,59 @@ def test_small_m_dense_outliers_any_count(rng, m, dtype):
     # weight in int8 with x's outliers as two int8 digits: within 2 16-bit roundings of max|y|.
     ulp = 2.0**-7 if dtype == jnp.bfloat16 else 2.0**-10
     np.testing.assert_allclose(y32, r32, rtol=0, atol=2 * ulp * np.abs(r32).max())
+
+
+# ---- the one-kernel preparation of x for small M (pallas_kernels.int8_prep) ----
+
+@pytest.mark.parametrize("m,k,dtype", [(1, 512, "bfloat16"), (3, 700, "float16"), (16, 1024, "bfloat16"),
+                                       (5, 256, "float32")])
+def test_int8_prep_equals_xla_preparation(m, k, dtype):
+    from pallas_kernels import int8_gemm, int8_prep
+
+    rng = np.random.default_rng(m * 1000 + k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    cols = rng.choice(k, 5, replace=False)  # outlier columns: every row has |x| in [7, 40) there,
+    x[:, cols] = rng.uniform(7, 40, (m, 5)) * rng.choice([-1.0, 1.0], (m, 5))
+    x[0, cols[0]] = 2.5  # ... except one entry below the threshold (its column is still an outlier)
+    x = jnp.asarray(x, dtype)
+
+    def xla_prep(x):
+        codes, sx, cols = quant.int8_vectorwise_quant(x, threshold=6.0)
+        return codes, sx, cols, int8_gemm.outlier_digits(x, cols)
+
+    codes, sx, cols, (dig, dsc) = jax.jit(xla_prep)(x)
+    assert int(np.asarray(cols).sum()) >= 4
+    stacked, sx2, s1, s2 = int8_prep.prepare(x, threshold=6.0, interpret=True)
+    parts = np.asarray(stacked).reshape(stacked.shape[0], 3, k)
+    assert stacked.shape[0] == int8_prep.rows_padded(m) and not parts[m:].any()  # zero padding rows
+    np.testing.assert_array_equal(parts[:m, 0], np.asarray(codes))
+    np.testing.assert_array_equal(parts[:m, 1], np.asarray(dig[0]))
+    np.testing.assert_array_equal(parts[:m, 2], np.asarray(dig[1]))
+    np.testing.assert_array_equal(np.asarray(sx2)[:m], np.asarray(sx))
+    np.testing.assert_array_equal(np.asarray(s1)[:m], np.asarray(dsc[0]))
+    np.testing.assert_array_equal(np.asarray(s2)[:m], np.asarray(dsc[1]))
+
+
+def test_small_m_prep_dispatch(monkeypatch):
+    """matmul_int8 on the GPU route with SMALL_PREP="pallas" (the kernel in the interpreter here)
+    equals the XLA preparation's result."""
+    import functools
+    import importlib
+
+    from pallas_kernels import int8_prep
+
+    mi = importlib.import_module("lowbit_jax.ops.matmul_int8")  # the module (ops exports the function)
+
+    rng = np.random.default_rng(5)
+    w8 = quant.quantize_int8(jnp.asarray(rng.standard_normal((200, 640)) * 0.02, jnp.float32))
+    x = rng.standard_normal((6, 640)).astype(np.float32)
+    x[:, [7, 300, 301]] *= 12
+    x = jnp.asarray(x, jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal((200,)), jnp.bfloat16)
+    ref = ops.matmul_int8(x, w8, 6.0, bias=bias, impl="xla")
+    monkeypatch.setattr(mi, "SMALL_ENGINE", "xla")
+    monkeypatch.setattr(mi, "SMALL_PREP", "pallas")
+    monkeypatch.setattr(int8_prep, "stacked_product", functools.partial(int8_prep.stacked_product, interpret=True))
+    out = ops.matmul_int8(x, w8, 6.0, bias=bias, impl="pallas")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=0,
+                               atol=2 ** -7 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))))
