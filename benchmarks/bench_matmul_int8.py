@@ -93,12 +93,11 @@ def check():
         import importlib
 
         mi = importlib.import_module("lowbit_jax.ops.matmul_int8")
-        engines = ("xla", "pallas", "xla+prep") if m <= mi.SMALL_MAX_M else (mi.SMALL_ENGINE,)
+        engines = ("xla", "pallas") if m <= mi.SMALL_MAX_M else (mi.SMALL_ENGINE,)
         for (thr, cap), engine in [(tc, e) for tc in ((6.0, 64), (6.0, 2), (0.0, 64)) for e in engines]:
             # cap 2 < 3 planted columns: overflow path; small M: both engines
             key = f"M{m}_K{k}_N{n}_thr{thr:g}_cap{cap}" + (f"_{engine}" if m <= mi.SMALL_MAX_M else "")
-            saved, saved_prep = mi.SMALL_ENGINE, mi.SMALL_PREP
-            mi.SMALL_ENGINE, mi.SMALL_PREP = engine.split("+")[0], ("pallas" if engine.endswith("+prep") else "xla")
+            saved, mi.SMALL_ENGINE = mi.SMALL_ENGINE, engine
             try:
                 out = jax.jit(lambda x: ops.matmul_int8(x, w8, thr, max_outliers=cap, impl="pallas"))(x)
                 ref = jax.jit(lambda x: ops.matmul_int8(x, w8, thr, impl="xla"))(x)
@@ -109,7 +108,7 @@ def check():
             except Exception as e:  # noqa: BLE001
                 res[key] = f"ERR {type(e).__name__}: {str(e)[:400]}"
             finally:
-                mi.SMALL_ENGINE, mi.SMALL_PREP = saved, saved_prep
+                mi.SMALL_ENGINE = saved
             print("check", key, res[key], flush=True)
     return res
 
@@ -201,14 +200,9 @@ def bench_jax(ms, n, bw):
             variants = [("pallas", "pallas", mi.SMALL_ENGINE), ("xla", "xla", mi.SMALL_ENGINE)]
             if m <= mi.SMALL_MAX_M:
                 variants.append(("splitk", "pallas", "pallas"))
-                if thr > 0:  # the other preparation of x for the stacked XLA dot
-                    variants.append(("otherprep", "pallas", "xla"))
             for label, impl, engine in variants:
                 name = f"lowbit_{label}_thr{thr:g}"
                 saved, mi.SMALL_ENGINE = mi.SMALL_ENGINE, engine
-                saved_prep = mi.SMALL_PREP
-                if label == "otherprep":
-                    mi.SMALL_PREP = "xla" if saved_prep == "pallas" else "pallas"
                 f = chained_passes(lambda x, q, impl=impl, thr=thr: ops.matmul_int8(x, q, thr, impl=impl))
                 try:
                     row[name] = jax_time(f, xs, qs, passes=p)
@@ -216,8 +210,7 @@ def bench_jax(ms, n, bw):
                 except Exception as e:  # noqa: BLE001
                     row[name] = f"ERR {type(e).__name__}: {str(e)[:300]}"
                 finally:
-                    mi.SMALL_ENGINE, mi.SMALL_PREP = saved, saved_prep
-            row["small_prep_default"] = mi.SMALL_PREP
+                    mi.SMALL_ENGINE = saved
             _, _, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
             row["outlier_cols_found"] = int(np.asarray(mask).sum())
         if isinstance(row.get("lowbit_pallas_thr6"), float):
@@ -310,8 +303,8 @@ def bench_bnb(ms, n):
 def table():
     jx, bb = R.get("jax", {}), R.get("bnb", {})
     print(f"\n==== per-matmul us (rel. err vs fp32), K={K}, N={R.get('N')}, L={L}, {R.get('env')}, copy {R.get('copy_TBps', 0):.2f} TB/s ====")
-    print("| M | thr | lowbit (default) | other x prep | lowbit XLA-int8 | lowbit split-K kernel | XLA bf16 | bnb Linear8bitLt | default/bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| M | thr | lowbit (default) | lowbit XLA-int8 | lowbit split-K kernel | XLA bf16 | bnb Linear8bitLt | default/bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
 
     def cell(d, k):
         v = d.get(k)
@@ -328,8 +321,7 @@ def table():
             p = row.get(f"lowbit_pallas_thr{thr}")
             ratio = f"{p / row['xla_bf16']:.2f}" if isinstance(p, float) else "-"
             how = b.get(f"bnb_thr{thr}_how", "")
-            print(f"| {key[1:]} | {thr} | {cell(row, f'lowbit_pallas_thr{thr}')} | {cell(row, f'lowbit_otherprep_thr{thr}')} | "
-                  f"{cell(row, f'lowbit_xla_thr{thr}')} | "
+            print(f"| {key[1:]} | {thr} | {cell(row, f'lowbit_pallas_thr{thr}')} | {cell(row, f'lowbit_xla_thr{thr}')} | "
                   f"{cell(row, f'lowbit_splitk_thr{thr}')} | "
                   f"{cell(row, 'xla_bf16')} | {cell(b, f'bnb_thr{thr}')}{' ' + how if how else ''} | {ratio} |")
 
@@ -343,19 +335,11 @@ def profile(n, ms=(16,)):
 
     qs = [quant.quantize_int8(jnp.asarray(make_w(n, i))) for i in range(L)]
     res = {}
-    import importlib
-
-    mi = importlib.import_module("lowbit_jax.ops.matmul_int8")
-    runs = [(m, t, p) for m in ms for t in (6.0, 0.0) for p in ("xla", "pallas") if p == "xla" or (t > 0 and m <= 16)]
-    for m, thr, prep in runs:
+    for m, thr in [(m, t) for m in ms for t in (6.0, 0.0)]:
         x = jnp.asarray(make_x(m)[0], jnp.bfloat16)
-        saved, mi.SMALL_PREP = mi.SMALL_PREP, prep
-        try:
-            f = jax.jit(lambda x, qs, thr=thr: tuple(ops.matmul_int8(x, q, thr, impl="pallas") for q in qs))
-            res[f"M{m}_thr{thr:g}_prep{prep}"] = table = kernel_profile(f, x, qs)
-        finally:
-            mi.SMALL_PREP = saved
-        print_profile(f"int8 M={m} thr={thr:g} prep={prep} N={n} (8 layers)", table)
+        f = jax.jit(lambda x, qs, thr=thr: tuple(ops.matmul_int8(x, q, thr, impl="pallas") for q in qs))
+        res[f"M{m}_thr{thr:g}"] = table = kernel_profile(f, x, qs)
+        print_profile(f"int8 M={m} thr={thr:g} N={n} (8 layers)", table)
     return res
 
 

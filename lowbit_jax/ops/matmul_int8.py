@@ -57,7 +57,7 @@ import jax.numpy as jnp
 
 from lowbit_jax import _compat, quant
 from lowbit_jax.ops._grad import zero_cotangent
-from pallas_kernels import int8_gemm, int8_prep
+from pallas_kernels import int8_gemm
 
 # bitsandbytes' int8_mm_dequant constant: 1 / 127**2 as float32.
 _INV_127_SQ = 6.200124e-05
@@ -78,10 +78,6 @@ LARGE_MIN_M = 256  # rows from which the wide tiles leave enough programs for 13
 # outlier digits stacked as rows of one dot) or "pallas" (the split-K kernel). Measured on an H100
 # (benchmarks/RESULTS.md): see the int8 section for the numbers behind the choice.
 SMALL_ENGINE = "xla"
-# How x is prepared for that stacked dot at threshold > 0: "pallas" (pallas_kernels.int8_prep, one
-# kernel: codes, outlier digits and scales) or "xla" (quant.int8_vectorwise_quant and
-# int8_gemm.outlier_digits, five small fusions).
-SMALL_PREP = "xla"
 
 
 def _check(x, w8):
@@ -180,15 +176,10 @@ def _forward(x, w8, bias, threshold, max_outliers, impl):
         return matmul_int8_reference(x, w8, threshold, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    codes, sx, outlier_cols = quant.int8_vectorwise_quant(x2, threshold=threshold)
     small = x2.shape[0] <= SMALL_MAX_M
     if small and impl == "pallas" and SMALL_ENGINE == "xla":
-        if threshold > 0.0 and SMALL_PREP == "pallas":
-            # one Pallas kernel prepares codes and outlier digits, then one XLA int8 dot
-            out = int8_prep.stacked_product(x2, w8.codes, w8.row_absmax, threshold=threshold, bias=bias,
-                                            out_dtype=x.dtype)
-            return out.reshape(*lead, w8.shape[0])
         impl = "xla"
-    codes, sx, outlier_cols = quant.int8_vectorwise_quant(x2, threshold=threshold)
     if threshold == 0.0:
         out = _int8_part(codes, sx, w8, None, None, None, bias, x.dtype, impl)
     elif small and impl == "xla":
