@@ -55,10 +55,6 @@ def _time(fn, *args) -> float:
     return best
 
 
-def copy_bandwidth() -> float:
-    return copy_bandwidth_tbps() * 1e12
-
-
 def bench_optax(tx, dtype, name, results, grads_dtype=None):
     params = _params(dtype)
     grads = [g.astype(grads_dtype or dtype) for g in _params(jnp.float32, seed=1)]
@@ -158,15 +154,14 @@ def check_quantizers(results):
     key = jax.random.key(4)
     p = jax.random.normal(key, (DIM, DIM), jnp.float32) * 0.02
     outs = {}
-    for variant in ("lut", "segments", "bsearch", "segtable", "segtable+fast"):
-        quantizer, _, fast = variant.partition("+")
+    for quantizer in ("lut", "segments", "bsearch", "segtable"):
         mq, vq, pp = zeros_state(p, True, 4096), zeros_state(p, False, 4096), p
         step = jax.jit(lambda h, a, g, m, v: adam8bit_step_fused(h, a, g, m, v, interpret=INTERPRET,
-                                                                  quantizer=quantizer, fast_math=fast == "fast"))
+                                                                  quantizer=quantizer))
         for i in range(3):
             g = jax.random.normal(jax.random.fold_in(key, i), (DIM, DIM), jnp.float32) * (10.0 ** -i)
             pp, mq, vq = step(adam_hyper(0.9, 0.999, 1e-8, 1e-3, 1e-2, i + 1), pp, g, mq, vq)
-        outs[variant] = (pp, mq, vq)
+        outs[quantizer] = (pp, mq, vq)
     base = outs["lut"]
     for quantizer, (pp, mq, vq) in outs.items():
         rec = {
@@ -270,7 +265,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time kernel configurations and gather costs")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--variants", action="store_true",
-                    help="first time the kernel's rounding/update variants (segments/segtable x fast_math)")
+                    help="first time the kernel's rounding variants (segments, segtable)")
     ap.add_argument("--sweep-launch", action="store_true",
                     help="only time rows x warps for the default rounding, then exit")
     ap.add_argument("--ncu", action="store_true", help="only run a few fused steps on one leaf (for ncu -k regex:adam)")
@@ -281,7 +276,7 @@ def main():
         bench_inplace(jnp.float32, "ncu target", {}, 16)
         return
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
-    bw = copy_bandwidth()
+    bw = copy_bandwidth_tbps() * 1e12
     results["copy_bandwidth_GBps"] = bw / 1e9
     print(f"device {results['device']}, jax {jax.__version__}, HBM copy {bw / 1e9:.0f} GB/s", flush=True)
     if args.sweep_launch:
@@ -297,14 +292,13 @@ def main():
 
         timed = {}
         for quantizer in ("segments", "segtable"):
-            for fast in (False, True):
-                name = f"variant {quantizer} fast_math={fast}"
-                _guard(lambda: bench_inplace(jnp.float32, name, results, 16, quantizer=quantizer, fast_math=fast))
-                if name in results:
-                    timed[(quantizer, fast)] = results[name]["step_ms"]
+            name = f"variant {quantizer}"
+            _guard(lambda: bench_inplace(jnp.float32, name, results, 16, quantizer=quantizer))
+            if name in results:
+                timed[quantizer] = results[name]["step_ms"]
         if timed:
-            (K.QUANTIZER, K.FAST_MATH), best = min(timed.items(), key=lambda kv: kv[1])
-            results["applied_variant"] = {"quantizer": K.QUANTIZER, "fast_math": K.FAST_MATH, "step_ms": best}
+            K.QUANTIZER, best = min(timed.items(), key=lambda kv: kv[1])
+            results["applied_variant"] = {"quantizer": K.QUANTIZER, "step_ms": best}
             print("applied", results["applied_variant"], flush=True)
     if args.sweep:
         _guard(lambda: check_quantizers(results))

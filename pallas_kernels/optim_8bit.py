@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 BLOCK = 256  # bitsandbytes' state blocksize
-MAX_ROWS = 8  # blocks per program (2048 values): with 8 warps, fastest for "segments" on the H100 (RESULTS.md)
+MAX_ROWS = 8  # blocks per program (2048 values): with 8 warps, fastest on the H100 (RESULTS.md)
 NUM_WARPS = 8
 LUT_SIZE = 65536
 # default table reading, see _requantize: on the H100 "segtable" 2.07 ms a step, "segments" 2.51,
@@ -40,10 +40,6 @@ LUT_SIZE = 65536
 QUANTIZER = "segtable"
 QUANTIZERS = ("lut", "bsearch", "segments", "segtable")
 SEG_SLOTS = 16  # pieces a map may have in the "segtable" layout (segment_table)
-# approximate reciprocal and square root (PTX rcp/sqrt.approx.ftz, one MUFU op each) for the
-# update's ``sqrt(v)`` and ``m / denom`` instead of the IEEE-style sequences Triton emits
-# (range checks and rescaling around the MUFU op: ~15 instructions a parameter)
-FAST_MATH = False  # measured: 2.14 vs 2.07 ms with "segtable", 2.37 vs 2.51 with "segments": off
 # order of the scalars in ``hyper``
 HYPER_FIELDS = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "decay", "step_size", "correction2")
 
@@ -216,24 +212,9 @@ def _segtable_codes(idx, table_ref, pieces):
     return _corrected(code, start, slope, idx, table_ref)
 
 
-def _recip(x, fast: bool):
-    if not fast:
-        return jnp.float32(1.0) / x
-    return pltriton.elementwise_inline_asm("rcp.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-                                           result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
-
-
-def _sqrt(x, fast: bool):
-    if not fast:
-        return jnp.sqrt(x)
-    return pltriton.elementwise_inline_asm("sqrt.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-                                           result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
-
-
 def _adam_kernel(
     hyper_ref, p_ref, g_ref, c1_ref, a1_ref, c2_ref, a2_ref, code1_ref, code2_ref, lut1_ref, lut2_ref,
     p_out, c1_out, a1_out, c2_out, a2_out, *, n: int, rows: int, quantizer: str, pieces1=None, pieces2=None,
-    fast_math: bool = False, asm: bool = True,
 ):
     b1, omb1, b2, omb2 = hyper_ref[0], hyper_ref[1], hyper_ref[2], hyper_ref[3]
     eps, decay, step_size, correction2 = hyper_ref[4], hyper_ref[5], hyper_ref[6], hyper_ref[7]
@@ -251,12 +232,8 @@ def _adam_kernel(
 
     m = m * b1 + g * omb1
     v = v * b2 + (g * g) * omb2
-    if fast_math:  # approximate MUFU ops (<= 2 ulp) on the GPU; the interpreter rounds exactly
-        denom = _sqrt(v, asm) * (jnp.float32(1.0) / correction2) + eps
-        p = p * decay + step_size * (m * _recip(denom, asm))
-    else:
-        denom = jnp.sqrt(v) / correction2 + eps
-        p = p * decay + step_size * (m / denom)
+    denom = jnp.sqrt(v) / correction2 + eps
+    p = p * decay + step_size * (m / denom)
 
     p_out[...] = p.astype(p_out.dtype)
     c1, a1 = _requantize(m, lut1_ref, quantizer, pieces1)
@@ -267,11 +244,10 @@ def _adam_kernel(
     a2_out[...] = a2
 
 
-@functools.partial(jax.jit, static_argnames=("n", "interpret", "quantizer", "rows", "num_warps", "pieces",
-                                             "fast_math"))
+@functools.partial(jax.jit, static_argnames=("n", "interpret", "quantizer", "rows", "num_warps", "pieces"))
 def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2, lut1, lut2, *, n: int,
                     interpret: bool = False, quantizer: str | None = None, rows: int | None = None,
-                    num_warps: int | None = None, pieces=None, fast_math: bool | None = None):
+                    num_warps: int | None = None, pieces=None):
     """One fused Adam(W) step on [nblocks, 256] views; returns (p, codes1, absmax1, codes2, absmax2).
 
     ``n`` is the number of real values (the rest of the last block is padding). ``lut1/2`` are
@@ -299,9 +275,7 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
         return pl.BlockSpec((size,), lambda i: (0,))
 
     pieces1, pieces2 = pieces if quantizer in ("segments", "segtable") else (None, None)
-    fast = FAST_MATH if fast_math is None else fast_math
-    kernel = functools.partial(_adam_kernel, n=n, rows=rows, quantizer=quantizer, pieces1=pieces1, pieces2=pieces2,
-                               fast_math=fast, asm=not interpret)
+    kernel = functools.partial(_adam_kernel, n=n, rows=rows, quantizer=quantizer, pieces1=pieces1, pieces2=pieces2)
     extra = {}
     if not interpret:
         extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS)

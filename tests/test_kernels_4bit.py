@@ -144,11 +144,9 @@ def test_band_crossover():
     assert not kern.use_bands(16, 4096) and not kern.use_bands(63, 1024)
 
 
-@pytest.mark.parametrize("assembly", ["scan", "concat"])
-def test_tiled_large_m_path(rng, monkeypatch, assembly):
+def test_tiled_large_m_path(rng, monkeypatch):
     monkeypatch.setattr(kern, "TILED_MIN_M", 32)
     monkeypatch.setattr(kern, "TILE_ROWS", 32)
-    monkeypatch.setattr(kern, "BAND_ASSEMBLY", assembly)
     x, q = _case(rng, 40, 128, 100, "nf4", True, "bfloat16")
     y = matmul_4bit(x, q, impl="pallas_interpret")
     assert _rel(y, _oracle(x, q)) < TOL["bfloat16"]

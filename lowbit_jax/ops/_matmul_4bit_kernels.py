@@ -49,11 +49,8 @@ BWD_TILED_MIN_M = 512  # backward (g @ W): the tiled transposed kernel below thi
 # N=4096, M=64: bands 16.7 vs GEMM 44.2 us; N=14336 (112 tiles), M=64: GEMM 45.5 vs bands 48.5
 BAND_MIN_M = 64
 GEMM_MIN_PROGRAMS = 64
-# 7168: two bands at N=14336 (4096-row bands: 909 vs 820 us at M=4096 with "concat", H100)
+# 7168: two bands at N=14336 (4096-row bands: 909 vs 820 us at M=4096, H100)
 TILE_ROWS = 7168
-# how the bands' products become one [M, N] output (see tiled_forward): "concat" measured
-# 820 us against 976 for "scan" at M=4096, 255 against 292 at M=1024 (N=14336, H100)
-BAND_ASSEMBLY = "concat"
 
 
 def supported(q: quant.Packed4bit) -> bool:
@@ -114,15 +111,24 @@ def _half(dtype) -> bool:
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def _gemm_block_m(m: int) -> int:
+    """Row tile of the fused GEMM for ``m`` rows: GPU_CONFIG's, or the power of two (>= 16) covering m."""
+    return min(GPU_CONFIG["gemm"]["block_m"], max(16, 1 << (m - 1).bit_length()))
+
+
+def _ordered(a, after):
+    """``a``, made to depend on ``after`` (an optimization barrier), so XLA computes what reads
+    it only once ``after`` exists."""
+    return a if after is None else jax.lax.optimization_barrier((after, a))[1]
+
+
 def use_bands(m: int, n: int) -> bool:
     """Whether ``m`` rows of x against ``n`` weight rows take the band path (see TILED_MIN_M);
     from BAND_MIN_M rows also when the fused GEMM would launch fewer than GEMM_MIN_PROGRAMS
     output tiles (a narrow layer leaves most SMs idle)."""
     if m >= TILED_MIN_M:
         return True
-    cfg = GPU_CONFIG["gemm"]
-    bm = min(cfg["block_m"], max(16, 1 << (m - 1).bit_length()))
-    programs = -(-m // bm) * -(-n // cfg["block_n"])
+    programs = -(-m // _gemm_block_m(m)) * -(-n // GPU_CONFIG["gemm"]["block_n"])
     return m >= BAND_MIN_M and programs < GEMM_MIN_PROGRAMS
 
 
@@ -144,7 +150,8 @@ def forward(x, q, bias=None, *, interpret=False):
         cfg = dict(GPU_CONFIG["gemm"])
         ops, bn = _weight_rows(ops, n, cfg.pop("block_n"))
         bh = _block_h(kh, cfg.pop("block_h"), q.blocksize // 2)
-        bm = min(cfg.pop("block_m"), max(16, 1 << (m - 1).bit_length()))
+        cfg.pop("block_m")
+        bm = _gemm_block_m(m)
         xp = _pad_rows(x2, bm)
         b = None if bias is None else _pad_rows(bias, bn)
         y = gemm_4bit.fused_forward(xp[:, 0::2], xp[:, 1::2], ops["packed"], ops["absmax"],
@@ -256,8 +263,7 @@ def _decoded_bands(q, dtype, interpret):
             cfg["blocks"] //= 2
 
         def band(i, after=None):
-            packed = ops["packed"] if after is None else jax.lax.optimization_barrier((after, ops["packed"]))[1]
-            return dequant_4bit.dequantize_rows(packed, ops["absmax"], i * rows, rows=rows,
+            return dequant_4bit.dequantize_rows(_ordered(ops["packed"], after), ops["absmax"], i * rows, rows=rows,
                                                 dtype=dtype, **_rest(ops), interpret=interpret, **cfg)
         return band, rows, c
     # fp32: decode in XLA (exact fp32 code values), band by band
@@ -267,8 +273,7 @@ def _decoded_bands(q, dtype, interpret):
     code = jnp.asarray(q.code, jnp.float32)
 
     def band(i, after=None):
-        packed = ops["packed"] if after is None else jax.lax.optimization_barrier((after, ops["packed"]))[1]
-        p = jax.lax.dynamic_slice_in_dim(packed, i * rows, rows)
+        p = jax.lax.dynamic_slice_in_dim(_ordered(ops["packed"], after), i * rows, rows)
         a = jax.lax.dynamic_slice_in_dim(absmax, i * rows, rows)
         vals = jnp.stack([code[(p >> 4).astype(jnp.int32)], code[(p & 15).astype(jnp.int32)]], -1)
         return (vals.reshape(rows, a.shape[1], q.blocksize) * a[:, :, None]).reshape(rows, k).astype(dtype)
@@ -278,28 +283,20 @@ def _decoded_bands(q, dtype, interpret):
 def tiled_forward(x2, q, bias=None, *, interpret=False):
     """``x2 @ W.T`` for many rows: W decoded a band of rows at a time, then XLA's dot.
 
-    ``BAND_ASSEMBLY`` "concat": the bands are unrolled and their [M, rows] products
-    concatenated once (one copy of the output); an optimization barrier makes band i's
-    decode wait for band i-1's product, so one decoded band is alive at a time. "scan": a
-    scan over the bands stacks [C, M, rows] and transposes it (two copies of the output)."""
+    The bands are unrolled and their [M, rows] products concatenated once (one copy of the
+    output; a scan stacking [C, M, rows] and transposing it made two: 976 vs 820 us at M=4096,
+    N=14336 on the H100). Band i's decode waits for band i-1's product, so one decoded band is
+    alive at a time; x passes the same barrier, or XLA's dot merger would fuse bands that share
+    x into one GEMM over their concatenated decodes (more than one band alive, plus a copy)."""
     n, k = q.shape
     band, rows, c = _decoded_bands(q, x2.dtype, interpret)
     prec = jax.lax.Precision.HIGHEST if x2.dtype == jnp.float32 else None
-    if BAND_ASSEMBLY == "concat":
-        outs = []
-        for i in range(c):
-            # x through a barrier too: XLA's dot merger would otherwise fuse bands that share x into
-            # one GEMM over their concatenated decodes (more than one band alive, plus a copy)
-            xi = x2 if not outs else jax.lax.optimization_barrier((outs[-1], x2))[1]
-            # output in x's dtype straight from the GEMM (fp32 accumulation inside), no fp32 pass
-            outs.append(jnp.dot(xi, band(jnp.int32(i), after=outs[-1] if outs else None).T, precision=prec))
-        y = jnp.concatenate(outs, axis=1)[:, :n]
-    else:
-        def step(_, i):
-            return None, jnp.dot(x2, band(i).T, precision=prec)
-
-        _, ys = jax.lax.scan(step, None, jnp.arange(c, dtype=jnp.int32))  # [C, M, rows]
-        y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], -1)[:, :n]
+    outs = []
+    for i in range(c):
+        after = outs[-1] if outs else None
+        # output in x's dtype straight from the GEMM (fp32 accumulation inside), no fp32 pass
+        outs.append(jnp.dot(_ordered(x2, after), band(jnp.int32(i), after=after).T, precision=prec))
+    y = jnp.concatenate(outs, axis=1)[:, :n]
     if bias is not None:
         y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x2.dtype)
     return y

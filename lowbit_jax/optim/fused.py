@@ -73,7 +73,7 @@ def adam8bit_step_fused(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit, *, in
                         **kernel_options):
     """The kernel's step on one leaf: (p, m, v), equal to :func:`adam8bit_step_reference`.
 
-    ``kernel_options`` (quantizer, rows, num_warps, fast_math) go to ``optim_8bit.adam8bit_blocks``.
+    ``kernel_options`` (quantizer, rows, num_warps) go to ``optim_8bit.adam8bit_blocks``.
     """
     n = mq.size
     nblocks = mq.absmax.shape[0]
