@@ -139,6 +139,8 @@ def sweep(budget_s):
     if os.environ.get("INT8_SWEEP") == "crossover":  # where the wide tiles start to pay
         plan = [(m, sec, large(*t), 6.0, mi.MAX_OUTLIERS) for m, sec in ((128, "medium"), (256, "medium"), (512, "large"))
                 for t in ((128, 128, 128, 8, 4), (128, 256, 128, 8, 3))]
+    if os.environ.get("INT8_SWEEP") == "orient":  # small M: operand order of XLA's int8 dot
+        return _sweep_orient(mi, qs)
     base = {k: dict(v) for k, v in mi.GPU_CONFIG.items()}
     res = {}
     keys = []
@@ -166,6 +168,34 @@ def sweep(budget_s):
             best[head] = (key, v)
     res["best"] = best
     print("sweep best", res["best"], flush=True)
+    return res
+
+
+def _sweep_orient(mi, qs):
+    """Small M through XLA's int8 dot (mi.SMALL_ENGINE "xla"): x's rows or W's rows as the
+    GEMM's M side, thresholds 6 (48 stacked rows) and 0 (16), 4 chained passes."""
+    import jax.numpy as jnp
+
+    from lowbit_jax import ops
+
+    res = {}
+    saved = mi.SMALL_ORIENT
+    for m in (1, 16):
+        p = repeat_for(m)
+        xs = tuple(jnp.asarray(make_x(m, seed=99 + r)[0], jnp.bfloat16) for r in range(p))
+        for thr in (6.0, 0.0):
+            for orient in ("xw", "wx", "xw", "wx"):  # twice, interleaved: run-to-run spread
+                mi.SMALL_ORIENT = orient
+                f = chained_passes(lambda x, q, thr=thr: ops.matmul_int8(x, q, thr, impl="pallas"))
+                key = f"M{m}_thr{thr:g}_{orient}"
+                try:
+                    t = jax_time(f, xs, qs, passes=p)
+                    res.setdefault(key, []).append(t)
+                except Exception as e:  # noqa: BLE001
+                    res[key] = f"ERR {type(e).__name__}: {str(e)[:300]}"
+                finally:
+                    mi.SMALL_ORIENT = saved
+                print("sweep", key, res[key], flush=True)
     return res
 
 

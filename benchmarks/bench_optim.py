@@ -154,7 +154,7 @@ def check_quantizers(results):
     key = jax.random.key(4)
     p = jax.random.normal(key, (DIM, DIM), jnp.float32) * 0.02
     outs = {}
-    for quantizer in ("lut", "segments", "bsearch", "segtable"):
+    for quantizer in ("lut", "segments", "bsearch", "segtable", "logtable"):
         mq, vq, pp = zeros_state(p, True, 4096), zeros_state(p, False, 4096), p
         step = jax.jit(lambda h, a, g, m, v: adam8bit_step_fused(h, a, g, m, v, interpret=INTERPRET,
                                                                   quantizer=quantizer))
@@ -265,12 +265,17 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time kernel configurations and gather costs")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--variants", action="store_true",
-                    help="first time the kernel's rounding variants (segments, segtable)")
+                    help="first time the kernel's rounding variants (segments, segtable, logtable)")
     ap.add_argument("--sweep-launch", action="store_true",
                     help="only time rows x warps for the default rounding, then exit")
     ap.add_argument("--ncu", action="store_true", help="only run a few fused steps on one leaf (for ncu -k regex:adam)")
+    ap.add_argument("--quantizer", default=None, help="the kernel's rounding for every run (default: the module's)")
     args = ap.parse_args()
     DIM, LEAVES = args.dim, args.leaves
+    if args.quantizer:
+        from pallas_kernels import optim_8bit as K
+
+        K.QUANTIZER = args.quantizer
     if args.ncu:
         LEAVES = 1
         bench_inplace(jnp.float32, "ncu target", {}, 16)
@@ -291,7 +296,7 @@ def main():
         from pallas_kernels import optim_8bit as K
 
         timed = {}
-        for quantizer in ("segments", "segtable"):
+        for quantizer in ("segments", "segtable", "logtable"):
             name = f"variant {quantizer}"
             _guard(lambda: bench_inplace(jnp.float32, name, results, 16, quantizer=quantizer))
             if name in results:

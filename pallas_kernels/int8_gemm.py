@@ -40,11 +40,22 @@ INV_127_SQ = 6.200124e-05
 INV_127 = 7.874015718698502e-3
 
 
+def int8_dot(codes_x, codes_w, orient="xw"):
+    """int32 ``codes_x @ codes_w.T`` in XLA. ``orient="wx"`` asks for ``(codes_w @ codes_x.T).T``:
+    the same integers, but XLA's GEMM then tiles the weight's N rows as its M side, which for
+    a few rows of x is a different (GEMV-like) kernel choice."""
+    dims = (((1,), (1,)), ((), ()))
+    if orient == "wx":
+        return jax.lax.dot_general(codes_w, codes_x, dims, preferred_element_type=jnp.int32).T
+    if orient != "xw":
+        raise ValueError(f"orient must be 'xw' or 'wx', got {orient!r}")
+    return jax.lax.dot_general(codes_x, codes_w, dims, preferred_element_type=jnp.int32)
+
+
 def reference(codes_x, codes_w, sx, sw, sub_x=None, sub_w=None, extra=None, bias=None,
-              out_dtype=jnp.float32):
+              out_dtype=jnp.float32, orient="xw"):
     """The jnp oracle: the same arithmetic in XLA (int32 dot, fp32 epilogue, one final cast)."""
-    acc = jax.lax.dot_general(codes_x, codes_w, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.int32)
+    acc = int8_dot(codes_x, codes_w, orient)
     return epilogue(acc, sx, sw, sub_x, sub_w, extra, bias, out_dtype)
 
 
@@ -288,7 +299,7 @@ def outlier_digits(x, outlier_cols):
     return jnp.stack([d1, d2]).astype(jnp.int8), jnp.stack([s1, s2])
 
 
-def digits_reference(codes_x, sx, codes_w, sw, digits, bias=None, out_dtype=jnp.float32):
+def digits_reference(codes_x, sx, codes_w, sw, digits, bias=None, out_dtype=jnp.float32, orient="xw"):
     """The small-M product with outlier digits as ONE int8 dot in XLA: x's codes and its two
     outlier digits stacked as 3M rows against the weight (the vendor int8 GEMM reads W once),
     then the epilogue: ``acc0 * sx * sw / 127^2 + (acc1 * s1 + acc2 * s2) * sw / 127 + bias``.
@@ -296,7 +307,7 @@ def digits_reference(codes_x, sx, codes_w, sw, digits, bias=None, out_dtype=jnp.
     m = codes_x.shape[0]
     dig, dsc = digits
     stacked = jnp.concatenate([codes_x, dig[0], dig[1]], axis=0)
-    acc = jax.lax.dot_general(stacked, codes_w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = int8_dot(stacked, codes_w, orient)
     acc0, acc1, acc2 = acc[:m], acc[m:2 * m], acc[2 * m:]
     sw32 = sw.astype(jnp.float32)
     outl = acc1.astype(jnp.float32) * dsc[0][:, None] + acc2.astype(jnp.float32) * dsc[1][:, None]

@@ -38,7 +38,7 @@ LUT_SIZE = 65536
 # default table reading, see _requantize: on the H100 "segtable" 2.07 ms a step, "segments" 2.51,
 # "lut" 2.97 (268M fp32 params; benchmarks/RESULTS.md)
 QUANTIZER = "segtable"
-QUANTIZERS = ("lut", "bsearch", "segments", "segtable")
+QUANTIZERS = ("lut", "bsearch", "segments", "segtable", "logtable")
 SEG_SLOTS = 16  # pieces a map may have in the "segtable" layout (segment_table)
 # order of the scalars in ``hyper``
 HYPER_FIELDS = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "decay", "step_size", "correction2")
@@ -83,6 +83,8 @@ def _requantize(x, table_ref, quantizer: str, segments=None):
         codes = _segment_codes(idx, table_ref, segments)
     elif quantizer == "segtable":
         codes = _segtable_codes(idx, table_ref, segments)
+    elif quantizer == "logtable":
+        codes = _logtable_codes(idx, table_ref, segments)
     else:
         k = jnp.zeros(idx.shape, jnp.int32)
         for step in (128, 64, 32, 16, 8, 4, 2, 1):
@@ -212,6 +214,111 @@ def _segtable_codes(idx, table_ref, pieces):
     return _corrected(code, start, slope, idx, table_ref)
 
 
+LOG_CENTER = 32768  # the bin of a normalized 0 (t = 0.5)
+
+
+def _log_coarse(a, mantissa_bits: int):
+    """Coarse bin of the distance ``a`` >= 0 from the center bin: float32 exponent and top
+    ``mantissa_bits`` of ``a`` (0 for a = 0, 1 for a = 1, ...). Coarse bins are narrow where
+    the dynamic maps' codes are dense (near 0) and wide where they are sparse."""
+    bias = (127 << mantissa_bits) - 1
+    if isinstance(a, np.ndarray):
+        bits = a.astype(np.float32).view(np.int32).astype(np.int64)
+        return np.maximum((bits >> (23 - mantissa_bits)) - bias, 0)
+    bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32)
+    return jnp.maximum(jax.lax.shift_right_arithmetic(bits, jnp.int32(23 - mantissa_bits)) - jnp.int32(bias), 0)
+
+
+def _fit_lines(codes_by_distance, mantissa_bits: int, frac_bits: int):
+    """Per coarse bin the integer line ``(A + a * B) >> frac_bits`` equal to the code at every
+    distance ``a`` in it, or None where some coarse bin has none (its code steps too often)."""
+    dist = np.arange(len(codes_by_distance), dtype=np.int64)
+    coarse = _log_coarse(dist, mantissa_bits)
+    ncoarse = int(coarse.max()) + 1
+    lines = np.zeros((2, ncoarse), np.int64)
+    for cb in range(ncoarse):
+        sel = coarse == cb
+        if not sel.any():
+            continue
+        a, want = dist[sel], codes_by_distance[sel]
+        steps = np.nonzero(np.diff(want))[0]
+        if len(steps) == 0:  # one code: a flat line
+            lines[:, cb] = want[0] << frac_bits, 0
+            continue
+        if len(steps) == 1 and a[-1] - a[0] < (1 << frac_bits):  # one step: slope +-1, floor on it
+            first = a[steps[0] + 1]
+            up = int(want[-1] > want[0])
+            lines[:, cb] = (max(want[0], want[-1]) << frac_bits) - (first if up else 1 - first), 1 if up else -1
+            continue
+        top = (abs(int(want[-1] - want[0])) + 2) * (1 << frac_bits) // max(1, len(a) - 1) + 2
+        slopes = np.arange(-top, top + 1, dtype=np.int64)
+        # A must satisfy want << F <= A + a B < (want + 1) << F at every a of the bin
+        lo = ((want[None, :] << frac_bits) - a[None, :] * slopes[:, None]).max(1)
+        hi = ((((want[None, :] + 1) << frac_bits) - 1) - a[None, :] * slopes[:, None]).min(1)
+        ok = np.nonzero(lo <= hi)[0]
+        if not len(ok):
+            return None
+        best = ok[np.argmin(np.abs(slopes[ok]))]
+        lines[:, cb] = (lo[best] + hi[best]) // 2, slopes[best]
+    return lines
+
+
+def log_table(lut: np.ndarray):
+    """One gather instead of the 64 KiB rounding table: ``(table, params)`` for "logtable".
+
+    The bin's distance ``a = |bin - 32768|`` from the center picks a coarse bin by its float32
+    exponent and top mantissa bits (:func:`_log_coarse`), one coarse table per side; the coarse
+    bin's packed int32 entry holds an integer line (``A`` in the low ``abits`` bits, signed
+    ``B`` above) whose ``(A + a * B) >> frac_bits`` IS the table's code: a coarse bin holds at
+    most one code step and the line's floor is placed exactly on it. The search takes the
+    smallest table that fits 32 bits a line, and the result is checked against the table for
+    all 65536 bins with the kernel's integer arithmetic; a table it cannot reproduce raises.
+    ``params`` = (mantissa_bits, frac_bits, abits, entries of the positive side).
+    """
+    lut = np.asarray(lut).astype(np.int64)
+    if lut.shape != (LUT_SIZE,) or np.any(np.diff(lut) < 0):
+        raise ValueError("lut must be a non-decreasing table of 65536 codes")
+    pos, neg = lut[LOG_CENTER:], lut[LOG_CENTER::-1]
+    for mbits in (4, 5, 6, 7, 8):
+        for frac in range(8, 17):
+            lp, ln = _fit_lines(pos, mbits, frac), _fit_lines(neg, mbits, frac)
+            if lp is None or ln is None:
+                continue
+            a_, b_ = np.concatenate([lp[0], ln[0]]), np.concatenate([lp[1], ln[1]])
+            abits = int(a_.max()).bit_length()
+            if a_.min() < 0 or abits + int(np.abs(b_).max()).bit_length() + 1 > 32:
+                continue
+            packed = ((a_ | (b_ << abits)) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+            params = (mbits, frac, abits, lp.shape[1])
+            if not np.array_equal(_logtable_codes_np(np.arange(LUT_SIZE), packed, params), lut):
+                raise AssertionError("log_table does not reproduce the rounding table")
+            return packed, params
+    raise ValueError("rounding table cannot be reproduced by coarse log-spaced lines")
+
+
+def _logtable_codes_np(idx, packed, params):
+    """The kernel's arithmetic in numpy (int64 holds every int32 intermediate exactly)."""
+    mbits, frac, abits, neg_offset = params
+    u = idx.astype(np.int64) - LOG_CENTER
+    a = np.abs(u)
+    cb = _log_coarse(a, mbits) + np.where(u < 0, neg_offset, 0)
+    entry = packed.astype(np.int64)[np.minimum(cb, len(packed) - 1)]
+    return ((entry & ((1 << abits) - 1)) + a * (entry >> abits)) >> frac
+
+
+def _logtable_codes(idx, table_ref, params):
+    """The table's code for every bin in ``idx``: the coarse bin's line from one gather of the
+    :func:`log_table` (one ~8 KiB table), a multiply-add and a shift; no correction needed."""
+    mbits, frac, abits, neg_offset = params
+    u = idx - jnp.int32(LOG_CENTER)
+    a = jnp.abs(u)
+    cb = _log_coarse(a, mbits) + jnp.where(u < 0, jnp.int32(neg_offset), jnp.int32(0))
+    entry = table_ref[jnp.minimum(cb, jnp.int32(table_ref.shape[0] - 1))]
+    line_a = entry & jnp.int32((1 << abits) - 1)
+    line_b = jax.lax.shift_right_arithmetic(entry, jnp.int32(abits))
+    return jax.lax.shift_right_arithmetic(line_a + a * line_b, jnp.int32(frac)).astype(jnp.uint8)
+
+
 def _adam_kernel(
     hyper_ref, p_ref, g_ref, c1_ref, a1_ref, c2_ref, a2_ref, code1_ref, code2_ref, lut1_ref, lut2_ref,
     p_out, c1_out, a1_out, c2_out, a2_out, *, n: int, rows: int, quantizer: str, pieces1=None, pieces2=None,
@@ -259,8 +366,9 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
     quantizer = QUANTIZER if quantizer is None else quantizer
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
-    if quantizer in ("segments", "segtable") and (pieces is None or len(pieces) != 2):
-        raise ValueError(f"quantizer={quantizer!r} needs pieces=(pieces1, pieces2) from lut_segments")
+    if quantizer in ("segments", "segtable", "logtable") and (pieces is None or len(pieces) != 2):
+        raise ValueError(f"quantizer={quantizer!r} needs pieces=(pieces1, pieces2): lut_segments' pieces "
+                         "or log_table's params")
     nblocks = p.shape[0]
     rows = rows or rows_per_program(nblocks)
     if nblocks % rows:
@@ -274,7 +382,7 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
     def whole(size):
         return pl.BlockSpec((size,), lambda i: (0,))
 
-    pieces1, pieces2 = pieces if quantizer in ("segments", "segtable") else (None, None)
+    pieces1, pieces2 = pieces if quantizer in ("segments", "segtable", "logtable") else (None, None)
     kernel = functools.partial(_adam_kernel, n=n, rows=rows, quantizer=quantizer, pieces1=pieces1, pieces2=pieces2)
     extra = {}
     if not interpret:

@@ -231,3 +231,21 @@ def test_small_m_dense_outliers_any_count(rng, m, dtype):
     # weight in int8 with x's outliers as two int8 digits: within 2 16-bit roundings of max|y|.
     ulp = 2.0**-7 if dtype == jnp.bfloat16 else 2.0**-10
     np.testing.assert_allclose(y32, r32, rtol=0, atol=2 * ulp * np.abs(r32).max())
+
+
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_small_m_xla_orientations_agree(rng, threshold, monkeypatch):
+    # SMALL_ORIENT only swaps the operands of XLA's int8 dot (exact integers): identical outputs
+    import importlib
+
+    mi = importlib.import_module("lowbit_jax.ops.matmul_int8")  # the module (ops re-exports the function)
+    k, n = 200, 72
+    w8 = quant.quantize_int8(jnp.asarray(rng.standard_normal((n, k)) * 0.1, jnp.float32))
+    x = jnp.asarray(_planted(rng, 5, k, rng.choice(k, size=6, replace=False)), jnp.bfloat16)
+    outs = {}
+    for orient in ("xw", "wx"):
+        monkeypatch.setattr(mi, "SMALL_ORIENT", orient)
+        outs[orient] = np.asarray(jax.jit(lambda x: ops.matmul_int8(x, w8, threshold, impl="xla"))(x), np.float32)
+    np.testing.assert_array_equal(outs["xw"], outs["wx"])
+    with pytest.raises(ValueError, match="orient"):
+        int8_gemm.int8_dot(jnp.ones((2, 8), jnp.int8), jnp.ones((3, 8), jnp.int8), "xx")

@@ -27,6 +27,8 @@ def _state(rng, shape, signed):
     ((48, 128), "bfloat16", "segments"),
     ((48, 128), "bfloat16", "lut"),     # bf16 parameters
     ((37, 300), "float32", "segtable"),
+    ((37, 300), "float32", "logtable"),
+    ((48, 128), "bfloat16", "logtable"),
 ])
 def test_kernel_matches_reference(rng, shape, dtype, quantizer):
     p = jnp.asarray(rng.standard_normal(shape), dtype)
@@ -66,6 +68,36 @@ def test_segments_reproduce_rounding_table(signed):
     table = jnp.asarray(segment_table(pieces, packed))
     codes = jax.jit(lambda b, t: _segtable_codes(b, t, pieces))(bins, table)
     np.testing.assert_array_equal(np.asarray(codes).reshape(-1), _state.state_lut(signed))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_log_table_reproduces_rounding_table(signed):
+    """"logtable" (one gather of a coarse, log-spaced line table) gives the 64 KiB table's code
+    for every one of its 65536 bins through the kernel's own jnp code, and its numpy twin
+    (the builder's check) agrees."""
+    from lowbit_jax.optim import _state
+    from pallas_kernels.optim_8bit import _logtable_codes, _logtable_codes_np
+
+    table, params = _state.state_log_table(signed)
+    assert table.dtype == np.int32 and table.size <= 4096  # a few KiB: stays in L1
+    bins = jnp.arange(65536, dtype=jnp.int32).reshape(256, 256)
+    codes = jax.jit(lambda b, t: _logtable_codes(b, t, params))(bins, jnp.asarray(table))
+    np.testing.assert_array_equal(np.asarray(codes).reshape(-1), _state.state_lut(signed))
+    np.testing.assert_array_equal(_logtable_codes_np(np.arange(65536), table, params), _state.state_lut(signed))
+
+
+def test_log_table_rejects_bad_tables():
+    from pallas_kernels.optim_8bit import log_table
+
+    with pytest.raises(ValueError, match="non-decreasing"):
+        log_table(np.arange(65536)[::-1] % 256)
+    # irregular code steps inside wide coarse bins cannot be one line a coarse bin: refused
+    gaps = np.random.default_rng(0).integers(1, 4, 255)  # 255 steps 1-3 bins apart at the top
+    lut = np.zeros(65536, np.int64)
+    for pos in 65535 - np.cumsum(gaps):
+        lut[pos:] += 1
+    with pytest.raises(ValueError, match="cannot be reproduced"):
+        log_table(lut)
 
 
 def test_fused_optax_matches_chain(rng):

@@ -78,6 +78,9 @@ LARGE_MIN_M = 256  # rows from which the wide tiles leave enough programs for 13
 # outlier digits stacked as rows of one dot) or "pallas" (the split-K kernel). Measured on an H100
 # (benchmarks/RESULTS.md): see the int8 section for the numbers behind the choice.
 SMALL_ENGINE = "xla"
+# Operand order of that XLA int8 dot (int8_gemm.int8_dot): "xw" (x's rows as the GEMM's M side)
+# or "wx" (the weight's rows as M, result transposed in the epilogue).
+SMALL_ORIENT = "xw"
 
 
 def _check(x, w8):
@@ -165,7 +168,9 @@ def _regime(m: int) -> str:
 
 def _int8_part(codes, sx, w8, sub_x, sub_w, extra, bias, out_dtype, impl):
     if impl == "xla":  # XLA's int8 dot_general, the same epilogue arithmetic
-        return int8_gemm.reference(codes, w8.codes, sx, w8.row_absmax, sub_x, sub_w, extra, bias, out_dtype)
+        orient = SMALL_ORIENT if codes.shape[0] <= SMALL_MAX_M else "xw"
+        return int8_gemm.reference(codes, w8.codes, sx, w8.row_absmax, sub_x, sub_w, extra, bias, out_dtype,
+                                   orient=orient)
     cfg = dict(GPU_CONFIG[_regime(codes.shape[0])])
     return int8_gemm.fused_matmul(codes, sx, w8.codes, w8.row_absmax, sub_x, sub_w, extra, bias,
                                   out_dtype=out_dtype, interpret=impl == "pallas_interpret", **cfg)
@@ -185,7 +190,8 @@ def _forward(x, w8, bias, threshold, max_outliers, impl):
     elif small and impl == "xla":
         # the same outlier digits as the Pallas split-K kernel below, as extra rows of one int8 dot
         out = int8_gemm.digits_reference(codes, sx, w8.codes, w8.row_absmax,
-                                         int8_gemm.outlier_digits(x2, outlier_cols), bias, x.dtype)
+                                         int8_gemm.outlier_digits(x2, outlier_cols), bias, x.dtype,
+                                         orient=SMALL_ORIENT)
     elif small and GPU_CONFIG["small"]["splits"] > 1:
         # Small M: the split-K kernel is bandwidth-bound on W, so the outlier product is done
         # densely from the W tiles it already loads (x's outlier columns as two int8 digits,

@@ -82,6 +82,17 @@ def state_segments(signed: bool):
     return pieces, packed
 
 
+@functools.lru_cache(maxsize=None)
+def state_log_table(signed: bool):
+    """(packed lines, params) reproducing :func:`state_lut` with one gather a value
+    (``pallas_kernels.optim_8bit.log_table``), built and checked once."""
+    from pallas_kernels.optim_8bit import log_table
+
+    table, params = log_table(state_lut(signed))
+    table.setflags(write=False)
+    return table, params
+
+
 def store(value: jax.Array, like, signed: bool):
     """``value`` (fp32) stored the way ``like`` is: requantized with fresh absmax, or as is.
 

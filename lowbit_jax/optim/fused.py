@@ -78,7 +78,10 @@ def adam8bit_step_fused(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit, *, in
     n = mq.size
     nblocks = mq.absmax.shape[0]
     quantizer = kernel_options.get("quantizer", kernel.QUANTIZER)
-    if quantizer in ("segments", "segtable"):
+    if quantizer == "logtable":
+        (table1, params1), (table2, params2) = _state.state_log_table(True), _state.state_log_table(False)
+        kernel_options = dict(kernel_options, pieces=(params1, params2), quantizer=quantizer)
+    elif quantizer in ("segments", "segtable"):
         (pieces1, table1), (pieces2, table2) = _state.state_segments(True), _state.state_segments(False)
         kernel_options = dict(kernel_options, pieces=(pieces1, pieces2), quantizer=quantizer)
         if quantizer == "segtable":

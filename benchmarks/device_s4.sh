@@ -1,0 +1,30 @@
+#!/bin/bash
+# Fourth session's device calls (H100): bitsandbytes' wheel carried in .whl/, logs under $OUT.
+#   bash benchmarks/device_s4.sh optim     # optimizer rounding variants (logtable) + full optimizer table
+#   bash benchmarks/device_s4.sh orient    # LLM.int8 small M: operand order of XLA's int8 dot
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > /dev/null 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site
+OUT=${OUT:-/tmp}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
+for mode in "$@"; do
+  case "$mode" in
+    optim)
+      timeout 220 python3 benchmarks/bench_optim.py --variants --out "$OUT/optim.json" > "$OUT/optim.log" 2>&1
+      echo "optim rc=$?"
+      grep -E "variant|applied|quantizer|lowbit|optax|bnb|bitsandbytes|copy|FAILED" "$OUT/optim.log" | cut -c1-220 ;;
+    orient)
+      INT8_SWEEP=orient OUT=/tmp timeout 150 python3 benchmarks/bench_matmul_int8.py --sweep --ms "" --no-bnb \
+        > "$OUT/int8_orient.log" 2>&1
+      echo "int8 orient rc=$?"
+      grep -E "^sweep|Error|ERR" "$OUT/int8_orient.log" | cut -c1-220 ;;
+    ncu_optim)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 "$NCU" --target-processes all -k "regex:adam" --launch-count 1 \
+        --set full -f -o /tmp/adam python3 benchmarks/bench_optim.py --ncu --quantizer "${NCU_QUANTIZER:-logtable}" > /tmp/adam_run.txt 2>&1
+      echo "ncu rc=$?"
+      "$NCU" -i /tmp/adam.ncu-rep --page details > "$OUT/ncu_adam.txt" 2>&1
+      "$NCU" -i /tmp/adam.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_adam_sass.csv" 2>&1
+      grep -E "Duration|DRAM Throughput|Executed Instructions  |Registers Per|Issue Slots Busy|highest-utilized" "$OUT/ncu_adam.txt" | cut -c1-150 ;;
+  esac
+done
+ls -la "$OUT"
