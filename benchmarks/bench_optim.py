@@ -228,12 +228,12 @@ def sweep(results):
                                      num_warps=warps))
     exact_req, exact_deq = K._requantize, K._dequantize
 
-    def req_nogather(x, table_ref, quantizer, pieces=None):
-        idx, absmax = K._lut_index(x)
+    def req_nogather(x, table_ref, quantizer, pieces=None, nonneg=False):
+        idx, absmax = K._lut_index(x, nonneg)
         return (idx >> 8).astype(jnp.uint8), absmax
 
-    def deq_nogather(codes_ref, absmax_ref, code_ref):
-        return codes_ref[...].astype(jnp.float32) * absmax_ref[...][:, None]
+    def deq_nogather(codes, absmax, code_ref):
+        return codes.astype(jnp.float32) * absmax[:, None]
 
     for label, req, deq in (("no gathers", req_nogather, deq_nogather),
                             ("map gathers only (no rounding read)", req_nogather, exact_deq),
@@ -287,9 +287,10 @@ def main():
     if args.sweep_launch:
         from pallas_kernels import optim_8bit as K
 
-        for rows, warps in [(8, 8), (4, 4), (4, 8), (8, 4), (16, 8), (16, 16)]:
-            name = f"launch {K.QUANTIZER} rows={rows} warps={warps}"
-            _guard(lambda: bench_inplace(jnp.float32, name, results, 16, rows=rows, num_warps=warps))
+        for rows, warps, iters in [(8, 8, 1), (4, 4, 1), (4, 8, 1), (8, 4, 1), (2, 2, 1), (8, 8, 2), (8, 8, 4),
+                                   (4, 4, 2), (4, 4, 4), (8, 4, 2), (4, 8, 2), (8, 8, 1)]:
+            name = f"launch {K.QUANTIZER} rows={rows} warps={warps} iters={iters}"
+            _guard(lambda: bench_inplace(jnp.float32, name, results, 16, rows=rows, num_warps=warps, iters=iters))
         _dump(results, args.out)
         return
     if args.variants:  # time the rounding/update variants, then run everything with the fastest

@@ -12,6 +12,11 @@ for mode in "$@"; do
       timeout 220 python3 benchmarks/bench_optim.py --variants --out "$OUT/optim.json" > "$OUT/optim.log" 2>&1
       echo "optim rc=$?"
       grep -E "variant|applied|quantizer|lowbit|optax|bnb|bitsandbytes|copy|FAILED" "$OUT/optim.log" | cut -c1-220 ;;
+    optim_launch)
+      timeout 200 python3 benchmarks/bench_optim.py --quantizer logtable --sweep-launch --out "$OUT/optim_launch.json" \
+        > "$OUT/optim_launch.log" 2>&1
+      echo "optim launch rc=$?"
+      grep -E "launch|copy|FAILED" "$OUT/optim_launch.log" | cut -c1-220 ;;
     orient)
       INT8_SWEEP=orient OUT=/tmp timeout 150 python3 benchmarks/bench_matmul_int8.py --sweep --ms "" --no-bnb \
         > "$OUT/int8_orient.log" 2>&1

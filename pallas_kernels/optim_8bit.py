@@ -34,6 +34,7 @@ from jax.experimental.pallas import triton as pltriton
 BLOCK = 256  # bitsandbytes' state blocksize
 MAX_ROWS = 8  # blocks per program (2048 values): with 8 warps, fastest on the H100 (RESULTS.md)
 NUM_WARPS = 8
+ITERS = 1  # chunks of MAX_ROWS blocks a program walks, the next one's loads in flight (_adam_kernel)
 LUT_SIZE = 65536
 # default table reading, see _requantize: on the H100 "segtable" 2.07 ms a step, "segments" 2.51,
 # "lut" 2.97 (268M fp32 params; benchmarks/RESULTS.md)
@@ -52,22 +53,28 @@ def rows_per_program(nblocks: int) -> int:
     return rows
 
 
-def _dequantize(codes_ref, absmax_ref, code_ref):
+def _dequantize(codes, absmax, code_ref):
     """fp32 values of a [rows, 256] block of codes: a gather from the 1 KiB map, times absmax."""
-    return code_ref[codes_ref[...].astype(jnp.int32)] * absmax_ref[...][:, None]
+    return code_ref[codes.astype(jnp.int32)] * absmax[:, None]
 
 
-def _lut_index(x):
-    """Absmax of each row of ``x`` [rows, 256] and the lookup-table bin of every value."""
-    absmax = jnp.max(jnp.abs(x), axis=1)
+def _lut_index(x, nonneg: bool = False):
+    """Absmax of each row of ``x`` [rows, 256] and the lookup-table bin of every value.
+
+    bitsandbytes' ``((clip(x / absmax) + 1) * 0.5) * 65535 + 0.5`` with the two multiplies as
+    one by 32767.5: the same float32 result (``* 0.5`` is exact for the sum in [0, 2]), one
+    instruction less. ``nonneg`` (the second moment): the lower clip cannot bind.
+    """
+    absmax = jnp.max(x if nonneg else jnp.abs(x), axis=1)
     inv = jnp.float32(1.0) / jnp.where(absmax == 0, jnp.float32(1.0), absmax)
-    normed = jnp.clip(x * inv[:, None], -1.0, 1.0)
-    t = (normed + jnp.float32(1.0)) * jnp.float32(0.5)
-    idx = (t * jnp.float32(LUT_SIZE - 1) + jnp.float32(0.5)).astype(jnp.int32)
+    normed = x * inv[:, None]
+    normed = jnp.minimum(normed, 1.0) if nonneg else jnp.clip(normed, -1.0, 1.0)
+    t = (normed + jnp.float32(1.0)) * jnp.float32(0.5 * (LUT_SIZE - 1))
+    idx = (t + jnp.float32(0.5)).astype(jnp.int32)
     return idx, absmax
 
 
-def _requantize(x, table_ref, quantizer: str, segments=None):
+def _requantize(x, table_ref, quantizer: str, segments=None, nonneg: bool = False):
     """Codes and absmax of ``x`` [rows, 256] fp32 by bitsandbytes' CPU lookup-table rule.
 
     "lut": one gather from the 64 KiB table. "bsearch": the same answer as an 8-step binary
@@ -76,7 +83,7 @@ def _requantize(x, table_ref, quantizer: str, segments=None):
     piecewise-linear guess of the code from the bin (``lut_segments``: ~10 pieces, compile-time
     constants) corrected by one gather from the 1 KiB table of packed thresholds.
     """
-    idx, absmax = _lut_index(x)
+    idx, absmax = _lut_index(x, nonneg)
     if quantizer == "lut":
         codes = table_ref[idx]
     elif quantizer == "segments":
@@ -321,40 +328,63 @@ def _logtable_codes(idx, table_ref, params):
 
 def _adam_kernel(
     hyper_ref, p_ref, g_ref, c1_ref, a1_ref, c2_ref, a2_ref, code1_ref, code2_ref, lut1_ref, lut2_ref,
-    p_out, c1_out, a1_out, c2_out, a2_out, *, n: int, rows: int, quantizer: str, pieces1=None, pieces2=None,
+    p_out, c1_out, a1_out, c2_out, a2_out, *, n: int, rows: int, iters: int, quantizer: str, pieces1=None,
+    pieces2=None,
 ):
+    """``iters`` chunks of ``rows`` blocks a program; with iters > 1 the next chunk's loads are
+    issued before the current chunk is computed (carried through the loop), so each warp has
+    the next reads in flight while it waits on this chunk's gathers."""
     b1, omb1, b2, omb2 = hyper_ref[0], hyper_ref[1], hyper_ref[2], hyper_ref[3]
     eps, decay, step_size, correction2 = hyper_ref[4], hyper_ref[5], hyper_ref[6], hyper_ref[7]
+    pid = pl.program_id(0)  # read outside the loop (the interpreter cannot lower it inside)
 
-    g = g_ref[...].astype(jnp.float32)
-    p = p_ref[...].astype(jnp.float32)
-    m = _dequantize(c1_ref, a1_ref, code1_ref)
-    v = _dequantize(c2_ref, a2_ref, code2_ref)
-    if n % BLOCK:  # the padded tail of the last block must not enter its absmax
-        flat = (pl.program_id(0) * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, BLOCK), 0)) * BLOCK
-        valid = flat + jax.lax.broadcasted_iota(jnp.int32, (rows, BLOCK), 1) < n
-        g = jnp.where(valid, g, 0.0)
-        m = jnp.where(valid, m, 0.0)
-        v = jnp.where(valid, v, 0.0)
+    def load(it):
+        r = pl.ds(it * rows, rows)
+        return (p_ref[r, :], g_ref[r, :], c1_ref[r, :], a1_ref[r], c2_ref[r, :], a2_ref[r])
 
-    m = m * b1 + g * omb1
-    v = v * b2 + (g * g) * omb2
-    denom = jnp.sqrt(v) / correction2 + eps
-    p = p * decay + step_size * (m / denom)
+    def compute(it, tiles):
+        p, g, c1, a1, c2, a2 = tiles
+        g = g.astype(jnp.float32)
+        p = p.astype(jnp.float32)
+        m = _dequantize(c1, a1, code1_ref)
+        v = _dequantize(c2, a2, code2_ref)
+        if n % BLOCK:  # the padded tail of the last block must not enter its absmax
+            flat = ((pid * iters + it) * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, BLOCK), 0)) * BLOCK
+            valid = flat + jax.lax.broadcasted_iota(jnp.int32, (rows, BLOCK), 1) < n
+            g = jnp.where(valid, g, 0.0)
+            m = jnp.where(valid, m, 0.0)
+            v = jnp.where(valid, v, 0.0)
 
-    p_out[...] = p.astype(p_out.dtype)
-    c1, a1 = _requantize(m, lut1_ref, quantizer, pieces1)
-    c2, a2 = _requantize(v, lut2_ref, quantizer, pieces2)
-    c1_out[...] = c1
-    a1_out[...] = a1
-    c2_out[...] = c2
-    a2_out[...] = a2
+        m = m * b1 + g * omb1
+        v = v * b2 + (g * g) * omb2
+        denom = jnp.sqrt(v) / correction2 + eps
+        p = p * decay + step_size * (m / denom)
+
+        r = pl.ds(it * rows, rows)
+        p_out[r, :] = p.astype(p_out.dtype)
+        c1, a1 = _requantize(m, lut1_ref, quantizer, pieces1)
+        c2, a2 = _requantize(v, lut2_ref, quantizer, pieces2, nonneg=True)
+        c1_out[r, :] = c1
+        a1_out[r] = a1
+        c2_out[r, :] = c2
+        a2_out[r] = a2
+
+    if iters == 1:
+        compute(0, load(0))
+        return
+
+    def body(it, tiles):
+        nxt = load(jnp.minimum(it + 1, iters - 1))
+        compute(it, tiles)
+        return nxt
+
+    jax.lax.fori_loop(0, iters, body, load(0))
 
 
-@functools.partial(jax.jit, static_argnames=("n", "interpret", "quantizer", "rows", "num_warps", "pieces"))
+@functools.partial(jax.jit, static_argnames=("n", "interpret", "quantizer", "rows", "num_warps", "pieces", "iters"))
 def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2, lut1, lut2, *, n: int,
                     interpret: bool = False, quantizer: str | None = None, rows: int | None = None,
-                    num_warps: int | None = None, pieces=None):
+                    num_warps: int | None = None, pieces=None, iters: int | None = None):
     """One fused Adam(W) step on [nblocks, 256] views; returns (p, codes1, absmax1, codes2, absmax2).
 
     ``n`` is the number of real values (the rest of the last block is padding). ``lut1/2`` are
@@ -373,23 +403,27 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
     rows = rows or rows_per_program(nblocks)
     if nblocks % rows:
         raise ValueError(f"rows must divide the number of blocks {nblocks}, got {rows}")
+    iters = iters or ITERS
+    while (nblocks // rows) % iters:  # chunks a program walks: a divisor of the chunk count
+        iters //= 2
     if quantizer == "bsearch":
         lut1, lut2 = lut_thresholds(lut1), lut_thresholds(lut2)
     table = lut1.shape[0]
-    blk = pl.BlockSpec((rows, BLOCK), lambda i: (i, 0))
-    vec = pl.BlockSpec((rows,), lambda i: (i,))
+    blk = pl.BlockSpec((rows * iters, BLOCK), lambda i: (i, 0))
+    vec = pl.BlockSpec((rows * iters,), lambda i: (i,))
 
     def whole(size):
         return pl.BlockSpec((size,), lambda i: (0,))
 
     pieces1, pieces2 = pieces if quantizer in ("segments", "segtable", "logtable") else (None, None)
-    kernel = functools.partial(_adam_kernel, n=n, rows=rows, quantizer=quantizer, pieces1=pieces1, pieces2=pieces2)
+    kernel = functools.partial(_adam_kernel, n=n, rows=rows, iters=iters, quantizer=quantizer, pieces1=pieces1,
+                               pieces2=pieces2)
     extra = {}
     if not interpret:
         extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS)
     return pl.pallas_call(
         kernel,
-        grid=(nblocks // rows,),
+        grid=(nblocks // (rows * iters),),
         in_specs=[whole(hyper.shape[0]), blk, blk, blk, vec, blk, vec,
                   whole(256), whole(256), whole(table), whole(table)],
         out_specs=[blk, blk, vec, blk, vec],
