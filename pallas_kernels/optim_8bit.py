@@ -34,6 +34,9 @@ from jax.experimental.pallas import triton as pltriton
 BLOCK = 256  # bitsandbytes' state blocksize
 MAX_ROWS = 8  # blocks per program (2048 values): with 8 warps, fastest on the H100 (RESULTS.md)
 NUM_WARPS = 8
+# The update's order: "one_div" (one division a value, within a few ulps of the update of
+# bitsandbytes' CPU order, which the jnp reference keeps) or "two_div" (that order).
+UPDATE = "one_div"
 ITERS = 1  # chunks of MAX_ROWS blocks a program walks, the next one's loads in flight (_adam_kernel)
 LUT_SIZE = 65536
 # default table reading, see _requantize: on the H100 "segtable" 2.07 ms a step, "segments" 2.51,
@@ -66,10 +69,15 @@ def _lut_index(x, nonneg: bool = False):
     instruction less. ``nonneg`` (the second moment): the lower clip cannot bind.
     """
     absmax = jnp.max(x if nonneg else jnp.abs(x), axis=1)
-    inv = jnp.float32(1.0) / jnp.where(absmax == 0, jnp.float32(1.0), absmax)
+    zero = absmax == 0
+    inv = jnp.float32(1.0) / jnp.where(zero, jnp.float32(1.0), absmax)
     normed = x * inv[:, None]
     normed = jnp.minimum(normed, 1.0) if nonneg else jnp.clip(normed, -1.0, 1.0)
-    t = (normed + jnp.float32(1.0)) * jnp.float32(0.5 * (LUT_SIZE - 1))
+    # An all-zero block stores code 0 (bitsandbytes): its values are all 0, so adding 0 instead
+    # of 1 puts them in bin 0, whose code is 0 in both state maps (checked by the table
+    # builders' callers' tests), instead of a select on every value.
+    one = jnp.where(zero, jnp.float32(0.0), jnp.float32(1.0))
+    t = (normed + one[:, None]) * jnp.float32(0.5 * (LUT_SIZE - 1))
     idx = (t + jnp.float32(0.5)).astype(jnp.int32)
     return idx, absmax
 
@@ -98,7 +106,6 @@ def _requantize(x, table_ref, quantizer: str, segments=None, nonneg: bool = Fals
             cand = k + step
             k = jnp.where(table_ref[cand] <= idx, cand, k)
         codes = k.astype(jnp.uint8)
-    codes = jnp.where((absmax == 0)[:, None], jnp.uint8(0), codes)
     return codes, absmax
 
 
@@ -357,8 +364,11 @@ def _adam_kernel(
 
         m = m * b1 + g * omb1
         v = v * b2 + (g * g) * omb2
-        denom = jnp.sqrt(v) / correction2 + eps
-        p = p * decay + step_size * (m / denom)
+        if UPDATE == "one_div":  # m / (sqrt(v) / c2 + eps) = c2 m / (sqrt(v) + c2 eps)
+            p = p * decay + (step_size * correction2) * (m / (jnp.sqrt(v) + eps * correction2))
+        else:  # bitsandbytes' CPU order: two divisions a value
+            denom = jnp.sqrt(v) / correction2 + eps
+            p = p * decay + step_size * (m / denom)
 
         r = pl.ds(it * rows, rows)
         p_out[r, :] = p.astype(p_out.dtype)

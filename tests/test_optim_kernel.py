@@ -16,6 +16,7 @@ from lowbit_jax.quant import quantize_blockwise
 
 def _state(rng, shape, signed):
     x = rng.standard_normal(shape) * 0.1 if signed else rng.random(shape) * 0.01
+    x.reshape(-1)[:256] = 0.0  # block 0 all zero (with a zero gradient there it stays zero)
     return quantize_blockwise(jnp.asarray(x, jnp.float32), code=formats.dynamic_map(signed), blocksize=256)
 
 
@@ -36,7 +37,9 @@ def test_kernel_matches_reference(rng, shape, dtype, quantizer):
     if quantizer.endswith("+iters"):  # 44 blocks: rows 4, 11 chunks -> iters 1; force rows 2 (22 chunks, iters 2)
         options = dict(quantizer=quantizer.split("+")[0], rows=2, iters=2)
     p = jnp.asarray(rng.standard_normal(shape), dtype)
-    g = jnp.asarray(rng.standard_normal(shape), dtype)
+    g = rng.standard_normal(shape)
+    g.reshape(-1)[:256] = 0.0  # with block 0 of both states zero: an all-zero block stores code 0
+    g = jnp.asarray(g, dtype)
     mq, vq = _state(rng, shape, True), _state(rng, shape, False)
     hyper = adam_hyper(0.9, 0.999, 1e-8, 1e-2, 1e-2, 7)
     p_ref, m_ref, v_ref = adam8bit_step_reference(hyper, p, g, mq, vq)
@@ -52,6 +55,8 @@ def test_kernel_matches_reference(rng, shape, dtype, quantizer):
     v_off = float(np.mean(np.asarray(v_k.codes) != np.asarray(v_ref.codes)))
     print(f"{shape} {dtype} {quantizer}: codes differing m {m_off:.2e} v {v_off:.2e}")
     assert m_off <= 1e-3 and v_off <= 1e-3
+    for q in (m_k, v_k):  # the all-zero block: absmax 0, code 0 (bitsandbytes' convention)
+        assert float(q.absmax[0]) == 0.0 and not np.any(np.asarray(q.codes).reshape(-1)[:256])
     # the step did something: state and params moved
     assert float(np.mean(np.asarray(m_k.codes) != np.asarray(mq.codes))) > 0.5
 
@@ -88,6 +93,14 @@ def test_log_table_reproduces_rounding_table(signed):
     codes = jax.jit(lambda b, t: _logtable_codes(b, t, params))(bins, jnp.asarray(table))
     np.testing.assert_array_equal(np.asarray(codes).reshape(-1), _state.state_lut(signed))
     np.testing.assert_array_equal(_logtable_codes_np(np.arange(65536), table, params), _state.state_lut(signed))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_state_tables_send_bin_zero_to_code_zero(signed):
+    # the kernel stores all-zero blocks as code 0 by sending them to bin 0 (_lut_index)
+    from lowbit_jax.optim import _state
+
+    assert int(_state.state_lut(signed)[0]) == 0
 
 
 def test_log_table_rejects_bad_tables():
