@@ -247,6 +247,39 @@ def sweep(results):
     jax.clear_caches()
 
 
+KERNEL_VARIANTS = [  # (module switches of pallas_kernels.optim_8bit, rows, warps)
+    (dict(UPDATE_ASM=False, CVT_ASM=False), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=False), 8, 8),
+    (dict(UPDATE_ASM=False, CVT_ASM=True), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True), 8, 8),
+    (dict(UPDATE_ASM=True, CVT_ASM=True), 4, 8), (dict(UPDATE_ASM=False, CVT_ASM=False), 4, 8),
+    (dict(UPDATE_ASM=True, CVT_ASM=True), 2, 2), (dict(UPDATE_ASM=True, CVT_ASM=True, ZERO_FOLD=False), 8, 8),
+    (dict(UPDATE_ASM=False, CVT_ASM=False), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True), 8, 8),
+]
+
+
+def sweep_kernel(ncu_only: bool):
+    """Same-run timings of the fused kernel's code variants (their register counts decide the
+    occupancy); with ``ncu_only`` one step each on one leaf, so ncu sees one launch a variant."""
+    global LEAVES, STEPS, REPEATS
+    from pallas_kernels import optim_8bit as K
+
+    names = sorted({k for sw, _, _ in KERNEL_VARIANTS for k in sw})
+    saved = {k: getattr(K, k) for k in names}
+    if ncu_only:
+        LEAVES, STEPS, REPEATS = 1, 1, 1
+    res = {}
+    for switches, rows, warps in KERNEL_VARIANTS:
+        for k in names:
+            setattr(K, k, switches.get(k, saved[k]))
+        jax.clear_caches()
+        name = "kernel " + " ".join(f"{k}={v}" for k, v in switches.items()) + f" rows={rows} warps={warps}"
+        print("variant", name, flush=True)
+        _guard(lambda: bench_inplace(jnp.float32, name, res, 16, rows=rows, num_warps=warps))
+    for k, v in saved.items():
+        setattr(K, k, v)
+    jax.clear_caches()
+    return res
+
+
 def _guard(fn):
     """Run one measurement; a failing variant is reported and the others still run."""
     try:
@@ -269,6 +302,10 @@ def main():
     ap.add_argument("--sweep-launch", action="store_true",
                     help="only time rows x warps for the default rounding, then exit")
     ap.add_argument("--ncu", action="store_true", help="only run a few fused steps on one leaf (for ncu -k regex:adam)")
+    ap.add_argument("--sweep-kernel", action="store_true",
+                    help="time the kernel's code variants (update order, zero-block fold, rows x warps)")
+    ap.add_argument("--ncu-kernel", action="store_true",
+                    help="one step of each --sweep-kernel variant on one leaf (ncu -k regex:adam: registers)")
     ap.add_argument("--quantizer", default=None, help="the kernel's rounding for every run (default: the module's)")
     args = ap.parse_args()
     DIM, LEAVES = args.dim, args.leaves
@@ -279,6 +316,9 @@ def main():
     if args.ncu:
         LEAVES = 1
         bench_inplace(jnp.float32, "ncu target", {}, 16)
+        return
+    if args.sweep_kernel or args.ncu_kernel:  # same-run A/B of the kernel's code variants
+        _guard(lambda: sweep_kernel(args.ncu_kernel))
         return
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
     bw = copy_bandwidth_tbps() * 1e12

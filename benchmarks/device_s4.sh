@@ -17,6 +17,16 @@ for mode in "$@"; do
         > "$OUT/optim_launch.log" 2>&1
       echo "optim launch rc=$?"
       grep -E "launch|copy|FAILED" "$OUT/optim_launch.log" | cut -c1-220 ;;
+    optim_kernel)  # code variants: same-run times, then ncu launch stats (registers) of each
+      timeout 200 python3 benchmarks/bench_optim.py --quantizer logtable --sweep-kernel > "$OUT/optim_kernel.log" 2>&1
+      echo "optim kernel rc=$?"
+      grep -E "^kernel|copy|FAILED" "$OUT/optim_kernel.log" | cut -c1-220
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 "$NCU" --target-processes all -k "regex:adam" --launch-count 20 \
+        --section LaunchStats --section Occupancy python3 benchmarks/bench_optim.py --quantizer logtable --ncu-kernel \
+        > "$OUT/optim_kernel_ncu.txt" 2>&1
+      echo "ncu rc=$?"
+      grep -E "^variant|Registers Per Thread|Theoretical Occupancy" "$OUT/optim_kernel_ncu.txt" | cut -c1-150 ;;
     orient)
       INT8_SWEEP=orient OUT=/tmp timeout 150 python3 benchmarks/bench_matmul_int8.py --sweep --ms "" --no-bnb \
         > "$OUT/int8_orient.log" 2>&1

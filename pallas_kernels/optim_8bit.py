@@ -37,6 +37,13 @@ NUM_WARPS = 8
 # The update's order: "one_div" (one division a value, within a few ulps of the update of
 # bitsandbytes' CPU order, which the jnp reference keeps) or "two_div" (that order).
 UPDATE = "one_div"
+# All-zero blocks to code 0 through bin 0 (True) or a select on every code (False).
+ZERO_FOLD = True
+# Inline PTX on the GPU (the interpreter runs the jnp forms): the update's square root and
+# division as approximate flush-to-zero ops (_adam_quotient), the bin's float -> int convert
+# without the int32 range clamp (_truncate).
+UPDATE_ASM = True
+CVT_ASM = True
 ITERS = 1  # chunks of MAX_ROWS blocks a program walks, the next one's loads in flight (_adam_kernel)
 LUT_SIZE = 65536
 # default table reading, see _requantize: on the H100 "segtable" 2.07 ms a step, "segments" 2.51,
@@ -61,7 +68,7 @@ def _dequantize(codes, absmax, code_ref):
     return code_ref[codes.astype(jnp.int32)] * absmax[:, None]
 
 
-def _lut_index(x, nonneg: bool = False):
+def _lut_index(x, nonneg: bool = False, asm: bool = False):
     """Absmax of each row of ``x`` [rows, 256] and the lookup-table bin of every value.
 
     bitsandbytes' ``((clip(x / absmax) + 1) * 0.5) * 65535 + 0.5`` with the two multiplies as
@@ -76,13 +83,38 @@ def _lut_index(x, nonneg: bool = False):
     # An all-zero block stores code 0 (bitsandbytes): its values are all 0, so adding 0 instead
     # of 1 puts them in bin 0, whose code is 0 in both state maps (checked by the table
     # builders' callers' tests), instead of a select on every value.
-    one = jnp.where(zero, jnp.float32(0.0), jnp.float32(1.0))
-    t = (normed + one[:, None]) * jnp.float32(0.5 * (LUT_SIZE - 1))
-    idx = (t + jnp.float32(0.5)).astype(jnp.int32)
+    if ZERO_FOLD:
+        one = jnp.where(zero, jnp.float32(0.0), jnp.float32(1.0))
+        t = (normed + one[:, None]) * jnp.float32(0.5 * (LUT_SIZE - 1))
+    else:  # a select on every code instead (_requantize)
+        t = (normed + jnp.float32(1.0)) * jnp.float32(0.5 * (LUT_SIZE - 1))
+    idx = _truncate(t + jnp.float32(0.5), asm)
     return idx, absmax
 
 
-def _requantize(x, table_ref, quantizer: str, segments=None, nonneg: bool = False):
+def _truncate(x, asm: bool):
+    """int32 ``trunc(x)`` for x in [0, 65536): the convert alone (one ``cvt.rzi``) on the GPU,
+    where ``astype`` also clamps to the int32 range (two more instructions a value)."""
+    if not asm:
+        return x.astype(jnp.int32)
+    return pltriton.elementwise_inline_asm("cvt.rzi.s32.f32 $0, $1;", args=[x], constraints="=r,f", pack=1,
+                                           result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.int32)])[0]
+
+
+def _adam_quotient(m, v, eps_c2, asm: bool):
+    """``m / (sqrt(v) + eps_c2)``. On the GPU one PTX block of approximate flush-to-zero ops
+    (one MUFU square root, an add, a MUFU reciprocal and a multiply: within 2 ulp), where the
+    default lowering spends ~13 instructions a value on the denormal and range fix-ups of its
+    square root and division."""
+    if not asm:
+        return m / (jnp.sqrt(v) + eps_c2)
+    e = jnp.full(v.shape, eps_c2, jnp.float32)
+    asm_text = "{ .reg .f32 s; sqrt.approx.ftz.f32 s, $2; add.ftz.f32 s, s, $3; div.approx.ftz.f32 $0, $1, s; }"
+    return pltriton.elementwise_inline_asm(asm_text, args=[m, v, e], constraints="=f,f,f,f", pack=1,
+                                           result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])[0]
+
+
+def _requantize(x, table_ref, quantizer: str, segments=None, nonneg: bool = False, asm: bool = False):
     """Codes and absmax of ``x`` [rows, 256] fp32 by bitsandbytes' CPU lookup-table rule.
 
     "lut": one gather from the 64 KiB table. "bsearch": the same answer as an 8-step binary
@@ -91,7 +123,7 @@ def _requantize(x, table_ref, quantizer: str, segments=None, nonneg: bool = Fals
     piecewise-linear guess of the code from the bin (``lut_segments``: ~10 pieces, compile-time
     constants) corrected by one gather from the 1 KiB table of packed thresholds.
     """
-    idx, absmax = _lut_index(x, nonneg)
+    idx, absmax = _lut_index(x, nonneg, asm and CVT_ASM)
     if quantizer == "lut":
         codes = table_ref[idx]
     elif quantizer == "segments":
@@ -106,6 +138,8 @@ def _requantize(x, table_ref, quantizer: str, segments=None, nonneg: bool = Fals
             cand = k + step
             k = jnp.where(table_ref[cand] <= idx, cand, k)
         codes = k.astype(jnp.uint8)
+    if not ZERO_FOLD:
+        codes = jnp.where((absmax == 0)[:, None], jnp.uint8(0), codes)
     return codes, absmax
 
 
@@ -336,7 +370,7 @@ def _logtable_codes(idx, table_ref, params):
 def _adam_kernel(
     hyper_ref, p_ref, g_ref, c1_ref, a1_ref, c2_ref, a2_ref, code1_ref, code2_ref, lut1_ref, lut2_ref,
     p_out, c1_out, a1_out, c2_out, a2_out, *, n: int, rows: int, iters: int, quantizer: str, pieces1=None,
-    pieces2=None,
+    pieces2=None, asm: bool = False,
 ):
     """``iters`` chunks of ``rows`` blocks a program; with iters > 1 the next chunk's loads are
     issued before the current chunk is computed (carried through the loop), so each warp has
@@ -365,15 +399,15 @@ def _adam_kernel(
         m = m * b1 + g * omb1
         v = v * b2 + (g * g) * omb2
         if UPDATE == "one_div":  # m / (sqrt(v) / c2 + eps) = c2 m / (sqrt(v) + c2 eps)
-            p = p * decay + (step_size * correction2) * (m / (jnp.sqrt(v) + eps * correction2))
+            p = p * decay + (step_size * correction2) * _adam_quotient(m, v, eps * correction2, asm and UPDATE_ASM)
         else:  # bitsandbytes' CPU order: two divisions a value
             denom = jnp.sqrt(v) / correction2 + eps
             p = p * decay + step_size * (m / denom)
 
         r = pl.ds(it * rows, rows)
         p_out[r, :] = p.astype(p_out.dtype)
-        c1, a1 = _requantize(m, lut1_ref, quantizer, pieces1)
-        c2, a2 = _requantize(v, lut2_ref, quantizer, pieces2, nonneg=True)
+        c1, a1 = _requantize(m, lut1_ref, quantizer, pieces1, asm=asm)
+        c2, a2 = _requantize(v, lut2_ref, quantizer, pieces2, nonneg=True, asm=asm)
         c1_out[r, :] = c1
         a1_out[r] = a1
         c2_out[r, :] = c2
@@ -427,7 +461,7 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
 
     pieces1, pieces2 = pieces if quantizer in ("segments", "segtable", "logtable") else (None, None)
     kernel = functools.partial(_adam_kernel, n=n, rows=rows, iters=iters, quantizer=quantizer, pieces1=pieces1,
-                               pieces2=pieces2)
+                               pieces2=pieces2, asm=not interpret)
     extra = {}
     if not interpret:
         extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS)
