@@ -248,11 +248,10 @@ def sweep(results):
 
 
 KERNEL_VARIANTS = [  # (module switches of pallas_kernels.optim_8bit, rows, warps)
-    (dict(UPDATE_ASM=False, CVT_ASM=False), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=False), 8, 8),
-    (dict(UPDATE_ASM=False, CVT_ASM=True), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True), 8, 8),
-    (dict(UPDATE_ASM=True, CVT_ASM=True), 4, 8), (dict(UPDATE_ASM=False, CVT_ASM=False), 4, 8),
-    (dict(UPDATE_ASM=True, CVT_ASM=True), 2, 2), (dict(UPDATE_ASM=True, CVT_ASM=True, ZERO_FOLD=False), 8, 8),
-    (dict(UPDATE_ASM=False, CVT_ASM=False), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True), 8, 8),
+    (dict(UPDATE_ASM=False, CVT_ASM=False, CLIP=True), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=True), 8, 8),
+    (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=False), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=False), 4, 8),
+    (dict(UPDATE_ASM=False, CVT_ASM=False, CLIP=True), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=True), 8, 8),
+    (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=False), 8, 8),
 ]
 
 

@@ -22,11 +22,16 @@ for mode in "$@"; do
       echo "optim kernel rc=$?"
       grep -E "^kernel|copy|FAILED" "$OUT/optim_kernel.log" | cut -c1-220
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 "$NCU" --target-processes all -k "regex:adam" --launch-count 20 \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 "$NCU" --target-processes all -k "regex:adam" --launch-count 14 \
         --section LaunchStats --section Occupancy python3 benchmarks/bench_optim.py --quantizer logtable --ncu-kernel \
         > "$OUT/optim_kernel_ncu.txt" 2>&1
       echo "ncu rc=$?"
       grep -E "^variant|Registers Per Thread|Theoretical Occupancy" "$OUT/optim_kernel_ncu.txt" | cut -c1-150 ;;
+    int8_small)  # the LLM.int8 table rows M=1, 16 (bitsandbytes beside), after the orientation choice
+      timeout 200 python3 benchmarks/bench_matmul_int8.py --check --ms 1,16 > "$OUT/int8_small.log" 2>&1
+      echo "int8 small rc=$?"
+      grep -E "'ok': False|ERR" "$OUT/int8_small.log" | cut -c1-300
+      sed -n '/^==== per-matmul/,$p' "$OUT/int8_small.log" ;;
     orient)
       INT8_SWEEP=orient OUT=/tmp timeout 150 python3 benchmarks/bench_matmul_int8.py --sweep --ms "" --no-bnb \
         > "$OUT/int8_orient.log" 2>&1

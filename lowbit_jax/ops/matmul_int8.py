@@ -78,9 +78,11 @@ LARGE_MIN_M = 256  # rows from which the wide tiles leave enough programs for 13
 # outlier digits stacked as rows of one dot) or "pallas" (the split-K kernel). Measured on an H100
 # (benchmarks/RESULTS.md): see the int8 section for the numbers behind the choice.
 SMALL_ENGINE = "xla"
-# Operand order of that XLA int8 dot (int8_gemm.int8_dot): "xw" (x's rows as the GEMM's M side)
-# or "wx" (the weight's rows as M, result transposed in the epilogue).
-SMALL_ORIENT = "xw"
+# Operand order of that XLA int8 dot when it stacks the outlier digits (threshold > 0; 3M rows):
+# "wx" (the weight's rows as the GEMM's M side, the result transposed in the epilogue) or "xw".
+# H100, M=16, thr 6: 27.04/27.00 vs 27.46/27.31 us; thr 0 (16 rows, always "xw") showed no
+# gain (24.02/24.11 vs 23.80/24.27); M=1 equal (benchmarks/RESULTS.md, 2026-11-23 14:46 UTC).
+SMALL_ORIENT = "wx"
 
 
 def _check(x, w8):
@@ -168,9 +170,7 @@ def _regime(m: int) -> str:
 
 def _int8_part(codes, sx, w8, sub_x, sub_w, extra, bias, out_dtype, impl):
     if impl == "xla":  # XLA's int8 dot_general, the same epilogue arithmetic
-        orient = SMALL_ORIENT if codes.shape[0] <= SMALL_MAX_M else "xw"
-        return int8_gemm.reference(codes, w8.codes, sx, w8.row_absmax, sub_x, sub_w, extra, bias, out_dtype,
-                                   orient=orient)
+        return int8_gemm.reference(codes, w8.codes, sx, w8.row_absmax, sub_x, sub_w, extra, bias, out_dtype)
     cfg = dict(GPU_CONFIG[_regime(codes.shape[0])])
     return int8_gemm.fused_matmul(codes, sx, w8.codes, w8.row_absmax, sub_x, sub_w, extra, bias,
                                   out_dtype=out_dtype, interpret=impl == "pallas_interpret", **cfg)
