@@ -248,10 +248,9 @@ def sweep(results):
 
 
 KERNEL_VARIANTS = [  # (module switches of pallas_kernels.optim_8bit, rows, warps)
-    (dict(UPDATE_ASM=False, CVT_ASM=False, CLIP=True), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=True), 8, 8),
-    (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=False), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=False), 4, 8),
-    (dict(UPDATE_ASM=False, CVT_ASM=False, CLIP=True), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=True), 8, 8),
-    (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=False), 8, 8),
+    (dict(STREAM_HINTS=None), 8, 8), (dict(STREAM_HINTS=".ca"), 8, 8), (dict(STREAM_HINTS=".cg"), 8, 8),
+    (dict(STREAM_HINTS=".cg"), 4, 8), (dict(STREAM_HINTS=None), 4, 8),
+    (dict(STREAM_HINTS=None), 8, 8), (dict(STREAM_HINTS=".ca"), 8, 8), (dict(STREAM_HINTS=".cg"), 8, 8),
 ]
 
 

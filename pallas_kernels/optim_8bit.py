@@ -49,6 +49,9 @@ CVT_ASM = True
 # most; (1 + 3 ulp + 1) * 32767.5 + 0.5 still truncates to bin 65535 and (-1 - 3 ulp + 1) *
 # 32767.5 + 0.5 to bin 0, as the clipped values do. Off: two instructions a value less.
 CLIP = False
+# Cache hints for the streamed reads (p, g, codes) on the GPU: None (default loads), ".ca" or ".cg"
+# (Triton's cache modifiers), each with evict-first, so the map and rounding tables stay cached.
+STREAM_HINTS = None
 ITERS = 1  # chunks of MAX_ROWS blocks a program walks, the next one's loads in flight (_adam_kernel)
 LUT_SIZE = 65536
 # default table reading, see _requantize: on the H100 "segtable" 2.07 ms a step, "segments" 2.51,
@@ -385,9 +388,15 @@ def _adam_kernel(
     eps, decay, step_size, correction2 = hyper_ref[4], hyper_ref[5], hyper_ref[6], hyper_ref[7]
     pid = pl.program_id(0)  # read outside the loop (the interpreter cannot lower it inside)
 
+    def stream(ref):  # read once: tell the caches so (STREAM_HINTS), the tables stay resident
+        if not asm or not STREAM_HINTS:
+            return ref[...]
+        return pltriton.load(ref, eviction_policy="evict_first", cache_modifier=STREAM_HINTS)
+
     def load(it):
         r = pl.ds(it * rows, rows)
-        return (p_ref[r, :], g_ref[r, :], c1_ref[r, :], a1_ref[r], c2_ref[r, :], a2_ref[r])
+        return (stream(p_ref.at[r, :]), stream(g_ref.at[r, :]), stream(c1_ref.at[r, :]), a1_ref[r],
+                stream(c2_ref.at[r, :]), a2_ref[r])
 
     def compute(it, tiles):
         p, g, c1, a1, c2, a2 = tiles
