@@ -248,9 +248,10 @@ def sweep(results):
 
 
 KERNEL_VARIANTS = [  # (module switches of pallas_kernels.optim_8bit, rows, warps)
-    (dict(STREAM_HINTS=None), 8, 8), (dict(STREAM_HINTS=".ca"), 8, 8), (dict(STREAM_HINTS=".cg"), 8, 8),
-    (dict(STREAM_HINTS=".cg"), 4, 8), (dict(STREAM_HINTS=None), 4, 8),
-    (dict(STREAM_HINTS=None), 8, 8), (dict(STREAM_HINTS=".ca"), 8, 8), (dict(STREAM_HINTS=".cg"), 8, 8),
+    (dict(STREAM_HINTS=None), 8, 8), (dict(STREAM_HINTS="evict_first"), 8, 8),
+    (dict(STREAM_HINTS=None), 4, 8), (dict(STREAM_HINTS="evict_first"), 4, 8),
+    (dict(STREAM_HINTS=None), 8, 8), (dict(STREAM_HINTS="evict_first"), 8, 8),
+    (dict(STREAM_HINTS=None), 4, 8), (dict(STREAM_HINTS="evict_first"), 4, 8),
 ]
 
 

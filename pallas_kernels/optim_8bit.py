@@ -49,8 +49,9 @@ CVT_ASM = True
 # most; (1 + 3 ulp + 1) * 32767.5 + 0.5 still truncates to bin 65535 and (-1 - 3 ulp + 1) *
 # 32767.5 + 0.5 to bin 0, as the clipped values do. Off: two instructions a value less.
 CLIP = False
-# Cache hints for the streamed reads (p, g, codes) on the GPU: None (default loads), ".ca" or ".cg"
-# (Triton's cache modifiers), each with evict-first, so the map and rounding tables stay cached.
+# Eviction hint for the streamed reads (p, g, codes) on the GPU: None (default loads) or
+# "evict_first", so the map and rounding tables stay cached. (Triton's cache modifiers
+# ".ca"/".cg" do not pass JAX 0.11.2's lowering: KeyError on the name.)
 STREAM_HINTS = None
 ITERS = 1  # chunks of MAX_ROWS blocks a program walks, the next one's loads in flight (_adam_kernel)
 LUT_SIZE = 65536
@@ -391,7 +392,7 @@ def _adam_kernel(
     def stream(ref):  # read once: tell the caches so (STREAM_HINTS), the tables stay resident
         if not asm or not STREAM_HINTS:
             return ref[...]
-        return pltriton.load(ref, eviction_policy="evict_first", cache_modifier=STREAM_HINTS)
+        return pltriton.load(ref, eviction_policy=STREAM_HINTS)
 
     def load(it):
         r = pl.ds(it * rows, rows)
