@@ -247,11 +247,11 @@ def sweep(results):
     jax.clear_caches()
 
 
-KERNEL_VARIANTS = [  # (module switches of pallas_kernels.optim_8bit, rows, warps)
-    (dict(STREAM_HINTS=None), 8, 8), (dict(STREAM_HINTS="evict_first"), 8, 8),
-    (dict(STREAM_HINTS=None), 4, 8), (dict(STREAM_HINTS="evict_first"), 4, 8),
-    (dict(STREAM_HINTS=None), 8, 8), (dict(STREAM_HINTS="evict_first"), 8, 8),
-    (dict(STREAM_HINTS=None), 4, 8), (dict(STREAM_HINTS="evict_first"), 4, 8),
+KERNEL_VARIANTS = [  # (module switches of pallas_kernels.optim_8bit, rows, warps): the last sweep run
+    (dict(UPDATE_ASM=False, CVT_ASM=False, CLIP=True), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=True), 8, 8),
+    (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=False), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=False), 4, 8),
+    (dict(UPDATE_ASM=False, CVT_ASM=False, CLIP=True), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=True), 8, 8),
+    (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=False), 8, 8), (dict(UPDATE_ASM=True, CVT_ASM=True, CLIP=False), 4, 8),
 ]
 
 
@@ -326,10 +326,9 @@ def main():
     if args.sweep_launch:
         from pallas_kernels import optim_8bit as K
 
-        for rows, warps, iters in [(8, 8, 1), (4, 4, 1), (4, 8, 1), (8, 4, 1), (2, 2, 1), (8, 8, 2), (8, 8, 4),
-                                   (4, 4, 2), (4, 4, 4), (8, 4, 2), (4, 8, 2), (8, 8, 1)]:
-            name = f"launch {K.QUANTIZER} rows={rows} warps={warps} iters={iters}"
-            _guard(lambda: bench_inplace(jnp.float32, name, results, 16, rows=rows, num_warps=warps, iters=iters))
+        for rows, warps in [(4, 8), (8, 8), (4, 4), (8, 4), (2, 2), (16, 8), (4, 8)]:
+            name = f"launch {K.QUANTIZER} rows={rows} warps={warps}"
+            _guard(lambda: bench_inplace(jnp.float32, name, results, 16, rows=rows, num_warps=warps))
         _dump(results, args.out)
         return
     if args.variants:  # time the rounding/update variants, then run everything with the fastest

@@ -1,6 +1,6 @@
 """Fused 8-bit Adam(W) step: one pass per 256-value block, states never leave registers in fp32.
 
-Each program takes ``ROWS`` blocks of 256 values and reads p, g, the two moments' uint8 codes
+Each program takes ``MAX_ROWS`` blocks of 256 values and reads p, g, the two moments' uint8 codes
 and their fp32 absmax; it dequantizes (a gather from the 256-entry map), updates in fp32 with
 bitsandbytes' formula, takes the fresh block absmax and requantizes with bitsandbytes' CPU
 rounding rule (a 65536-bin lookup table, so codes are bit-identical to the jnp reference); it
@@ -10,12 +10,16 @@ writes p, codes and absmax back in place (``input_output_aliases``). 16 bytes a 
 The maps and tables are gathered from global memory with array indexers, which Pallas' Triton
 lowering turns into pointer loads. Those reads, not the 16 bytes, were the first cost: on the
 H100 a step with both 64 KiB rounding-table reads and both 1 KiB map reads took 2.97 ms against
-2.09 without any. The rounding ("segtable", the default) reproduces the 64 KiB table from ~10
-linear pieces: the piece is found with one compare-select per piece, its constants come from
-a 64-byte table, and one read of a 1 KiB table of packed thresholds corrects the guess;
-exhaustively checked against the table (2.07 ms). Picking the constants with three selects a
-piece ("segments", 2.51 ms) made the kernel bound by its integer pipe (ncu: 189 instructions a
-parameter, ALU 79% busy).
+2.09 without any. The rounding ("logtable", the default) reproduces the 64 KiB table with one
+gather a value from a ~8 KiB table of integer lines, one per coarse bin, the coarse bins
+log-spaced around the center like the dynamic maps' codes (:func:`log_table`; exhaustively
+equal to the table): 1.76-1.79 ms. Its predecessors found a linear piece by compare-selects
+("segtable", 2.07 ms; "segments", 2.51 ms, ncu: 189 instructions a parameter, integer pipe 79%
+busy). Beside the rounding, the instruction count (100 a parameter with "logtable", ncu) was cut
+where the lowering spends more than the math needs: the update's square root and division and
+the bin's float -> int convert as inline PTX on the GPU (``UPDATE_ASM``, ``CVT_ASM``), one
+division a value (``UPDATE``), no clip before binning (``CLIP``), all-zero blocks to code 0
+through bin 0 instead of a select a value.
 
 Scalars arrive as a small fp32 vector (``HYPER_FIELDS``) so learning-rate schedules and
 injected hyperparameters stay traced values instead of recompiling the kernel.
@@ -32,13 +36,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 BLOCK = 256  # bitsandbytes' state blocksize
-MAX_ROWS = 8  # blocks per program (2048 values): with 8 warps, fastest on the H100 (RESULTS.md)
+# Blocks a program (1024 values, 4 a thread with 8 warps): 1.769-1.790 ms against 1.776-1.827
+# for 8 blocks in three same-run sweeps on H100s (RESULTS.md); 8 blocks won before the
+# instruction cuts below, and walking several chunks with the next loads carried lost (2.02 ms).
+MAX_ROWS = 4
 NUM_WARPS = 8
 # The update's order: "one_div" (one division a value, within a few ulps of the update of
 # bitsandbytes' CPU order, which the jnp reference keeps) or "two_div" (that order).
 UPDATE = "one_div"
-# All-zero blocks to code 0 through bin 0 (True) or a select on every code (False).
-ZERO_FOLD = True
 # Inline PTX on the GPU (the interpreter runs the jnp forms): the update's square root and
 # division as approximate flush-to-zero ops (_adam_quotient), the bin's float -> int convert
 # without the int32 range clamp (_truncate).
@@ -49,15 +54,10 @@ CVT_ASM = True
 # most; (1 + 3 ulp + 1) * 32767.5 + 0.5 still truncates to bin 65535 and (-1 - 3 ulp + 1) *
 # 32767.5 + 0.5 to bin 0, as the clipped values do. Off: two instructions a value less.
 CLIP = False
-# Eviction hint for the streamed reads (p, g, codes) on the GPU: None (default loads) or
-# "evict_first", so the map and rounding tables stay cached. (Triton's cache modifiers
-# ".ca"/".cg" do not pass JAX 0.11.2's lowering: KeyError on the name.)
-STREAM_HINTS = None
-ITERS = 1  # chunks of MAX_ROWS blocks a program walks, the next one's loads in flight (_adam_kernel)
 LUT_SIZE = 65536
-# default table reading, see _requantize: on the H100 "segtable" 2.07 ms a step, "segments" 2.51,
-# "lut" 2.97 (268M fp32 params; benchmarks/RESULTS.md)
-QUANTIZER = "segtable"
+# default table reading, see _requantize: on the H100 "logtable" 1.76-1.79 ms a step, "segtable"
+# 1.96-2.07, "segments" 2.27-2.51, "lut" 2.97 (268M fp32 params; benchmarks/RESULTS.md)
+QUANTIZER = "logtable"
 QUANTIZERS = ("lut", "bsearch", "segments", "segtable", "logtable")
 SEG_SLOTS = 16  # pieces a map may have in the "segtable" layout (segment_table)
 # order of the scalars in ``hyper``
@@ -93,11 +93,8 @@ def _lut_index(x, nonneg: bool = False, asm: bool = False):
     # An all-zero block stores code 0 (bitsandbytes): its values are all 0, so adding 0 instead
     # of 1 puts them in bin 0, whose code is 0 in both state maps (checked by the table
     # builders' callers' tests), instead of a select on every value.
-    if ZERO_FOLD:
-        one = jnp.where(zero, jnp.float32(0.0), jnp.float32(1.0))
-        t = (normed + one[:, None]) * jnp.float32(0.5 * (LUT_SIZE - 1))
-    else:  # a select on every code instead (_requantize)
-        t = (normed + jnp.float32(1.0)) * jnp.float32(0.5 * (LUT_SIZE - 1))
+    one = jnp.where(zero, jnp.float32(0.0), jnp.float32(1.0))
+    t = (normed + one[:, None]) * jnp.float32(0.5 * (LUT_SIZE - 1))
     idx = _truncate(t + jnp.float32(0.5), asm)
     return idx, absmax
 
@@ -131,7 +128,9 @@ def _requantize(x, table_ref, quantizer: str, segments=None, nonneg: bool = Fals
     search over the 256 bin thresholds where the code changes (``lut_thresholds``): eight
     gathers, but from 1 KiB, which a warp reads in far fewer cache lines. "segments": a
     piecewise-linear guess of the code from the bin (``lut_segments``: ~10 pieces, compile-time
-    constants) corrected by one gather from the 1 KiB table of packed thresholds.
+    constants) corrected by one gather from the 1 KiB table of packed thresholds; "segtable"
+    the same with the piece's constants gathered. "logtable": one gather of a coarse bin's
+    integer line (``log_table``), no correction.
     """
     idx, absmax = _lut_index(x, nonneg, asm and CVT_ASM)
     if quantizer == "lut":
@@ -148,8 +147,6 @@ def _requantize(x, table_ref, quantizer: str, segments=None, nonneg: bool = Fals
             cand = k + step
             k = jnp.where(table_ref[cand] <= idx, cand, k)
         codes = k.astype(jnp.uint8)
-    if not ZERO_FOLD:
-        codes = jnp.where((absmax == 0)[:, None], jnp.uint8(0), codes)
     return codes, absmax
 
 
@@ -379,72 +376,44 @@ def _logtable_codes(idx, table_ref, params):
 
 def _adam_kernel(
     hyper_ref, p_ref, g_ref, c1_ref, a1_ref, c2_ref, a2_ref, code1_ref, code2_ref, lut1_ref, lut2_ref,
-    p_out, c1_out, a1_out, c2_out, a2_out, *, n: int, rows: int, iters: int, quantizer: str, pieces1=None,
-    pieces2=None, asm: bool = False,
+    p_out, c1_out, a1_out, c2_out, a2_out, *, n: int, rows: int, quantizer: str, pieces1=None, pieces2=None,
+    asm: bool = False,
 ):
-    """``iters`` chunks of ``rows`` blocks a program; with iters > 1 the next chunk's loads are
-    issued before the current chunk is computed (carried through the loop), so each warp has
-    the next reads in flight while it waits on this chunk's gathers."""
     b1, omb1, b2, omb2 = hyper_ref[0], hyper_ref[1], hyper_ref[2], hyper_ref[3]
     eps, decay, step_size, correction2 = hyper_ref[4], hyper_ref[5], hyper_ref[6], hyper_ref[7]
-    pid = pl.program_id(0)  # read outside the loop (the interpreter cannot lower it inside)
 
-    def stream(ref):  # read once: tell the caches so (STREAM_HINTS), the tables stay resident
-        if not asm or not STREAM_HINTS:
-            return ref[...]
-        return pltriton.load(ref, eviction_policy=STREAM_HINTS)
+    g = g_ref[...].astype(jnp.float32)
+    p = p_ref[...].astype(jnp.float32)
+    m = _dequantize(c1_ref[...], a1_ref[...], code1_ref)
+    v = _dequantize(c2_ref[...], a2_ref[...], code2_ref)
+    if n % BLOCK:  # the padded tail of the last block must not enter its absmax
+        flat = (pl.program_id(0) * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, BLOCK), 0)) * BLOCK
+        valid = flat + jax.lax.broadcasted_iota(jnp.int32, (rows, BLOCK), 1) < n
+        g = jnp.where(valid, g, 0.0)
+        m = jnp.where(valid, m, 0.0)
+        v = jnp.where(valid, v, 0.0)
 
-    def load(it):
-        r = pl.ds(it * rows, rows)
-        return (stream(p_ref.at[r, :]), stream(g_ref.at[r, :]), stream(c1_ref.at[r, :]), a1_ref[r],
-                stream(c2_ref.at[r, :]), a2_ref[r])
+    m = m * b1 + g * omb1
+    v = v * b2 + (g * g) * omb2
+    if UPDATE == "one_div":  # m / (sqrt(v) / c2 + eps) = c2 m / (sqrt(v) + c2 eps)
+        p = p * decay + (step_size * correction2) * _adam_quotient(m, v, eps * correction2, asm and UPDATE_ASM)
+    else:  # bitsandbytes' CPU order: two divisions a value
+        denom = jnp.sqrt(v) / correction2 + eps
+        p = p * decay + step_size * (m / denom)
 
-    def compute(it, tiles):
-        p, g, c1, a1, c2, a2 = tiles
-        g = g.astype(jnp.float32)
-        p = p.astype(jnp.float32)
-        m = _dequantize(c1, a1, code1_ref)
-        v = _dequantize(c2, a2, code2_ref)
-        if n % BLOCK:  # the padded tail of the last block must not enter its absmax
-            flat = ((pid * iters + it) * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, BLOCK), 0)) * BLOCK
-            valid = flat + jax.lax.broadcasted_iota(jnp.int32, (rows, BLOCK), 1) < n
-            g = jnp.where(valid, g, 0.0)
-            m = jnp.where(valid, m, 0.0)
-            v = jnp.where(valid, v, 0.0)
-
-        m = m * b1 + g * omb1
-        v = v * b2 + (g * g) * omb2
-        if UPDATE == "one_div":  # m / (sqrt(v) / c2 + eps) = c2 m / (sqrt(v) + c2 eps)
-            p = p * decay + (step_size * correction2) * _adam_quotient(m, v, eps * correction2, asm and UPDATE_ASM)
-        else:  # bitsandbytes' CPU order: two divisions a value
-            denom = jnp.sqrt(v) / correction2 + eps
-            p = p * decay + step_size * (m / denom)
-
-        r = pl.ds(it * rows, rows)
-        p_out[r, :] = p.astype(p_out.dtype)
-        c1, a1 = _requantize(m, lut1_ref, quantizer, pieces1, asm=asm)
-        c2, a2 = _requantize(v, lut2_ref, quantizer, pieces2, nonneg=True, asm=asm)
-        c1_out[r, :] = c1
-        a1_out[r] = a1
-        c2_out[r, :] = c2
-        a2_out[r] = a2
-
-    if iters == 1:
-        compute(0, load(0))
-        return
-
-    def body(it, tiles):
-        nxt = load(jnp.minimum(it + 1, iters - 1))
-        compute(it, tiles)
-        return nxt
-
-    jax.lax.fori_loop(0, iters, body, load(0))
+    p_out[...] = p.astype(p_out.dtype)
+    c1, a1 = _requantize(m, lut1_ref, quantizer, pieces1, asm=asm)
+    c2, a2 = _requantize(v, lut2_ref, quantizer, pieces2, nonneg=True, asm=asm)
+    c1_out[...] = c1
+    a1_out[...] = a1
+    c2_out[...] = c2
+    a2_out[...] = a2
 
 
-@functools.partial(jax.jit, static_argnames=("n", "interpret", "quantizer", "rows", "num_warps", "pieces", "iters"))
+@functools.partial(jax.jit, static_argnames=("n", "interpret", "quantizer", "rows", "num_warps", "pieces"))
 def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2, lut1, lut2, *, n: int,
                     interpret: bool = False, quantizer: str | None = None, rows: int | None = None,
-                    num_warps: int | None = None, pieces=None, iters: int | None = None):
+                    num_warps: int | None = None, pieces=None):
     """One fused Adam(W) step on [nblocks, 256] views; returns (p, codes1, absmax1, codes2, absmax2).
 
     ``n`` is the number of real values (the rest of the last block is padding). ``lut1/2`` are
@@ -463,27 +432,24 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
     rows = rows or rows_per_program(nblocks)
     if nblocks % rows:
         raise ValueError(f"rows must divide the number of blocks {nblocks}, got {rows}")
-    iters = iters or ITERS
-    while (nblocks // rows) % iters:  # chunks a program walks: a divisor of the chunk count
-        iters //= 2
     if quantizer == "bsearch":
         lut1, lut2 = lut_thresholds(lut1), lut_thresholds(lut2)
     table = lut1.shape[0]
-    blk = pl.BlockSpec((rows * iters, BLOCK), lambda i: (i, 0))
-    vec = pl.BlockSpec((rows * iters,), lambda i: (i,))
+    blk = pl.BlockSpec((rows, BLOCK), lambda i: (i, 0))
+    vec = pl.BlockSpec((rows,), lambda i: (i,))
 
     def whole(size):
         return pl.BlockSpec((size,), lambda i: (0,))
 
     pieces1, pieces2 = pieces if quantizer in ("segments", "segtable", "logtable") else (None, None)
-    kernel = functools.partial(_adam_kernel, n=n, rows=rows, iters=iters, quantizer=quantizer, pieces1=pieces1,
+    kernel = functools.partial(_adam_kernel, n=n, rows=rows, quantizer=quantizer, pieces1=pieces1,
                                pieces2=pieces2, asm=not interpret)
     extra = {}
     if not interpret:
         extra["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS)
     return pl.pallas_call(
         kernel,
-        grid=(nblocks // (rows * iters),),
+        grid=(nblocks // rows,),
         in_specs=[whole(hyper.shape[0]), blk, blk, blk, vec, blk, vec,
                   whole(256), whole(256), whole(table), whole(table)],
         out_specs=[blk, blk, vec, blk, vec],
