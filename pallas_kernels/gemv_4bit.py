@@ -37,20 +37,34 @@ ROWS, ROW_BLOCKS = 8, 16  # weight rows a program, quantization blocks of each a
 
 def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
                  blocks_per_row, nested_blocksize, n_nested, kchunk_blocks, prefetch, xdtype,
-                 interpret):
+                 interpret, stacked):
     """``bn`` output rows: stream ``tb`` blocks (tb * blocksize/2 contiguous bytes) of each
-    row per iteration; per block a dot product in fp32, times its absmax; sum at the end."""
+    row per iteration; per block a dot product in fp32, times its absmax; sum at the end.
+    ``stacked``: the weight operands carry a leading layer axis and the first operand after
+    them is the layer to read."""
     rest = list(rest)
+    layer_ref = rest.pop(0) if stacked else None
     if nested:
         ncode_ref, nabs_ref, off_ref = rest.pop(0), rest.pop(0), rest.pop(0)
     bias_ref = rest.pop(0) if has_bias else None
     (o_ref,) = rest
     row0 = pl.program_id(0) * bn
     col_base = pl.program_id(1) * kchunk_blocks
+    if stacked:  # views of this layer's rows: the index is a pointer offset, nothing is copied
+        li = layer_ref[0]
+        p_at = lambda cols: p_ref[li, :, cols, :]
+        a_at = lambda cols: a_ref[li, :, cols]
+        nabs_at = lambda idx: nabs_ref[li, idx]
+        offset = lambda: off_ref[li]
+    else:
+        p_at = lambda cols: p_ref[:, cols, :]
+        a_at = lambda cols: a_ref[:, cols]
+        nabs_at = lambda idx: nabs_ref[idx]
+        offset = lambda: off_ref[0]
 
     def load(it):
         cols = pl.ds(it * tb, tb)
-        return p_ref[:, cols, :], a_ref[:, cols], x_ref[0, cols, :]
+        return p_at(cols), a_at(cols), x_ref[0, cols, :]
 
     def compute(tiles, it, acc):
         p, a, u = tiles  # [bn, tb, hb] uint8, [bn, tb] absmax, [tb, hb] x pairs (uint32)
@@ -59,7 +73,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
             flat = ((jax.lax.broadcasted_iota(jnp.int32, shape, 0) + row0) * blocks_per_row
                     + jax.lax.broadcasted_iota(jnp.int32, shape, 1) + (col_base + it * tb))
             nidx = jnp.minimum(flat // nested_blocksize, n_nested - 1)  # padded rows: clamp
-            a = ncode_ref[a.astype(jnp.int32)] * nabs_ref[nidx] + off_ref[0]
+            a = ncode_ref[a.astype(jnp.int32)] * nabs_at(nidx) + offset()
         # x's even/odd elements are the low/high halves of each 32-bit pair; bf16 -> fp32 is a
         # shift, fp16 a convert
         if xdtype == jnp.dtype(jnp.bfloat16):
@@ -90,16 +104,27 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
 
 def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, nested_code=None,
               offset=None, nested_blocksize=256, bias=None, block_n=ROWS, blocks_per_iter=ROW_BLOCKS,
-              splits=1, prefetch=True, num_warps=4, num_stages=1, interpret=False):
+              splits=1, prefetch=True, num_warps=4, num_stages=1, interpret=False, layer=None):
     """``x @ W.T (+ bias)`` for ONE row of 16-bit x ``[1, K]``: ``[1, N]`` in x's dtype.
 
     ``packed`` ``[N, K/2]`` uint8 (N a multiple of ``block_n``), ``absmax`` ``[N, K/blocksize]``
     fp32, or uint8 codes with ``nested_absmax``/``nested_code``/``offset``. ``blocks_per_iter``
     must divide the K/blocksize/splits blocks of a split. ``prefetch`` carries the next
     iteration's tiles through the loop (2% faster on an H100 at N=14336, within noise).
+
+    ``layer`` (an int32 scalar, may be traced): ``packed``, ``absmax``, ``nested_absmax`` and
+    ``offset`` are stacked over a leading layer axis (``[L, N, K/2]``, ...) and the kernel
+    reads layer ``layer`` in place. Slicing a layer out first is a copy of it in XLA (a custom
+    call takes whole buffers): in a scanned batch-1 decode those copies took longer than the
+    GEMVs themselves.
     """
+    stacked = layer is not None
+    n_layers = packed.shape[0] if stacked else None
+    if stacked and (packed.ndim != 3 or absmax.ndim != 3 or absmax.shape[0] != n_layers):
+        raise ValueError(f"layer= needs stacked operands [L, N, K/2] and [L, N, K/blocksize], got "
+                         f"{packed.shape} and {absmax.shape}")
     m, k = x.shape
-    n, kh = packed.shape
+    n, kh = packed.shape[-2:]
     if m != 1:
         raise ValueError(f"gemv_4bit takes one row of x, got {m}")
     if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -113,18 +138,31 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
     kchunk_blocks = blocks // splits
     # free views: x as 32-bit pairs per block, W as [rows, blocks, bytes of a block]
     x3 = jax.lax.bitcast_convert_type(x.reshape(1, blocks, hb, 2), jnp.uint32)
-    p3 = packed.reshape(n, blocks, hb)
     nested = nested_absmax is not None
-    in_specs = [pl.BlockSpec((1, kchunk_blocks, hb), lambda j, s: (0, s, 0)),
-                pl.BlockSpec((block_n, kchunk_blocks, hb), lambda j, s: (j, s, 0)),
-                pl.BlockSpec((block_n, kchunk_blocks), lambda j, s: (j, s))]
-    args = [x3, p3, absmax]
+    if stacked:  # every layer in the block; the kernel indexes one (a pointer offset, no copy)
+        p3 = packed.reshape(n_layers, n, blocks, hb)
+        in_specs = [pl.BlockSpec((1, kchunk_blocks, hb), lambda j, s: (0, s, 0)),
+                    pl.BlockSpec((n_layers, block_n, kchunk_blocks, hb), lambda j, s: (0, j, s, 0)),
+                    pl.BlockSpec((n_layers, block_n, kchunk_blocks), lambda j, s: (0, j, s)),
+                    pl.BlockSpec((1,), lambda j, s: (0,))]
+        args = [x3, p3, absmax, jnp.reshape(layer, (1,)).astype(jnp.int32)]
+    else:
+        p3 = packed.reshape(n, blocks, hb)
+        in_specs = [pl.BlockSpec((1, kchunk_blocks, hb), lambda j, s: (0, s, 0)),
+                    pl.BlockSpec((block_n, kchunk_blocks, hb), lambda j, s: (j, s, 0)),
+                    pl.BlockSpec((block_n, kchunk_blocks), lambda j, s: (j, s))]
+        args = [x3, p3, absmax]
     if nested:
-        nn_ = nested_absmax.shape[0]
-        args += [jnp.asarray(nested_code, jnp.float32), nested_absmax.astype(jnp.float32),
-                 jnp.reshape(offset, (1,)).astype(jnp.float32)]
-        in_specs += [pl.BlockSpec((256,), lambda j, s: (0,)), pl.BlockSpec((nn_,), lambda j, s: (0,)),
-                     pl.BlockSpec((1,), lambda j, s: (0,))]
+        nn_ = nested_absmax.shape[-1]
+        args += [jnp.asarray(nested_code, jnp.float32), nested_absmax.astype(jnp.float32)]
+        in_specs.append(pl.BlockSpec((256,), lambda j, s: (0,)))
+        if stacked:
+            args.append(jnp.reshape(offset, (n_layers,)).astype(jnp.float32))
+            in_specs += [pl.BlockSpec((n_layers, nn_), lambda j, s: (0, 0)),
+                         pl.BlockSpec((n_layers,), lambda j, s: (0,))]
+        else:
+            args.append(jnp.reshape(offset, (1,)).astype(jnp.float32))
+            in_specs += [pl.BlockSpec((nn_,), lambda j, s: (0,)), pl.BlockSpec((1,), lambda j, s: (0,))]
     fuse_bias = bias is not None and splits == 1
     if fuse_bias:
         args.append(bias)
@@ -138,8 +176,9 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
     kernel = functools.partial(
         _rowsum_body, bn=block_n, tb=blocks_per_iter, n_iters=kchunk_blocks // blocks_per_iter,
         values=c4.table(quant_type), nested=nested, has_bias=fuse_bias, blocks_per_row=blocks,
-        nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[0] if nested else 0,
-        kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret)
+        nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[-1] if nested else 0,
+        kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret,
+        stacked=stacked)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,

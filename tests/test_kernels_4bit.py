@@ -296,3 +296,30 @@ def test_bands_cover_the_weight(monkeypatch):
     assert kern._bands(w, 32) == (3584, 4)  # no padding at N=14336
     w = quant.quantize_4bit(jnp.ones((4096, 4096), jnp.float32), 64, "nf4")
     assert kern._bands(w, 32) == (2048, 2)  # never one band holding the whole weight
+
+
+@pytest.mark.parametrize("quant_type,dq,dtype,blocksize", [
+    ("nf4", True, "bfloat16", 64), ("fp4", False, "float16", 128), ("nf4", False, "bfloat16", 64)])
+def test_stacked_layer_is_read_in_place(rng, quant_type, dq, dtype, blocksize):
+    # matmul_4bit(layer=i) on a weight stacked over layers equals the product with layer i:
+    # one row of x through the GEMV that indexes the stack in-kernel, more rows by slicing
+    n_layers, k, n = 3, 512, 40
+    qs = [_case(rng, 1, k, n, quant_type, dq, dtype, blocksize)[1] for _ in range(n_layers)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *qs)
+    f = jax.jit(lambda x, i: matmul_4bit(x, stacked, impl="pallas_interpret", layer=i))
+    for m in (1, 3):
+        x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        for i in range(n_layers):  # the layer is traced: one compile serves them all
+            y = np.asarray(f(x, jnp.int32(i)), np.float32)
+            y_one = np.asarray(matmul_4bit(x, qs[i], impl="pallas_interpret"), np.float32)
+            np.testing.assert_array_equal(y, y_one)
+            assert _rel(y, _oracle(x, qs[i])) < TOL[dtype]
+    assert kern.reads_stacked(jnp.zeros((1, k), dtype), stacked)
+    assert not kern.reads_stacked(jnp.zeros((3, k), dtype), stacked)
+    # the gradient still reaches x (the layer is sliced for the backward)
+    x = jnp.asarray(rng.standard_normal((1, k)), dtype)
+    g = jax.grad(lambda x: jnp.sum(matmul_4bit(x, stacked, impl="pallas_interpret", layer=1).astype(jnp.float32)))(x)
+    g_one = jax.grad(lambda x: jnp.sum(matmul_4bit(x, qs[1], impl="pallas_interpret").astype(jnp.float32)))(x)
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_one, np.float32))
+    with pytest.raises(ValueError, match="stacked"):
+        matmul_4bit(x, qs[0], layer=0)

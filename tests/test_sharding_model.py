@@ -220,3 +220,20 @@ def test_tree_shardings_refuses_a_layout_the_split_cannot_use(mesh):
         sharding.TensorParallel(mesh, batch_axis="tp")
     with pytest.raises(ValueError, match="not an axis"):
         sharding.TensorParallel(mesh, axis="model")
+
+
+def test_layer_indexed_decode_matches_scanned_slices(monkeypatch):
+    # decode_step's one-token path carries the layer index and reads the stacked NF4 kernels in
+    # place (LayerKernel); the plain scan over sliced layers gives the same logits and cache
+    params = nf4_params(3)
+    tokens = jnp.asarray([[5, 9, 2, 7]], jnp.int32)
+    outs = {}
+    for indexed in (True, False):
+        monkeypatch.setattr(llama, "LAYER_INDEXED_DECODE", indexed)
+        jax.clear_caches()
+        cache = llama.init_cache(CONFIG, 1, 8, jnp.float32)
+        logits, cache = llama.decode_step(params, tokens[:, :3], cache, 0, CONFIG, jnp.float32)
+        logits, cache = llama.decode_step(params, tokens[:, 3:], cache, 3, CONFIG, jnp.float32)
+        outs[indexed] = (np.asarray(logits), np.asarray(cache["k"]), np.asarray(cache["v"]))
+    for a, b in zip(outs[True], outs[False]):
+        np.testing.assert_array_equal(a, b)

@@ -21,9 +21,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from lowbit_jax import quant
 from lowbit_jax.models.config import LlamaConfig
 from lowbit_jax.nn.lora import lora_delta
-from lowbit_jax.ops import quantized_linear
+from lowbit_jax.ops import LayerKernel, quantized_linear
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -179,6 +180,22 @@ def forward(params, tokens, config: LlamaConfig, compute_dtype=jnp.float32, int8
     return _logits(params, h, config, compute_dtype, int8_threshold, tp)
 
 
+# Batch-1 one-token decode steps index the stacked layer weights instead of scanning over them
+# (decode_step); False restores the plain scan (for comparisons).
+LAYER_INDEXED_DECODE = True
+
+
+def _layer_at(layers, i):
+    """Layer ``i`` of the stacked layer tree: 4-bit kernels as ``LayerKernel`` (read in place
+    by the GEMV), everything else sliced (norms, adapters, other kernels)."""
+    def one(leaf):
+        if isinstance(leaf, quant.Packed4bit):
+            return LayerKernel(leaf, i)
+        return jax.tree.map(lambda a: a[i], leaf)
+
+    return jax.tree.map(one, layers, is_leaf=lambda v: isinstance(v, quant.QuantizedTensor))
+
+
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16):
     shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -198,12 +215,27 @@ def decode_step(params, tokens, cache, pos, config: LlamaConfig, compute_dtype=j
     positions = pos + jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
     h = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
 
-    def body(h, xs):
-        lp, ck, cv = xs
-        h, ck, cv = _layer(h, lp, positions, ck, cv, None, pos, config, compute_dtype, int8_threshold, lora_scale, tp)
-        return h, (ck, cv)
+    if t * b == 1 and tp is None and LAYER_INDEXED_DECODE:
+        # One token: the scan carries the layer index, not the layer's weights. Scanning over
+        # the stacked weights slices each layer out, which XLA copies before every custom call:
+        # on an H100 (Llama-3-8B shapes) those copies took longer than the 4-bit GEMVs.
+        def body(h, xs):
+            i, ck, cv = xs
+            lp = _layer_at(params["layers"], i)
+            h, ck, cv = _layer(h, lp, positions, ck, cv, None, pos, config, compute_dtype, int8_threshold,
+                               lora_scale, tp)
+            return h, (ck, cv)
 
-    h, (ks, vs) = jax.lax.scan(body, h, (params["layers"], cache["k"], cache["v"]))
+        layer_ids = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
+        h, (ks, vs) = jax.lax.scan(body, h, (layer_ids, cache["k"], cache["v"]))
+    else:
+        def body(h, xs):
+            lp, ck, cv = xs
+            h, ck, cv = _layer(h, lp, positions, ck, cv, None, pos, config, compute_dtype, int8_threshold,
+                               lora_scale, tp)
+            return h, (ck, cv)
+
+        h, (ks, vs) = jax.lax.scan(body, h, (params["layers"], cache["k"], cache["v"]))
     logits = _logits(params, h[:, -1:, :], config, compute_dtype, int8_threshold, tp)[:, 0, :]
     if tp is not None:  # keep the cache where it came from (KV heads over the tensor axis)
         ks, vs = (jax.lax.with_sharding_constraint(a, tp.cache_sharding()) for a in (ks, vs))

@@ -8,9 +8,10 @@ bias) only: the quantized base weight is frozen, which is what QLoRA needs.
 
 from lowbit_jax.ops.matmul_4bit import matmul_4bit, matmul_4bit_reference
 from lowbit_jax.ops.matmul_int8 import matmul_int8, matmul_int8_reference
-from lowbit_jax.ops.linear import quantized_linear
+from lowbit_jax.ops.linear import LayerKernel, quantized_linear
 
 __all__ = [
+    "LayerKernel",
     "matmul_4bit",
     "matmul_4bit_reference",
     "matmul_int8",

@@ -58,19 +58,36 @@ def supported(q: quant.Packed4bit) -> bool:
     return len(q.shape) == 2 and k % q.blocksize == 0 and k % 2 == 0
 
 
-def operands(q: quant.Packed4bit) -> dict:
-    """Kernel views of the canonical arrays (reshapes and a bitcast only: no copy of W)."""
+def operands(q: quant.Packed4bit, stacked: bool = False) -> dict:
+    """Kernel views of the canonical arrays (reshapes and a bitcast only: no copy of W).
+    ``stacked``: every array of ``q`` has a leading layer axis (a model's stacked layer tree),
+    kept in front of the views."""
     n, k = q.shape
+    lead = q.packed.shape[:1] if stacked else ()
     packed = q.packed
     if packed.dtype != jnp.uint8:
         packed = jax.lax.bitcast_convert_type(packed, jnp.uint8)
-    ops = dict(packed=packed.reshape(n, k // 2), absmax=q.absmax.reshape(n, k // q.blocksize),
+    ops = dict(packed=packed.reshape(*lead, n, k // 2), absmax=q.absmax.reshape(*lead, n, k // q.blocksize),
                quant_type=q.quant_type, blocksize=q.blocksize)
     if q.double_quant:
-        ops.update(nested_absmax=q.nested_absmax.reshape(-1), offset=q.offset,
+        ops.update(nested_absmax=q.nested_absmax.reshape(*lead, -1), offset=q.offset,
                    nested_code=jnp.asarray(q.nested_code, jnp.float32),
                    nested_blocksize=q.nested_blocksize)
     return ops
+
+
+def layer_of(q: quant.Packed4bit, layer) -> quant.Packed4bit:
+    """Layer ``layer`` of a stacked weight (a copy of it, in XLA, before any custom call)."""
+    return jax.tree.map(lambda a: a[layer], q)
+
+
+def reads_stacked(x, q: quant.Packed4bit) -> bool:
+    """Whether :func:`forward` with ``layer=`` reads the stacked weight in place (the one-row
+    GEMV); other shapes multiply with :func:`layer_of` first."""
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    return m == 1 and _half(x.dtype) and q.blocksize <= 256
 
 
 def _pow2_divisor(n: int, cap: int, floor: int = 16) -> int | None:
@@ -132,8 +149,15 @@ def use_bands(m: int, n: int) -> bool:
     return m >= BAND_MIN_M and programs < GEMM_MIN_PROGRAMS
 
 
-def forward(x, q, bias=None, *, interpret=False):
-    """``x @ W.T (+ bias)``: GEMV (M <= GEMV_MAX_M), GEMM, or band decode + XLA dot (large M)."""
+def forward(x, q, bias=None, *, interpret=False, layer=None):
+    """``x @ W.T (+ bias)``: GEMV (M <= GEMV_MAX_M), GEMM, or band decode + XLA dot (large M).
+    ``layer``: ``q`` is stacked over layers; multiply with that one (see :func:`reads_stacked`)."""
+    if layer is not None:
+        if not reads_stacked(x, q):
+            return forward(x, layer_of(q, layer), bias, interpret=interpret)
+        n, k = q.shape
+        y = _gemv(x.reshape(1, k), operands(q, stacked=True), bias, interpret, layer=layer)
+        return y.reshape(*x.shape[:-1], n)
     n, k = q.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -160,12 +184,12 @@ def forward(x, q, bias=None, *, interpret=False):
     return y[:m, :n].reshape(*lead, n)
 
 
-def _gemv(x2, ops, bias, interpret):
+def _gemv(x2, ops, bias, interpret, layer=None):
     """One row of 16-bit x through ``gemv_4bit`` (row sums, no tensor cores)."""
     k = x2.shape[1]
-    n = ops["packed"].shape[0]
+    n = ops["packed"].shape[-2]
     cfg = dict(GPU_CONFIG["gemv"])
-    ops, bn = _weight_rows(ops, n, cfg.pop("block_n"), floor=1)
+    ops, bn = _weight_rows(ops, n, cfg.pop("block_n"), floor=1)  # floor 1: never pads
     blocks = k // ops["blocksize"]
     splits, tb = cfg.pop("splits"), cfg.pop("blocks_per_iter")
     while splits > 1 and blocks % splits:
@@ -174,7 +198,7 @@ def _gemv(x2, ops, bias, interpret):
         tb //= 2
     b = None if bias is None else _pad_rows(bias, bn)
     return gemv_4bit.gemv_4bit(x2, ops["packed"], ops["absmax"], **_rest(ops), bias=b, block_n=bn,
-                               blocks_per_iter=tb, splits=splits, interpret=interpret, **cfg)
+                               blocks_per_iter=tb, splits=splits, interpret=interpret, layer=layer, **cfg)
 
 
 def _split_k_gemv(x2, ops, bias, interpret):

@@ -6,6 +6,9 @@ numerics stay in ``ops`` (Flax modules hold parameters and call a functional cor
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
+import jax
 import jax.numpy as jnp
 
 from lowbit_jax import quant
@@ -13,16 +16,28 @@ from lowbit_jax.ops.matmul_4bit import matmul_4bit
 from lowbit_jax.ops.matmul_int8 import matmul_int8
 
 
+class LayerKernel(NamedTuple):
+    """Layer ``layer`` of a kernel stacked over layers (``[L, ...]`` leaves), not yet sliced:
+    a 4-bit one is multiplied in place where the kernels can (``matmul_4bit(layer=)``)."""
+
+    stacked: Any
+    layer: Any
+
+
 def quantized_linear(x, kernel, bias=None, *, int8_threshold: float = 6.0, compute_dtype=None):
     """``x @ kernel (+ bias)`` for a Flax-layout dense kernel ``[in, out]``, or ``x @ W.T`` for a
     quantized weight stored bitsandbytes-style ``[out, in]`` (Packed4bit or RowwiseInt8).
 
     ``compute_dtype`` casts x first (bitsandbytes' ``bnb_4bit_compute_dtype``); the result has
-    the compute dtype.
+    the compute dtype. ``kernel`` may be a :class:`LayerKernel` (one layer of a stacked kernel).
     """
     x = jnp.asarray(x)
     if compute_dtype is not None:
         x = x.astype(compute_dtype)
+    if isinstance(kernel, LayerKernel):
+        if isinstance(kernel.stacked, quant.Packed4bit):
+            return matmul_4bit(x, kernel.stacked, bias, layer=kernel.layer)
+        kernel = jax.tree.map(lambda a: a[kernel.layer], kernel.stacked)
     if isinstance(kernel, quant.Packed4bit):
         return matmul_4bit(x, kernel, bias)
     if isinstance(kernel, quant.RowwiseInt8):

@@ -53,10 +53,10 @@ def _resolve(impl, q):
     return impl
 
 
-def _forward(x, q, bias, impl):
+def _forward(x, q, bias, impl, layer=None):
     if impl == "reference":
-        return matmul_4bit_reference(x, q, bias)
-    return _kernels.forward(x, q, bias, interpret=impl == "pallas_interpret")
+        return matmul_4bit_reference(x, q if layer is None else _kernels.layer_of(q, layer), bias)
+    return _kernels.forward(x, q, bias, interpret=impl == "pallas_interpret", layer=layer)
 
 
 def _grad_x(g, q, x_dtype, impl):
@@ -67,27 +67,27 @@ def _grad_x(g, q, x_dtype, impl):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _matmul_4bit(x, q, bias, impl):
-    return _forward(x, q, bias, impl)
+def _matmul_4bit(x, q, bias, impl, layer):
+    return _forward(x, q, bias, impl, layer)
 
 
-def _fwd_res(x, q, bias, impl):
-    return _forward(x, q, bias, impl), (q, bias, jnp.zeros((0,), x.dtype))
+def _fwd_res(x, q, bias, impl, layer):
+    return _forward(x, q, bias, impl, layer), (q, bias, jnp.zeros((0,), x.dtype), layer)
 
 
 def _bwd(impl, res, g):
-    q, bias, x_proto = res
-    gx = _grad_x(g, q, x_proto.dtype, impl)
+    q, bias, x_proto, layer = res
+    gx = _grad_x(g, q if layer is None else _kernels.layer_of(q, layer), x_proto.dtype, impl)
     gb = None
     if bias is not None:
         gb = jnp.sum(g.astype(jnp.float32).reshape(-1, g.shape[-1]), axis=0).astype(bias.dtype)
-    return gx, zero_cotangent(q), gb
+    return gx, zero_cotangent(q), gb, None
 
 
 _matmul_4bit.defvjp(_fwd_res, _bwd)
 
 
-def matmul_4bit(x, q, bias=None, *, impl: str = "auto"):
+def matmul_4bit(x, q, bias=None, *, impl: str = "auto", layer=None):
     """``x @ W.T (+ bias)`` for ``W = dequantize_4bit(q)`` of shape ``[out, in]``.
 
     ``x`` is ``[..., in]`` in float32/bfloat16/float16; the result has x's dtype. The gradient
@@ -98,7 +98,17 @@ def matmul_4bit(x, q, bias=None, *, impl: str = "auto"):
     HBM) and the jnp reference elsewhere or when in-features are not a multiple of the
     blocksize. "reference", "pallas" and "pallas_interpret" (the kernels in Pallas' interpreter,
     for CPU tests) force one.
+
+    ``layer``: ``q`` is a stacked weight (every array with a leading layer axis, as in a model's
+    scanned layer tree) and the product is with layer ``layer`` (an int, may be traced). One
+    row of 16-bit x reads that layer in place; other shapes slice it out first. In XLA a
+    layer sliced out of a stack before a custom call is a copy of it: at batch-1 decode the
+    copies took longer than the matmuls (benchmarks/RESULTS.md, decode profile).
     """
     x = jnp.asarray(x)
     _check(x, q)
-    return _matmul_4bit(x, q, bias, _resolve(impl, q))
+    if layer is not None:
+        if q.packed.ndim != 2:
+            raise ValueError(f"layer= needs a stacked weight (packed [L, bytes]), got packed {q.packed.shape}")
+        layer = jnp.asarray(layer, jnp.int32)
+    return _matmul_4bit(x, q, bias, _resolve(impl, q), layer)

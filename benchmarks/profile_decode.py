@@ -1,0 +1,93 @@
+"""Where a batch-1 decode step's time goes: the GPU kernels of ``llama.decode_step`` per token.
+
+    PYTHONPATH=. python3 benchmarks/profile_decode.py [--preset llama3-8b] [--layers 4] [--calls 10]
+
+Random NF4 + double-quant weights of the preset's shape (``bench_sharded.build_params`` on one
+device; the LM head stays bf16), a cache holding ``prompt`` tokens, then ``calls`` one-token
+steps, timed (queued steps, no host sync between them) twice: with the plain scan over sliced
+layers and with the layer-indexed decode (``llama.LAYER_INDEXED_DECODE``), whose first-step
+logits are compared. Then the indexed steps under the JAX profiler: every kernel's count and
+time per token and the stream's span per token, so launch gaps and copies show beside the
+matmuls. Results to ``$OUT/profile_decode.json`` (or /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+try:
+    from benchmarks import bench_sharded as bs
+    from benchmarks._timing import kernel_profile, print_profile
+except ImportError:  # run as a script from benchmarks/
+    import bench_sharded as bs
+    from _timing import kernel_profile, print_profile
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama3-8b", choices=sorted(bs.PRESETS))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--calls", type=int, default=10)
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from lowbit_jax import sharding
+    from lowbit_jax.models import llama
+
+    p = dict(bs.PRESETS[args.preset], layers=args.layers)
+    cfg = bs._config(p)
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("dp", "tp"))
+    tp = sharding.TensorParallel(mesh, sharding.LLAMA_TP_RULES + ((r"\['lm_head'\]", "out"),), "tp",
+                                 batch_axis="dp")
+    params = bs.build_params(cfg, tp, jax.random.key(0))
+    context = p["prompt"]
+    tok = jnp.asarray([[7]], jnp.int32)
+    res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": args.preset,
+           "layers": args.layers}
+    logits_by_mode = {}
+    for indexed in (False, True):  # the plain scan over sliced layers, then the layer-indexed decode
+        llama.LAYER_INDEXED_DECODE = indexed
+        jax.clear_caches()
+        cache = jax.device_put(llama.init_cache(cfg, 1, context + 3 * args.calls + 4, jnp.bfloat16),
+                               tp.cache_sharding())
+        state = {"cache": cache, "pos": context}
+
+        def step():
+            logits, state["cache"] = llama.decode_step(params, tok, state["cache"], state["pos"], cfg,
+                                                       jnp.bfloat16, tp=tp)
+            state["pos"] += 1
+            return logits
+
+        logits_by_mode[indexed] = np.asarray(jax.device_get(step()), np.float32)  # compile + first step
+        jax.block_until_ready(step())
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            out = step()
+        jax.block_until_ready(out)
+        per_token = (time.perf_counter() - t0) / args.calls
+        key = "indexed" if indexed else "scan_slices"
+        res[f"step_ms_{key}"] = per_token * 1e3
+        print(f"{args.preset} with {args.layers} layers on {res['device']}, {key}: {per_token * 1e3:.3f} ms a "
+              f"token = {1 / per_token:.1f} tok/s", flush=True)
+    diff = float(np.max(np.abs(logits_by_mode[True] - logits_by_mode[False])))
+    res["max_abs_logit_diff"] = diff
+    print(f"first-step logits, indexed vs scanned slices: max |diff| {diff:.3g} "
+          f"(max |logit| {float(np.max(np.abs(logits_by_mode[False]))):.3g})", flush=True)
+    table = kernel_profile(step, calls=args.calls)
+    res["kernels"] = table
+    print_profile(f"decode step, {args.layers} layers", table, top=40)
+    out_dir = os.environ.get("OUT", "/tmp")
+    with open(os.path.join(out_dir, "profile_decode.json.tmp"), "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(os.path.join(out_dir, "profile_decode.json.tmp"), os.path.join(out_dir, "profile_decode.json"))
+
+
+if __name__ == "__main__":
+    main()
