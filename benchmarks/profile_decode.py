@@ -55,13 +55,13 @@ def main(argv=None):
     for indexed in (False, True):  # the plain scan over sliced layers, then the layer-indexed decode
         llama.LAYER_INDEXED_DECODE = indexed
         jax.clear_caches()
-        cache = jax.device_put(llama.init_cache(cfg, 1, context + 3 * args.calls + 4, jnp.bfloat16),
-                               tp.cache_sharding())
+        # one device, no tensor-parallel plan: the path generate() takes for load_pretrained()
+        cache = llama.init_cache(cfg, 1, context + 3 * args.calls + 4, jnp.bfloat16)
         state = {"cache": cache, "pos": context}
 
         def step():
             logits, state["cache"] = llama.decode_step(params, tok, state["cache"], state["pos"], cfg,
-                                                       jnp.bfloat16, tp=tp)
+                                                       jnp.bfloat16)
             state["pos"] += 1
             return logits
 
