@@ -314,6 +314,11 @@ def test_stacked_layer_is_read_in_place(rng, quant_type, dq, dtype, blocksize):
             y_one = np.asarray(matmul_4bit(x, qs[i], impl="pallas_interpret"), np.float32)
             np.testing.assert_array_equal(y, y_one)
             assert _rel(y, _oracle(x, qs[i])) < TOL[dtype]
+    # per-layer codes stored 2-D ([out, in/2], as the sharded loader does): the same product
+    stacked_2d = stacked.replace(packed=stacked.packed.reshape(n_layers, n, k // 2))
+    x = jnp.asarray(rng.standard_normal((1, k)), dtype)
+    np.testing.assert_array_equal(np.asarray(matmul_4bit(x, stacked_2d, impl="pallas_interpret", layer=2), np.float32),
+                                  np.asarray(matmul_4bit(x, qs[2], impl="pallas_interpret"), np.float32))
     assert kern.reads_stacked(jnp.zeros((1, k), dtype), stacked)
     assert not kern.reads_stacked(jnp.zeros((3, k), dtype), stacked)
     # the gradient still reaches x (the layer is sliced for the backward)

@@ -108,7 +108,10 @@ def matmul_4bit(x, q, bias=None, *, impl: str = "auto", layer=None):
     x = jnp.asarray(x)
     _check(x, q)
     if layer is not None:
-        if q.packed.ndim != 2:
-            raise ValueError(f"layer= needs a stacked weight (packed [L, bytes]), got packed {q.packed.shape}")
+        per_layer = (q.shape[0] * q.shape[1] + 1) // 2  # bytes of one layer's codes
+        nbytes = q.packed.size * jnp.dtype(q.packed.dtype).itemsize
+        if q.packed.ndim < 2 or nbytes == per_layer or q.packed.shape[0] * per_layer != nbytes:
+            raise ValueError(f"layer= needs a weight stacked over a leading layer axis, got packed "
+                             f"{q.packed.shape} for a {q.shape} weight")
         layer = jnp.asarray(layer, jnp.int32)
     return _matmul_4bit(x, q, bias, _resolve(impl, q), layer)
