@@ -31,6 +31,7 @@ def main(argv=None):
     ap.add_argument("--preset", default="llama3-8b", choices=sorted(bs.PRESETS))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--tp", action="store_true", help="decode through the tensor-parallel plan (a 1x1 mesh)")
     args = ap.parse_args(argv)
 
     import jax
@@ -50,18 +51,22 @@ def main(argv=None):
     context = p["prompt"]
     tok = jnp.asarray([[7]], jnp.int32)
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": args.preset,
-           "layers": args.layers}
+           "layers": args.layers, "tp": args.tp}
     logits_by_mode = {}
     for indexed in (False, True):  # the plain scan over sliced layers, then the layer-indexed decode
         llama.LAYER_INDEXED_DECODE = indexed
         jax.clear_caches()
-        # one device, no tensor-parallel plan: the path generate() takes for load_pretrained()
+        # default: one device, no tensor-parallel plan (generate()'s path after load_pretrained());
+        # --tp: through the plan's per-shard matmuls (load_pretrained(mesh=)'s path)
+        plan = tp if args.tp else None
         cache = llama.init_cache(cfg, 1, context + 3 * args.calls + 4, jnp.bfloat16)
+        if plan is not None:
+            cache = jax.device_put(cache, plan.cache_sharding())
         state = {"cache": cache, "pos": context}
 
         def step():
             logits, state["cache"] = llama.decode_step(params, tok, state["cache"], state["pos"], cfg,
-                                                       jnp.bfloat16)
+                                                       jnp.bfloat16, tp=plan)
             state["pos"] += 1
             return logits
 

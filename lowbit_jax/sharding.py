@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lowbit_jax import _compat, quant
-from lowbit_jax.ops import matmul_4bit, quantized_linear
+from lowbit_jax.ops import LayerKernel, matmul_4bit, quantized_linear
 from lowbit_jax.ops._grad import zero_cotangent
 # ops chooses the kernels; the per-shard backward reuses its choice and its fused backward
 # (no shard of W is ever expanded in HBM), so it calls these two helpers rather than re-deciding.
@@ -437,7 +437,7 @@ def _local(q: quant.Packed4bit, axis: str, shards: int) -> quant.Packed4bit:
 
 
 def sharded_matmul_4bit(x, q: quant.Packed4bit, mesh: Mesh, axis: str, mesh_axis: str = "tp", bias=None,
-                        batch_axis: Optional[str] = None, impl: str = "auto"):
+                        batch_axis: Optional[str] = None, impl: str = "auto", layer=None):
     """``x @ W.T`` with W split over ``mesh_axis``, each device running ``ops.matmul_4bit`` on its
     shard (so the GPU kernels run per shard).
 
@@ -446,6 +446,10 @@ def sharded_matmul_4bit(x, q: quant.Packed4bit, mesh: Mesh, axis: str, mesh_axis
     axis="in":  x split along its last dimension, partial products summed with ``psum`` (fp32).
     batch_axis: a mesh axis that splits x's leading dimension (data parallelism), or None.
     impl: as ``ops.matmul_4bit``'s, for every shard ("pallas_interpret" tests the kernels here).
+    layer: ``q`` is stacked over layers (a model's scanned tree) and each shard multiplies with
+    its part of layer ``layer`` in place (``ops.matmul_4bit(layer=)``); when the weight first
+    needs a layout change for the split, the layer is sliced out instead (the change would
+    otherwise run over every layer).
     The gradient reaches x and the bias, never W (frozen base weights, as in QLoRA); it runs
     ``ops``' fused backward per shard too.
     """
@@ -456,27 +460,34 @@ def sharded_matmul_4bit(x, q: quant.Packed4bit, mesh: Mesh, axis: str, mesh_axis
         _check_mesh_axis(mesh, batch_axis, "batch_axis")
         if x.ndim < 2:
             raise ValueError(f"batch_axis needs x with a leading batch dimension, got shape {x.shape}")
+    if layer is not None:
+        if prepare_for_sharding(q, axis, shards) is not q:  # a layout change: slice the layer out
+            q, layer = jax.tree.map(lambda a: a[layer], q), None
+        else:
+            layer = jnp.asarray(layer, jnp.int32)
     q = prepare_for_sharding(q, axis, shards)
     impl = _resolve_4bit(impl, _local(q, axis, shards))
-    return _sharded_matmul(mesh, axis, mesh_axis, x.ndim, batch_axis, impl)(x, q, bias)
+    return _sharded_matmul(mesh, axis, mesh_axis, x.ndim, batch_axis, impl, layer is not None)(x, q, bias, layer)
 
 
 @lru_cache(maxsize=None)
-def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int, batch_axis: Optional[str], impl: str):
+def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int, batch_axis: Optional[str], impl: str,
+                    stacked: bool = False):
     shards = mesh.shape[mesh_axis]
     lead = (batch_axis,) + (None,) * (ndim - 2) if ndim >= 2 else ()
     split_last, whole = P(*lead, mesh_axis), P(*lead, None)
+    layer_spec = P() if stacked else None  # the layer index, replicated
 
     def q_specs(q):
         return partition_specs(q, axis, mesh_axis)
 
-    def forward(x, q, bias):
-        def body(x_local, q_local, b_local):
+    def forward(x, q, bias, layer):
+        def body(x_local, q_local, b_local, layer):
             q_local = _local(q_local, axis, shards)
             if axis == "out":
-                return matmul_4bit(x_local, q_local, b_local, impl=impl)
+                return matmul_4bit(x_local, q_local, b_local, impl=impl, layer=layer)
             # The kernel runs in x's dtype (bf16 on the fast path); the partial sums add in fp32.
-            partial = matmul_4bit(x_local, q_local, impl=impl).astype(jnp.float32)
+            partial = matmul_4bit(x_local, q_local, impl=impl, layer=layer).astype(jnp.float32)
             total = jax.lax.psum(partial, mesh_axis)
             if b_local is not None:
                 total = total + b_local.astype(jnp.float32)
@@ -485,12 +496,15 @@ def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int, batch_axis
         x_spec, out_spec = (whole, split_last) if axis == "out" else (split_last, whole)
         b_spec = None if bias is None else (P(mesh_axis) if axis == "out" else P())
         # check=False: the varying-axes checker cannot type a pallas_call (the GPU kernels).
-        fn = _compat.shard_map(body, mesh=mesh, in_specs=(x_spec, q_specs(q), b_spec), out_specs=out_spec, check=False)
-        return fn(x, q, bias)
+        fn = _compat.shard_map(body, mesh=mesh, in_specs=(x_spec, q_specs(q), b_spec, layer_spec), out_specs=out_spec,
+                               check=False)
+        return fn(x, q, bias, layer)
 
-    def grad_x(g, q, x_dtype):
-        def body(g_local, q_local):
+    def grad_x(g, q, x_dtype, layer):
+        def body(g_local, q_local, layer):
             q_local = _local(q_local, axis, shards)
+            if layer is not None:
+                q_local = jax.tree.map(lambda a: a[layer], q_local)
             if axis == "in":
                 return _matmul_4bit_grad_x(g_local, q_local, x_dtype, impl)
             # Each shard's out-features contribute a partial gradient of all of x: sum them in fp32.
@@ -498,22 +512,23 @@ def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int, batch_axis
             return jax.lax.psum(gx, mesh_axis).astype(x_dtype)
 
         g_spec, out_spec = (split_last, whole) if axis == "out" else (whole, split_last)
-        fn = _compat.shard_map(body, mesh=mesh, in_specs=(g_spec, q_specs(q)), out_specs=out_spec, check=False)
-        return fn(g, q)
+        fn = _compat.shard_map(body, mesh=mesh, in_specs=(g_spec, q_specs(q), layer_spec), out_specs=out_spec,
+                               check=False)
+        return fn(g, q, layer)
 
     @jax.custom_vjp
-    def f(x, q, bias):
-        return forward(x, q, bias)
+    def f(x, q, bias, layer):
+        return forward(x, q, bias, layer)
 
-    def fwd(x, q, bias):
-        return forward(x, q, bias), (q, bias, jnp.zeros((0,), x.dtype))
+    def fwd(x, q, bias, layer):
+        return forward(x, q, bias, layer), (q, bias, jnp.zeros((0,), x.dtype), layer)
 
     def bwd(res, g):
-        q, bias, proto = res
+        q, bias, proto, layer = res
         gb = None
         if bias is not None:
             gb = jnp.sum(g.astype(jnp.float32).reshape(-1, g.shape[-1]), axis=0).astype(bias.dtype)
-        return grad_x(g, q, proto.dtype), zero_cotangent(q), gb
+        return grad_x(g, q, proto.dtype, layer), zero_cotangent(q), gb, None
 
     f.defvjp(fwd, bwd)
     return f
@@ -575,9 +590,15 @@ class TensorParallel:
         kernels partition well; a replicated quantized kernel runs whole on every device).
         """
         split = self.split(path)
+        layer = None
+        if isinstance(kernel, LayerKernel) and isinstance(kernel.stacked, quant.Packed4bit):
+            kernel, layer = kernel.stacked, kernel.layer  # one layer of a stacked kernel, read in place
         if split is not None and isinstance(kernel, quant.Packed4bit):
             x = jnp.asarray(x)
             if compute_dtype is not None:
                 x = x.astype(compute_dtype)
-            return sharded_matmul_4bit(x, kernel, self.mesh, split, self.axis, bias, self.batch_axis, self.impl)
+            return sharded_matmul_4bit(x, kernel, self.mesh, split, self.axis, bias, self.batch_axis, self.impl,
+                                       layer=layer)
+        if layer is not None:
+            kernel = LayerKernel(kernel, layer)
         return quantized_linear(x, kernel, bias, int8_threshold=int8_threshold, compute_dtype=compute_dtype)

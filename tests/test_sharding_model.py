@@ -237,3 +237,22 @@ def test_layer_indexed_decode_matches_scanned_slices(monkeypatch):
         outs[indexed] = (np.asarray(logits), np.asarray(cache["k"]), np.asarray(cache["v"]))
     for a, b in zip(outs[True], outs[False]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_layer_indexed_decode_tensor_parallel_kernels(monkeypatch):
+    # The same with a 4-way plan and the Pallas kernels (interpreted) per shard: each shard's
+    # GEMV reads its part of the stacked layer in place; bf16 compute (the GEMV's dtype)
+    params = nf4_params(4)
+    tp = sharding.TensorParallel(Mesh(np.array(jax.devices()[:4]), ("tp",)), impl="pallas_interpret")
+    placed = tp.place(params)
+    tokens = jnp.asarray([[3, 1, 4, 1]], jnp.int32)
+    outs = {}
+    for indexed in (True, False):
+        monkeypatch.setattr(llama, "LAYER_INDEXED_DECODE", indexed)
+        jax.clear_caches()
+        cache = jax.device_put(llama.init_cache(CONFIG, 1, 8, jnp.bfloat16), tp.cache_sharding())
+        logits, cache = llama.decode_step(placed, tokens[:, :3], cache, 0, CONFIG, jnp.bfloat16, tp=tp)
+        logits, cache = llama.decode_step(placed, tokens[:, 3:], cache, 3, CONFIG, jnp.bfloat16, tp=tp)
+        outs[indexed] = (np.asarray(logits, np.float32), np.asarray(cache["k"], np.float32))
+    for a, b in zip(outs[True], outs[False]):
+        np.testing.assert_array_equal(a, b)

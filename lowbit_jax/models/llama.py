@@ -215,7 +215,7 @@ def decode_step(params, tokens, cache, pos, config: LlamaConfig, compute_dtype=j
     positions = pos + jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
     h = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
 
-    if t * b == 1 and tp is None and LAYER_INDEXED_DECODE:
+    if t * b == 1 and LAYER_INDEXED_DECODE:
         # One token: the scan carries the layer index, not the layer's weights. Scanning over
         # the stacked weights slices each layer out, which XLA copies before every custom call:
         # on an H100 (Llama-3-8B shapes) those copies took longer than the 4-bit GEMVs.
