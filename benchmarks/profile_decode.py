@@ -26,12 +26,51 @@ except ImportError:  # run as a script from benchmarks/
     from _timing import kernel_profile, print_profile
 
 
+DECODE_VARIANTS = [  # (GPU_CONFIG["gemv_narrow"] overrides, llama.INPLACE_CACHE)
+    ({}, False), ({}, True), (dict(block_n=4), True), (dict(block_n=2), True), (dict(splits=2), True),
+    (dict(block_n=4, blocks_per_iter=8), True), ({}, True),
+]
+
+
+def _sweep(params, cfg, context, tok, calls, res):
+    """Decode ms a token for each DECODE_VARIANTS entry, in one process (same GPU, same weights)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lowbit_jax.models import llama
+    from lowbit_jax.ops import _matmul_4bit_kernels as kern
+
+    base, base_inplace = dict(kern.GPU_CONFIG["gemv_narrow"]), llama.INPLACE_CACHE
+    for over, inplace in DECODE_VARIANTS:
+        kern.GPU_CONFIG["gemv_narrow"] = dict(base, **over)
+        llama.INPLACE_CACHE = inplace
+        jax.clear_caches()
+        cache = llama.init_cache(cfg, 1, context + 2 * calls + 4, jnp.bfloat16)
+        pos = context
+        for i in range(2):  # the second call compiles again (the cache comes back committed)
+            logits, cache = llama.decode_step(params, tok, cache, pos + i, cfg, jnp.bfloat16)
+        jax.block_until_ready(logits)
+        t0 = time.perf_counter()
+        for i in range(calls):
+            logits, cache = llama.decode_step(params, tok, cache, pos + 2 + i, cfg, jnp.bfloat16)
+        jax.block_until_ready(logits)
+        ms = (time.perf_counter() - t0) / calls * 1e3
+        key = f"narrow {over or 'default'} inplace_cache={inplace}"
+        res.setdefault("sweep", {})[key] = ms
+        print(f"sweep {key}: {ms:.3f} ms a token", flush=True)
+    kern.GPU_CONFIG["gemv_narrow"], llama.INPLACE_CACHE = base, base_inplace
+    jax.clear_caches()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama3-8b", choices=sorted(bs.PRESETS))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--tp", action="store_true", help="decode through the tensor-parallel plan (a 1x1 mesh)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="first time the decode step for each DECODE_VARIANTS entry (narrow-layer GEMV "
+                         "launch, in-place cache), same run")
     args = ap.parse_args(argv)
 
     import jax
@@ -52,6 +91,8 @@ def main(argv=None):
     tok = jnp.asarray([[7]], jnp.int32)
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": args.preset,
            "layers": args.layers, "tp": args.tp}
+    if args.sweep:
+        _sweep(params, cfg, context, tok, args.calls, res)
     logits_by_mode = {}
     for indexed in (False, True):  # the plain scan over sliced layers, then the layer-indexed decode
         llama.LAYER_INDEXED_DECODE = indexed

@@ -226,17 +226,22 @@ def test_layer_indexed_decode_matches_scanned_slices(monkeypatch):
     # decode_step's one-token path carries the layer index and reads the stacked NF4 kernels in
     # place (LayerKernel); the plain scan over sliced layers gives the same logits and cache
     params = nf4_params(3)
-    tokens = jnp.asarray([[5, 9, 2, 7]], jnp.int32)
+    tokens = jnp.asarray([[5, 9, 2, 7, 1]], jnp.int32)
     outs = {}
-    for indexed in (True, False):
+    for indexed, inplace in ((True, True), (True, False), (False, False)):
         monkeypatch.setattr(llama, "LAYER_INDEXED_DECODE", indexed)
+        monkeypatch.setattr(llama, "INPLACE_CACHE", inplace)
         jax.clear_caches()
         cache = llama.init_cache(CONFIG, 1, 8, jnp.float32)
         logits, cache = llama.decode_step(params, tokens[:, :3], cache, 0, CONFIG, jnp.float32)
-        logits, cache = llama.decode_step(params, tokens[:, 3:], cache, 3, CONFIG, jnp.float32)
-        outs[indexed] = (np.asarray(logits), np.asarray(cache["k"]), np.asarray(cache["v"]))
-    for a, b in zip(outs[True], outs[False]):
-        np.testing.assert_array_equal(a, b)
+        seq = [logits]
+        for i in (3, 4):  # two one-token steps: the second reads what the first wrote
+            logits, cache = llama.decode_step(params, tokens[:, i:i + 1], cache, i, CONFIG, jnp.float32)
+            seq.append(logits)
+        outs[indexed, inplace] = (np.stack([np.asarray(x) for x in seq]), np.asarray(cache["k"]), np.asarray(cache["v"]))
+    for variant in ((True, True), (True, False)):
+        for a, b in zip(outs[variant], outs[False, False]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_layer_indexed_decode_tensor_parallel_kernels(monkeypatch):

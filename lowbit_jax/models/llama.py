@@ -104,7 +104,10 @@ def _attention(q, k, v, q_pos, k_pos, k_valid, config: LlamaConfig):
 
 
 def _layer(h, lp, positions, cache_k, cache_v, cache_valid, write_pos, config, compute_dtype, int8_threshold,
-           lora_scale=1.0, tp=None, lora_dropout=0.0, rng=None):
+           lora_scale=1.0, tp=None, lora_dropout=0.0, rng=None, layer_index=None):
+    """One decoder layer. ``layer_index``: ``cache_k``/``cache_v`` are the whole stacked caches
+    ``[L, B, S, H, D]``; the new keys and values are written into layer ``layer_index`` in place
+    and the stacked caches returned (no per-layer cache slice in, stacked slice out)."""
     b, t, _ = h.shape
     lin = partial(_named_linear, lp, compute_dtype, int8_threshold, lora_scale, tp, lora_dropout=lora_dropout, rng=rng)
     x = rms_norm(h, lp["input_norm"], config.rms_norm_eps)
@@ -116,6 +119,15 @@ def _layer(h, lp, positions, cache_k, cache_v, cache_valid, write_pos, config, c
     k = apply_rope(k, positions, inv_freq)
     if cache_k is None:
         keys, values, k_pos, k_valid = k, v, positions, jnp.ones(positions.shape, bool)
+    elif layer_index is not None:
+        zero = jnp.zeros((), jnp.int32)
+        at = (jnp.asarray(layer_index, jnp.int32), zero, jnp.asarray(write_pos, jnp.int32), zero, zero)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
+        keys, values = cache_k[layer_index], cache_v[layer_index]
+        s = keys.shape[1]
+        k_pos = jnp.broadcast_to(jnp.arange(s)[None, :], (b, s))
+        k_valid = k_pos < write_pos + t
     else:
         keys = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), write_pos, axis=1)
         values = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), write_pos, axis=1)
@@ -183,6 +195,9 @@ def forward(params, tokens, config: LlamaConfig, compute_dtype=jnp.float32, int8
 # Batch-1 one-token decode steps index the stacked layer weights instead of scanning over them
 # (decode_step); False restores the plain scan (for comparisons).
 LAYER_INDEXED_DECODE = True
+# ... and write the new keys/values into the stacked cache in place (scan carry) instead of
+# scanning over per-layer cache slices (a slice in, a stacked slice out, per layer and token).
+INPLACE_CACHE = True
 
 
 def _layer_at(layers, i):
@@ -219,15 +234,24 @@ def decode_step(params, tokens, cache, pos, config: LlamaConfig, compute_dtype=j
         # One token: the scan carries the layer index, not the layer's weights. Scanning over
         # the stacked weights slices each layer out, which XLA copies before every custom call:
         # on an H100 (Llama-3-8B shapes) those copies took longer than the 4-bit GEMVs.
-        def body(h, xs):
-            i, ck, cv = xs
-            lp = _layer_at(params["layers"], i)
-            h, ck, cv = _layer(h, lp, positions, ck, cv, None, pos, config, compute_dtype, int8_threshold,
-                               lora_scale, tp)
-            return h, (ck, cv)
-
         layer_ids = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
-        h, (ks, vs) = jax.lax.scan(body, h, (layer_ids, cache["k"], cache["v"]))
+        if INPLACE_CACHE:  # the stacked caches ride in the carry, written in place
+            def body(carry, i):
+                h, ks, vs = carry
+                h, ks, vs = _layer(h, _layer_at(params["layers"], i), positions, ks, vs, None, pos, config,
+                                   compute_dtype, int8_threshold, lora_scale, tp, layer_index=i)
+                return (h, ks, vs), None
+
+            (h, ks, vs), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), layer_ids)
+        else:
+            def body(h, xs):
+                i, ck, cv = xs
+                lp = _layer_at(params["layers"], i)
+                h, ck, cv = _layer(h, lp, positions, ck, cv, None, pos, config, compute_dtype, int8_threshold,
+                                   lora_scale, tp)
+                return h, (ck, cv)
+
+            h, (ks, vs) = jax.lax.scan(body, h, (layer_ids, cache["k"], cache["v"]))
     else:
         def body(h, xs):
             lp, ck, cv = xs

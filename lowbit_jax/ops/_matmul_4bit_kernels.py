@@ -26,6 +26,9 @@ from pallas_kernels import dequant_4bit, gemm_4bit, gemv_4bit
 GPU_CONFIG = {
     # one row of 16-bit x: row sums over whole cache lines (pallas_kernels.gemv_4bit)
     "gemv": dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4, num_stages=1),
+    # ... for layers of at most GEMV_NARROW_MAX_N rows (attention projections at decode), where
+    # 8-row programs leave SMs idle (N=1024: 128 programs)
+    "gemv_narrow": dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4, num_stages=1),
     # split-K GEMV for 2..GEMV_MAX_M rows (and fp32 x): x padded to 16 rows, tensor-core dots
     # ("gemv_dot"); fp32 x with 1..FMA_MAX_ROWS rows: elementwise multiply-add ("gemv_fma")
     "gemv_fma": dict(block_n=128, block_h=64, splits=8, decode="prmt", num_warps=4, num_stages=3),
@@ -37,6 +40,7 @@ GPU_CONFIG = {
 }
 # Crossovers measured on an H100 at K=4096, N=14336 (benchmarks/RESULTS.md).
 GEMV_MAX_M = 16  # rows of x up to which a GEMV runs
+GEMV_NARROW_MAX_N = 4096  # weight rows up to which the one-row GEMV takes GPU_CONFIG["gemv_narrow"]
 FMA_MAX_ROWS = 4  # fp32 x: rows up to which the elementwise multiply-add beats a padded dot
 # rows of x from which W is decoded in bands of at most TILE_ROWS output rows to x's dtype and
 # multiplied by XLA's dot (cuBLAS): with many rows the in-kernel decode, repeated for every M
@@ -188,7 +192,7 @@ def _gemv(x2, ops, bias, interpret, layer=None):
     """One row of 16-bit x through ``gemv_4bit`` (row sums, no tensor cores)."""
     k = x2.shape[1]
     n = ops["packed"].shape[-2]
-    cfg = dict(GPU_CONFIG["gemv"])
+    cfg = dict(GPU_CONFIG["gemv_narrow" if n <= GEMV_NARROW_MAX_N else "gemv"])
     ops, bn = _weight_rows(ops, n, cfg.pop("block_n"), floor=1)  # floor 1: never pads
     blocks = k // ops["blocksize"]
     splits, tb = cfg.pop("splits"), cfg.pop("blocks_per_iter")
