@@ -27,8 +27,8 @@ except ImportError:  # run as a script from benchmarks/
 
 
 DECODE_VARIANTS = [  # (GPU_CONFIG["gemv_narrow"] overrides, llama.INPLACE_CACHE)
-    ({}, False), ({}, True), (dict(block_n=4), True), (dict(block_n=2), True), (dict(splits=2), True),
-    (dict(block_n=4, blocks_per_iter=8), True), ({}, True),
+    ({}, False), ({}, True), (dict(splits=1), True), (dict(block_n=4, splits=1), True), (dict(splits=4), True),
+    ({}, True),
 ]
 
 
