@@ -328,3 +328,7 @@ def test_stacked_layer_is_read_in_place(rng, quant_type, dq, dtype, blocksize):
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_one, np.float32))
     with pytest.raises(ValueError, match="stacked"):
         matmul_4bit(x, qs[0], layer=0)
+    # a stack of one layer (a one-layer model) is a stack too
+    one = jax.tree.map(lambda a: a[None], qs[0])
+    np.testing.assert_array_equal(np.asarray(matmul_4bit(x, one, impl="pallas_interpret", layer=0), np.float32),
+                                  np.asarray(matmul_4bit(x, qs[0], impl="pallas_interpret"), np.float32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -109,8 +110,8 @@ def matmul_4bit(x, q, bias=None, *, impl: str = "auto", layer=None):
     _check(x, q)
     if layer is not None:
         per_layer = (q.shape[0] * q.shape[1] + 1) // 2  # bytes of one layer's codes
-        nbytes = q.packed.size * jnp.dtype(q.packed.dtype).itemsize
-        if q.packed.ndim < 2 or nbytes == per_layer or q.packed.shape[0] * per_layer != nbytes:
+        layer_bytes = math.prod(q.packed.shape[1:]) * jnp.dtype(q.packed.dtype).itemsize
+        if q.packed.ndim < 2 or layer_bytes != per_layer:  # what follows the leading axis is one layer
             raise ValueError(f"layer= needs a weight stacked over a leading layer axis, got packed "
                              f"{q.packed.shape} for a {q.shape} weight")
         layer = jnp.asarray(layer, jnp.int32)
