@@ -13,7 +13,7 @@ H100 a step with both 64 KiB rounding-table reads and both 1 KiB map reads took 
 2.09 without any. The rounding ("logtable", the default) reproduces the 64 KiB table with one
 gather a value from a ~8 KiB table of integer lines, one per coarse bin, the coarse bins
 log-spaced around the center like the dynamic maps' codes (:func:`log_table`; exhaustively
-equal to the table): 1.76-1.79 ms. Its predecessors found a linear piece by compare-selects
+equal to the table): 1.74-1.79 ms. Its predecessors found a linear piece by compare-selects
 ("segtable", 2.07 ms; "segments", 2.51 ms, ncu: 189 instructions a parameter, integer pipe 79%
 busy). Beside the rounding, the instruction count (100 a parameter with "logtable", ncu) was cut
 where the lowering spends more than the math needs: the update's square root and division and
@@ -55,7 +55,7 @@ CVT_ASM = True
 # 32767.5 + 0.5 to bin 0, as the clipped values do. Off: two instructions a value less.
 CLIP = False
 LUT_SIZE = 65536
-# default table reading, see _requantize: on the H100 "logtable" 1.76-1.79 ms a step, "segtable"
+# default table reading, see _requantize: on the H100 "logtable" 1.74-1.79 ms a step, "segtable"
 # 1.96-2.07, "segments" 2.27-2.51, "lut" 2.97 (268M fp32 params; benchmarks/RESULTS.md)
 QUANTIZER = "logtable"
 QUANTIZERS = ("lut", "bsearch", "segments", "segtable", "logtable")
@@ -420,7 +420,9 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
     the uint8 [65536] tables of the two maps (``quant._code_lut``); ``quantizer`` picks how the
     kernel reads them (see ``_requantize``), all giving the same codes. For "segments",
     ``lut1/2`` are instead the packed tables and ``pieces`` the two maps' pieces, both from
-    :func:`lut_segments` (host constants: the pieces are compiled into the kernel).
+    :func:`lut_segments` (host constants: the pieces are compiled into the kernel); for
+    "segtable" the :func:`segment_table` of those; for "logtable" (the default) the two maps'
+    :func:`log_table` tables, with their params as ``pieces``.
     """
     quantizer = QUANTIZER if quantizer is None else quantizer
     if quantizer not in QUANTIZERS:
