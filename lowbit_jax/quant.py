@@ -50,6 +50,7 @@ __all__ = [
     "unpack_4bit_codes",
     "to_rows",
     "to_flat",
+    "layer_slice",
     "absmax_4bit",
     "footprint",
     "Footprint",
@@ -696,6 +697,13 @@ def dequantize(q, dtype=None) -> jax.Array:
         return dequantize_int8(q, dtype)
     arr = jnp.asarray(q)
     return arr if dtype is None else arr.astype(dtype)
+
+
+def layer_slice(tree, i):
+    """Layer ``i`` of a tree stacked over a leading axis (a scanned model's ``[L, ...]`` leaves;
+    quantized containers keep their per-layer static shape). In XLA this is a copy of the layer;
+    ``ops.matmul_4bit(layer=)`` avoids it where the kernel can read the stack in place."""
+    return jax.tree.map(lambda a: a[i], tree)
 
 
 # --------------------------------------------------------------------------------------------

@@ -460,12 +460,13 @@ def sharded_matmul_4bit(x, q: quant.Packed4bit, mesh: Mesh, axis: str, mesh_axis
         _check_mesh_axis(mesh, batch_axis, "batch_axis")
         if x.ndim < 2:
             raise ValueError(f"batch_axis needs x with a leading batch dimension, got shape {x.shape}")
+    prepared = prepare_for_sharding(q, axis, shards)
+    if layer is not None and prepared is not q:  # a layout change: slice the layer out first
+        q, layer = quant.layer_slice(q, layer), None
+        prepared = prepare_for_sharding(q, axis, shards)
     if layer is not None:
-        if prepare_for_sharding(q, axis, shards) is not q:  # a layout change: slice the layer out
-            q, layer = jax.tree.map(lambda a: a[layer], q), None
-        else:
-            layer = jnp.asarray(layer, jnp.int32)
-    q = prepare_for_sharding(q, axis, shards)
+        layer = jnp.asarray(layer, jnp.int32)
+    q = prepared
     impl = _resolve_4bit(impl, _local(q, axis, shards))
     return _sharded_matmul(mesh, axis, mesh_axis, x.ndim, batch_axis, impl, layer is not None)(x, q, bias, layer)
 
@@ -504,7 +505,7 @@ def _sharded_matmul(mesh: Mesh, axis: str, mesh_axis: str, ndim: int, batch_axis
         def body(g_local, q_local, layer):
             q_local = _local(q_local, axis, shards)
             if layer is not None:
-                q_local = jax.tree.map(lambda a: a[layer], q_local)
+                q_local = quant.layer_slice(q_local, layer)
             if axis == "in":
                 return _matmul_4bit_grad_x(g_local, q_local, x_dtype, impl)
             # Each shard's out-features contribute a partial gradient of all of x: sum them in fp32.

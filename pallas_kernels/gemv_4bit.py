@@ -50,21 +50,12 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
     (o_ref,) = rest
     row0 = pl.program_id(0) * bn
     col_base = pl.program_id(1) * kchunk_blocks
-    if stacked:  # views of this layer's rows: the index is a pointer offset, nothing is copied
-        li = layer_ref[0]
-        p_at = lambda cols: p_ref[li, :, cols, :]
-        a_at = lambda cols: a_ref[li, :, cols]
-        nabs_at = lambda idx: nabs_ref[li, idx]
-        offset = lambda: off_ref[li]
-    else:
-        p_at = lambda cols: p_ref[:, cols, :]
-        a_at = lambda cols: a_ref[:, cols]
-        nabs_at = lambda idx: nabs_ref[idx]
-        offset = lambda: off_ref[0]
+    # stacked: this layer's rows, the index a pointer offset (nothing is copied)
+    at = (layer_ref[0],) if stacked else ()
 
     def load(it):
         cols = pl.ds(it * tb, tb)
-        return p_at(cols), a_at(cols), x_ref[0, cols, :]
+        return p_ref[(*at, slice(None), cols, slice(None))], a_ref[(*at, slice(None), cols)], x_ref[0, cols, :]
 
     def compute(tiles, it, acc):
         p, a, u = tiles  # [bn, tb, hb] uint8, [bn, tb] absmax, [tb, hb] x pairs (uint32)
@@ -73,7 +64,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
             flat = ((jax.lax.broadcasted_iota(jnp.int32, shape, 0) + row0) * blocks_per_row
                     + jax.lax.broadcasted_iota(jnp.int32, shape, 1) + (col_base + it * tb))
             nidx = jnp.minimum(flat // nested_blocksize, n_nested - 1)  # padded rows: clamp
-            a = ncode_ref[a.astype(jnp.int32)] * nabs_at(nidx) + offset()
+            a = ncode_ref[a.astype(jnp.int32)] * nabs_ref[(*at, nidx)] + off_ref[at[0] if stacked else 0]
         # x's even/odd elements are the low/high halves of each 32-bit pair; bf16 -> fp32 is a
         # shift, fp16 a convert
         if xdtype == jnp.dtype(jnp.bfloat16):
@@ -139,30 +130,22 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
     # free views: x as 32-bit pairs per block, W as [rows, blocks, bytes of a block]
     x3 = jax.lax.bitcast_convert_type(x.reshape(1, blocks, hb, 2), jnp.uint32)
     nested = nested_absmax is not None
-    if stacked:  # every layer in the block; the kernel indexes one (a pointer offset, no copy)
-        p3 = packed.reshape(n_layers, n, blocks, hb)
-        in_specs = [pl.BlockSpec((1, kchunk_blocks, hb), lambda j, s: (0, s, 0)),
-                    pl.BlockSpec((n_layers, block_n, kchunk_blocks, hb), lambda j, s: (0, j, s, 0)),
-                    pl.BlockSpec((n_layers, block_n, kchunk_blocks), lambda j, s: (0, j, s)),
-                    pl.BlockSpec((1,), lambda j, s: (0,))]
-        args = [x3, p3, absmax, jnp.reshape(layer, (1,)).astype(jnp.int32)]
-    else:
-        p3 = packed.reshape(n, blocks, hb)
-        in_specs = [pl.BlockSpec((1, kchunk_blocks, hb), lambda j, s: (0, s, 0)),
-                    pl.BlockSpec((block_n, kchunk_blocks, hb), lambda j, s: (j, s, 0)),
-                    pl.BlockSpec((block_n, kchunk_blocks), lambda j, s: (j, s))]
-        args = [x3, p3, absmax]
+    # stacked: every layer in the block (leading axis), the kernel indexes one
+    lead, z = ((n_layers,), (0,)) if stacked else ((), ())
+    in_specs = [pl.BlockSpec((1, kchunk_blocks, hb), lambda j, s: (0, s, 0)),
+                pl.BlockSpec((*lead, block_n, kchunk_blocks, hb), lambda j, s: (*z, j, s, 0)),
+                pl.BlockSpec((*lead, block_n, kchunk_blocks), lambda j, s: (*z, j, s))]
+    args = [x3, packed.reshape(*lead, n, blocks, hb), absmax]
+    if stacked:
+        in_specs.append(pl.BlockSpec((1,), lambda j, s: (0,)))
+        args.append(jnp.reshape(layer, (1,)).astype(jnp.int32))
     if nested:
         nn_ = nested_absmax.shape[-1]
-        args += [jnp.asarray(nested_code, jnp.float32), nested_absmax.astype(jnp.float32)]
-        in_specs.append(pl.BlockSpec((256,), lambda j, s: (0,)))
-        if stacked:
-            args.append(jnp.reshape(offset, (n_layers,)).astype(jnp.float32))
-            in_specs += [pl.BlockSpec((n_layers, nn_), lambda j, s: (0, 0)),
-                         pl.BlockSpec((n_layers,), lambda j, s: (0,))]
-        else:
-            args.append(jnp.reshape(offset, (1,)).astype(jnp.float32))
-            in_specs += [pl.BlockSpec((nn_,), lambda j, s: (0,)), pl.BlockSpec((1,), lambda j, s: (0,))]
+        n_off = n_layers if stacked else 1
+        args += [jnp.asarray(nested_code, jnp.float32), nested_absmax.astype(jnp.float32),
+                 jnp.reshape(offset, (n_off,)).astype(jnp.float32)]
+        in_specs += [pl.BlockSpec((256,), lambda j, s: (0,)), pl.BlockSpec((*lead, nn_), lambda j, s: (*z, 0)),
+                     pl.BlockSpec((n_off,), lambda j, s: (0,))]
     fuse_bias = bias is not None and splits == 1
     if fuse_bias:
         args.append(bias)

@@ -59,6 +59,8 @@ LUT_SIZE = 65536
 # 1.96-2.07, "segments" 2.27-2.51, "lut" 2.97 (268M fp32 params; benchmarks/RESULTS.md)
 QUANTIZER = "logtable"
 QUANTIZERS = ("lut", "bsearch", "segments", "segtable", "logtable")
+# the roundings that take compile-time constants (``pieces``) beside their table
+PIECEWISE = ("segments", "segtable", "logtable")
 SEG_SLOTS = 16  # pieces a map may have in the "segtable" layout (segment_table)
 # order of the scalars in ``hyper``
 HYPER_FIELDS = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "decay", "step_size", "correction2")
@@ -427,7 +429,7 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
     quantizer = QUANTIZER if quantizer is None else quantizer
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
-    if quantizer in ("segments", "segtable", "logtable") and (pieces is None or len(pieces) != 2):
+    if quantizer in PIECEWISE and (pieces is None or len(pieces) != 2):
         raise ValueError(f"quantizer={quantizer!r} needs pieces=(pieces1, pieces2): lut_segments' pieces "
                          "or log_table's params")
     nblocks = p.shape[0]
@@ -443,7 +445,7 @@ def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2,
     def whole(size):
         return pl.BlockSpec((size,), lambda i: (0,))
 
-    pieces1, pieces2 = pieces if quantizer in ("segments", "segtable", "logtable") else (None, None)
+    pieces1, pieces2 = pieces if quantizer in PIECEWISE else (None, None)
     kernel = functools.partial(_adam_kernel, n=n, rows=rows, quantizer=quantizer, pieces1=pieces1,
                                pieces2=pieces2, asm=not interpret)
     extra = {}

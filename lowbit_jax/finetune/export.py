@@ -29,7 +29,7 @@ def hf_state_dict(params) -> dict[str, np.ndarray]:
 
     def weight_rows(k, i):  # one layer's [out, in] weight
         if isinstance(k, quant.QuantizedTensor):
-            return host(quant.dequantize(jax.tree.map(lambda a: a[i], k)))
+            return host(quant.dequantize(quant.layer_slice(k, i)))
         return np.ascontiguousarray(host(k[i]).T)
 
     layers = params["layers"]

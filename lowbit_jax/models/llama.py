@@ -206,7 +206,7 @@ def _layer_at(layers, i):
     def one(leaf):
         if isinstance(leaf, quant.Packed4bit):
             return LayerKernel(leaf, i)
-        return jax.tree.map(lambda a: a[i], leaf)
+        return quant.layer_slice(leaf, i)
 
     return jax.tree.map(one, layers, is_leaf=lambda v: isinstance(v, quant.QuantizedTensor))
 

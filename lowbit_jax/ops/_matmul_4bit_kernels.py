@@ -17,6 +17,8 @@ back to the exact select tree inside the kernels.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -82,18 +84,10 @@ def operands(q: quant.Packed4bit, stacked: bool = False) -> dict:
     return ops
 
 
-def layer_of(q: quant.Packed4bit, layer) -> quant.Packed4bit:
-    """Layer ``layer`` of a stacked weight (a copy of it, in XLA, before any custom call)."""
-    return jax.tree.map(lambda a: a[layer], q)
-
-
 def reads_stacked(x, q: quant.Packed4bit) -> bool:
     """Whether :func:`forward` with ``layer=`` reads the stacked weight in place (the one-row
-    GEMV); other shapes multiply with :func:`layer_of` first."""
-    m = 1
-    for d in x.shape[:-1]:
-        m *= d
-    return m == 1 and _half(x.dtype) and q.blocksize <= 256
+    GEMV); other shapes multiply with ``quant.layer_slice`` of it first."""
+    return math.prod(x.shape[:-1]) == 1 and _half(x.dtype) and q.blocksize <= 256
 
 
 def _pow2_divisor(n: int, cap: int, floor: int = 16) -> int | None:
@@ -160,7 +154,7 @@ def forward(x, q, bias=None, *, interpret=False, layer=None):
     ``layer``: ``q`` is stacked over layers; multiply with that one (see :func:`reads_stacked`)."""
     if layer is not None:
         if not reads_stacked(x, q):
-            return forward(x, layer_of(q, layer), bias, interpret=interpret)
+            return forward(x, quant.layer_slice(q, layer), bias, interpret=interpret)
         n, k = q.shape
         y = _gemv(x.reshape(1, k), operands(q, stacked=True), bias, interpret, layer=layer)
         return y.reshape(*x.shape[:-1], n)

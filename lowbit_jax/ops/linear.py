@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from lowbit_jax import quant
@@ -37,7 +36,7 @@ def quantized_linear(x, kernel, bias=None, *, int8_threshold: float = 6.0, compu
     if isinstance(kernel, LayerKernel):
         if isinstance(kernel.stacked, quant.Packed4bit):
             return matmul_4bit(x, kernel.stacked, bias, layer=kernel.layer)
-        kernel = jax.tree.map(lambda a: a[kernel.layer], kernel.stacked)
+        kernel = quant.layer_slice(kernel.stacked, kernel.layer)
     if isinstance(kernel, quant.Packed4bit):
         return matmul_4bit(x, kernel, bias)
     if isinstance(kernel, quant.RowwiseInt8):

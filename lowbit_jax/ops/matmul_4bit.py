@@ -56,7 +56,7 @@ def _resolve(impl, q):
 
 def _forward(x, q, bias, impl, layer=None):
     if impl == "reference":
-        return matmul_4bit_reference(x, q if layer is None else _kernels.layer_of(q, layer), bias)
+        return matmul_4bit_reference(x, q if layer is None else quant.layer_slice(q, layer), bias)
     return _kernels.forward(x, q, bias, interpret=impl == "pallas_interpret", layer=layer)
 
 
@@ -78,7 +78,7 @@ def _fwd_res(x, q, bias, impl, layer):
 
 def _bwd(impl, res, g):
     q, bias, x_proto, layer = res
-    gx = _grad_x(g, q if layer is None else _kernels.layer_of(q, layer), x_proto.dtype, impl)
+    gx = _grad_x(g, q if layer is None else quant.layer_slice(q, layer), x_proto.dtype, impl)
     gb = None
     if bias is not None:
         gb = jnp.sum(g.astype(jnp.float32).reshape(-1, g.shape[-1]), axis=0).astype(bias.dtype)
