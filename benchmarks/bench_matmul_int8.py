@@ -16,6 +16,7 @@ first. Results go to $OUT/bench_int8.json (or /tmp).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -40,6 +41,17 @@ def save():
     with open(tmp, "w") as f:
         json.dump(R, f, indent=1)
     os.replace(tmp, os.path.join(OUT, "bench_int8.json"))
+
+
+@contextlib.contextmanager
+def attr(module, name, value):
+    """``module.name = value`` for the ``with`` block (a dispatch switch of ``ops.matmul_int8``)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 def jax_time(f, *args, reps=20, passes=1):
@@ -97,18 +109,16 @@ def check():
         for (thr, cap), engine in [(tc, e) for tc in ((6.0, 64), (6.0, 2), (0.0, 64)) for e in engines]:
             # cap 2 < 3 planted columns: overflow path; small M: both engines
             key = f"M{m}_K{k}_N{n}_thr{thr:g}_cap{cap}" + (f"_{engine}" if m <= mi.SMALL_MAX_M else "")
-            saved, mi.SMALL_ENGINE = mi.SMALL_ENGINE, engine
             try:
-                out = jax.jit(lambda x: ops.matmul_int8(x, w8, thr, max_outliers=cap, impl="pallas"))(x)
-                ref = jax.jit(lambda x: ops.matmul_int8(x, w8, thr, impl="xla"))(x)
+                with attr(mi, "SMALL_ENGINE", engine):
+                    out = jax.jit(lambda x: ops.matmul_int8(x, w8, thr, max_outliers=cap, impl="pallas"))(x)
+                    ref = jax.jit(lambda x: ops.matmul_int8(x, w8, thr, impl="xla"))(x)
                 d = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
                 scale = float(jnp.max(jnp.abs(ref.astype(jnp.float32))))
                 res[key] = {"max_abs_diff": d, "max_abs_ref": scale, "finite": bool(jnp.isfinite(out).all()),
                             "ok": bool(jnp.isfinite(out).all()) and d <= 2.0**-7 * scale}
             except Exception as e:  # noqa: BLE001
                 res[key] = f"ERR {type(e).__name__}: {str(e)[:400]}"
-            finally:
-                mi.SMALL_ENGINE = saved
             print("check", key, res[key], flush=True)
     return res
 
@@ -179,22 +189,18 @@ def _sweep_orient(mi, qs):
     from lowbit_jax import ops
 
     res = {}
-    saved = mi.SMALL_ORIENT
     for m in (1, 16):
         p = repeat_for(m)
         xs = tuple(jnp.asarray(make_x(m, seed=99 + r)[0], jnp.bfloat16) for r in range(p))
         for thr in (6.0, 0.0):
             for orient in ("xw", "wx", "xw", "wx"):  # twice, interleaved: run-to-run spread
-                mi.SMALL_ORIENT = orient
                 f = chained_passes(lambda x, q, thr=thr: ops.matmul_int8(x, q, thr, impl="pallas"))
                 key = f"M{m}_thr{thr:g}_{orient}"
                 try:
-                    t = jax_time(f, xs, qs, passes=p)
-                    res.setdefault(key, []).append(t)
+                    with attr(mi, "SMALL_ORIENT", orient):
+                        res.setdefault(key, []).append(jax_time(f, xs, qs, passes=p))
                 except Exception as e:  # noqa: BLE001
                     res[key] = f"ERR {type(e).__name__}: {str(e)[:300]}"
-                finally:
-                    mi.SMALL_ORIENT = saved
                 print("sweep", key, res[key], flush=True)
     return res
 
@@ -232,15 +238,13 @@ def bench_jax(ms, n, bw):
                 variants.append(("splitk", "pallas", "pallas"))
             for label, impl, engine in variants:
                 name = f"lowbit_{label}_thr{thr:g}"
-                saved, mi.SMALL_ENGINE = mi.SMALL_ENGINE, engine
                 f = chained_passes(lambda x, q, impl=impl, thr=thr: ops.matmul_int8(x, q, thr, impl=impl))
                 try:
-                    row[name] = jax_time(f, xs, qs, passes=p)
-                    row[name + "_err"] = rel_err(f(xs, qs)[0][0].astype(jnp.float32), y32)
+                    with attr(mi, "SMALL_ENGINE", engine):
+                        row[name] = jax_time(f, xs, qs, passes=p)
+                        row[name + "_err"] = rel_err(f(xs, qs)[0][0].astype(jnp.float32), y32)
                 except Exception as e:  # noqa: BLE001
                     row[name] = f"ERR {type(e).__name__}: {str(e)[:300]}"
-                finally:
-                    mi.SMALL_ENGINE = saved
             _, _, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
             row["outlier_cols_found"] = int(np.asarray(mask).sum())
         if isinstance(row.get("lowbit_pallas_thr6"), float):
