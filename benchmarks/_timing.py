@@ -115,3 +115,23 @@ def chained_passes(mm):
             outs += ys
         return tuple(outs[-len(ws):]), s
     return jax.jit(f)
+
+
+def apply_config(gpu_config: dict, items) -> dict:
+    """Set ``section.key=value`` overrides (``--config gemv.engine=mma``) in a GPU_CONFIG dict;
+    values are parsed as Python literals where they can be. Returns the overrides applied."""
+    import ast
+
+    applied = {}
+    for item in items or ():
+        name, _, raw = item.partition("=")
+        section, _, key = name.partition(".")
+        if section not in gpu_config or not key or not raw:
+            raise SystemExit(f"--config {item!r}: expected section.key=value with section in {sorted(gpu_config)}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        gpu_config[section][key] = value
+        applied[name] = value
+    return applied

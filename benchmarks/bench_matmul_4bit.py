@@ -28,9 +28,10 @@ import traceback
 import numpy as np
 
 try:
-    from benchmarks._timing import chained_passes, copy_bandwidth_tbps, device_time_s, kernel_profile, print_profile
+    from benchmarks._timing import (apply_config, chained_passes, copy_bandwidth_tbps, device_time_s,
+                                    kernel_profile, print_profile)
 except ImportError:  # run as a script from benchmarks/
-    from _timing import chained_passes, copy_bandwidth_tbps, device_time_s, kernel_profile, print_profile
+    from _timing import apply_config, chained_passes, copy_bandwidth_tbps, device_time_s, kernel_profile, print_profile
 
 OUT = os.environ.get("OUT", "/tmp")
 L = 8
@@ -281,7 +282,9 @@ def sweep_plan():
     plan = []
     rows = lambda **kw: dict(dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4,
                                   num_stages=1), **kw)
-    for kw in [{}, dict(prefetch=False, num_stages=3), dict(num_warps=8), dict(blocks_per_iter=8)]:
+    for kw in [{}, dict(engine="mma"), dict(engine="mma", block_n=16), dict(engine="mma", block_n=4),
+               dict(engine="mma", blocks_per_iter=32), dict(engine="mma", blocks_per_iter=8),
+               dict(engine="mma", num_warps=8), dict(engine="mma", prefetch=False, num_stages=3)]:
         plan.append((1, "gemv", rows(**kw), {}))
     gemm = lambda **kw: dict(dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="wx", num_warps=8,
                                   num_stages=4), **kw)
@@ -301,7 +304,9 @@ SMALL_N_PLAN = [  # N=4096: few output tiles, split-K matters
     (1, "gemv", dict(block_n=8, blocks_per_iter=8, splits=4, prefetch=False, num_warps=4, num_stages=1), {}),
     (1, "gemv", dict(block_n=8, blocks_per_iter=16, splits=2, prefetch=False, num_warps=4, num_stages=1), {}),
     (16, "gemv_dot", dict(block_n=64, block_h=128, splits=8, decode="prmt", num_warps=8, num_stages=3), {}),
-]
+] + [(1, "gemv_narrow", dict(block_n=bn, blocks_per_iter=16, splits=s, prefetch=True, num_warps=4, num_stages=1,
+                             engine=e), {})
+     for e, bn, s in (("rowsum", 8, 2), ("mma", 8, 2), ("mma", 8, 1), ("mma", 8, 4), ("mma", 4, 2))]
 
 
 def sweep(plan, n, budget_s):
@@ -369,6 +374,8 @@ def main():
     ap.add_argument("--ms", default="1,16,128,1024,4096")
     ap.add_argument("--ns", default="4096,14336")
     ap.add_argument("--no-bnb", action="store_true")
+    ap.add_argument("--config", action="append", default=[],
+                    help="GPU_CONFIG override section.key=value (repeatable), applied before every step")
     ap.add_argument("--apply-best", action="store_true",
                     help="after --sweep, run the benchmark with each section's best N=14336 config")
     a = ap.parse_args()
@@ -381,8 +388,11 @@ def main():
         return
     R["env"] = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    from lowbit_jax.ops import _matmul_4bit_kernels as kern
+
+    R["config_overrides"] = apply_config(kern.GPU_CONFIG, a.config)
     R["copy_TBps"] = copy_bandwidth_tbps()
-    print("copy bandwidth TB/s", R["copy_TBps"], flush=True)
+    print("copy bandwidth TB/s", R["copy_TBps"], R["config_overrides"], flush=True)
     plan = sweep_plan() if a.plan == "launch" else bands_plan()
     steps = [("check", (lambda: check(plan + SMALL_N_PLAN if a.check_variants else [])) if a.check else None),
              ("profile", (lambda: profile([int(v) for v in a.profile_ms.split(",")], 14336)) if a.profile else None),

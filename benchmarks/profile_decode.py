@@ -20,15 +20,16 @@ import time
 
 try:
     from benchmarks import bench_sharded as bs
-    from benchmarks._timing import kernel_profile, print_profile
+    from benchmarks._timing import apply_config, kernel_profile, print_profile
 except ImportError:  # run as a script from benchmarks/
     import bench_sharded as bs
-    from _timing import kernel_profile, print_profile
+    from _timing import apply_config, kernel_profile, print_profile
 
 
-DECODE_VARIANTS = [  # (GPU_CONFIG["gemv_narrow"] overrides, llama.INPLACE_CACHE)
-    ({}, False), ({}, True), (dict(splits=1), True), (dict(block_n=4, splits=1), True), (dict(splits=4), True),
-    ({}, True),
+DECODE_VARIANTS = [  # (GPU_CONFIG overrides of "gemv" and "gemv_narrow", llama.INPLACE_CACHE)
+    ({}, {}, True), (dict(engine="mma"), dict(engine="mma"), True),
+    (dict(engine="mma"), dict(engine="mma", splits=1), True), (dict(engine="mma"), dict(engine="mma", splits=4), True),
+    (dict(engine="mma", block_n=16), dict(engine="mma"), True), ({}, {}, True),
 ]
 
 
@@ -40,9 +41,11 @@ def _sweep(params, cfg, context, tok, calls, res):
     from lowbit_jax.models import llama
     from lowbit_jax.ops import _matmul_4bit_kernels as kern
 
-    base, base_inplace = dict(kern.GPU_CONFIG["gemv_narrow"]), llama.INPLACE_CACHE
-    for over, inplace in DECODE_VARIANTS:
-        kern.GPU_CONFIG["gemv_narrow"] = dict(base, **over)
+    base = {s: dict(kern.GPU_CONFIG[s]) for s in ("gemv", "gemv_narrow")}
+    base_inplace = llama.INPLACE_CACHE
+    for over, over_narrow, inplace in DECODE_VARIANTS:
+        kern.GPU_CONFIG["gemv"] = dict(base["gemv"], **over)
+        kern.GPU_CONFIG["gemv_narrow"] = dict(base["gemv_narrow"], **over_narrow)
         llama.INPLACE_CACHE = inplace
         jax.clear_caches()
         cache = llama.init_cache(cfg, 1, context + 2 * calls + 4, jnp.bfloat16)
@@ -55,10 +58,11 @@ def _sweep(params, cfg, context, tok, calls, res):
             logits, cache = llama.decode_step(params, tok, cache, pos + 2 + i, cfg, jnp.bfloat16)
         jax.block_until_ready(logits)
         ms = (time.perf_counter() - t0) / calls * 1e3
-        key = f"narrow {over or 'default'} inplace_cache={inplace}"
+        key = f"gemv {over or 'default'} narrow {over_narrow or 'default'} inplace_cache={inplace}"
         res.setdefault("sweep", {})[key] = ms
         print(f"sweep {key}: {ms:.3f} ms a token", flush=True)
-    kern.GPU_CONFIG["gemv_narrow"], llama.INPLACE_CACHE = base, base_inplace
+    kern.GPU_CONFIG.update({s: dict(v) for s, v in base.items()})
+    llama.INPLACE_CACHE = base_inplace
     jax.clear_caches()
 
 
@@ -71,6 +75,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true",
                     help="first time the decode step for each DECODE_VARIANTS entry (narrow-layer GEMV "
                          "launch, in-place cache), same run")
+    ap.add_argument("--config", action="append", default=[],
+                    help="GPU_CONFIG override section.key=value (repeatable), e.g. gemv.engine=mma")
     args = ap.parse_args(argv)
 
     import jax
@@ -93,6 +99,9 @@ def main(argv=None):
            "layers": args.layers, "tp": args.tp}
     if args.sweep:
         _sweep(params, cfg, context, tok, args.calls, res)
+    from lowbit_jax.ops import _matmul_4bit_kernels as kern
+
+    res["config_overrides"] = apply_config(kern.GPU_CONFIG, args.config)
     logits_by_mode = {}
     saved_mode = llama.LAYER_INDEXED_DECODE
     for indexed in (False, True):  # the plain scan over sliced layers, then the layer-indexed decode

@@ -163,3 +163,129 @@ def absmax_tile(a_ref, rows, cols, nested):
     flat = r * bpr + c
     v = code_ref[a.astype(jnp.int32)] * nabs_ref[flat // nbs]
     return v + off_ref[0]
+
+
+# --- one-row GEMV on the tensor cores: a warp's mma does the row sums of 8 quantization blocks ---
+#
+# Why: the row-sum GEMV spends ~9.6 instructions a weight (decode, widen to fp32, x unpack, FMUL +
+# FADD, block sums) and is issue-bound at ~25 us for 4096 x 14336. An m16n8k16 ``mma`` takes one
+# byte's two decoded codes as one bf16x2 register of its B fragment, so after the decode (3 a
+# weight) the multiply-adds cost 1/32 of an instruction a weight.
+#
+# Layout contract (what the kernel's tile gives, see gemv_4bit): the weight tile is
+# ``[rows, blocks, 4, 8]`` uint8 (a 64-weight block = 4 chunks of 8 bytes), which the Triton
+# lowering lays out with 8-byte vectors and lanes ``(g, t) = (lane // 4, lane % 4)`` on
+# (block, chunk): the 4 lanes of a group hold the 4 chunks of ONE block of one row. The mma
+# multiplies A (16 x 16: x) by B (16 x 8: the codes) and only its diagonal is wanted: lane
+# (g, t) puts its chunk's codes in B column g (k rows 2t.., 2t+8..) and the matching x pairs
+# in A row g, so C[g, g] is block g's dot product over its 4 lanes (A rows 8..15 are zero).
+# C[g, g] sits in lane (g, g // 2), element g % 2, a lane that holds a chunk of block g: it
+# returns the sum as its chunk's first value (every other value is 0), and the caller
+# multiplies by the block's absmax and sums, as for any per-element value.
+MMA_CHUNK = 8  # bytes (16 codes) a lane holds per block and asm call
+
+
+def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:
+    """PTX decoding the 4 bytes of word ``w`` into 4 registers of 16-bit pairs (x's order).
+
+    Register ``out[j]`` = (value of byte j's high nibble, value of its low nibble): elements
+    2j and 2j+1 along K, like x's 32-bit pair j. The codes in nibble-swapped order (high nibble
+    first) are the prmt selectors; their top bits become byte masks through prmt's
+    sign-replicate mode; lop3 merges the two 8-entry half-tables, and two prmt interleave low
+    and high bytes. 24 instructions for 8 codes.
+    """
+    p0, p1, p2, p3 = out
+    return f""" shl.b32 v, {w}, 4;
+ shr.b32 t, {w}, 4;
+ lop3.b32 sw, t, v, 0x0F0F0F0F, 0xE4;
+ shr.b32 s23, sw, 16;
+ and.b32 i01, sw, 0x7777;
+ and.b32 i23, s23, 0x7777;
+ prmt.b32 m01, {w}, v, 0xD9C8;
+ prmt.b32 m23, {w}, v, 0xFBEA;
+ prmt.b32 a, L0, L1, i01;
+ prmt.b32 b, L2, L3, i01;
+ lop3.b32 lo, a, b, m01, 0xD8;
+ prmt.b32 a, H0, H1, i01;
+ prmt.b32 b, H2, H3, i01;
+ lop3.b32 hi, a, b, m01, 0xD8;
+ prmt.b32 {p0}, lo, hi, 0x5140;
+ prmt.b32 {p1}, lo, hi, 0x7362;
+ prmt.b32 a, L0, L1, i23;
+ prmt.b32 b, L2, L3, i23;
+ lop3.b32 lo, a, b, m23, 0xD8;
+ prmt.b32 a, H0, H1, i23;
+ prmt.b32 b, H2, H3, i23;
+ lop3.b32 hi, a, b, m23, 0xD8;
+ prmt.b32 {p2}, lo, hi, 0x5140;
+ prmt.b32 {p3}, lo, hi, 0x7362;
+"""
+
+
+def mma_rowsum_asm(values, dtype) -> str:
+    """PTX for one lane's 8-byte chunk. Operands: $0..$7 out (uint32 bits of fp32), $8 and $9
+    the chunk's bytes 0-3 and 4-7, $10..$17 x's 32-bit pairs for bytes 0..7. Four mma."""
+    bits = _table_bits(values, dtype)
+    lo_b, hi_b = bits & 0xFF, bits >> 8
+    word = lambda b, i: int(b[4 * i] | (b[4 * i + 1] << 8) | (b[4 * i + 2] << 16) | (b[4 * i + 3] << 24))
+    consts = "".join(f" mov.b32 L{i}, {word(lo_b, i):#010x};\n mov.b32 H{i}, {word(hi_b, i):#010x};\n"
+                     for i in range(4))
+    ty = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
+    mma = f" mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{c0, c1, c2, c3}}, "
+    body = ""
+    for i, w in enumerate(("$8", "$9")):
+        x = [f"${10 + 4 * i + j}" for j in range(4)]
+        body += _decode_pairs_ptx(w, ("P0", "P1", "P2", "P3"))
+        body += mma + f"{{{x[0]}, z, {x[1]}, z}}, {{P0, P1}}, {{c0, c1, c2, c3}};\n"
+        body += mma + f"{{{x[2]}, z, {x[3]}, z}}, {{P2, P3}}, {{c0, c1, c2, c3}};\n"
+    zeros = "".join(f" mov.b32 ${i}, 0;\n" for i in range(1, 8))
+    return ("{\n .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, t, v, sw, s23, i01, i23, m01, m23, a, b, lo, hi;\n"
+            " .reg .b32 P0, P1, P2, P3, z, ln, g, h;\n .reg .f32 c0, c1, c2, c3, f;\n"
+            " .reg .pred po, pz;\n" + consts +
+            " mov.b32 z, 0;\n mov.f32 c0, 0f00000000;\n mov.f32 c1, 0f00000000;\n"
+            " mov.f32 c2, 0f00000000;\n mov.f32 c3, 0f00000000;\n" + body +
+            # C[g, g] is element g % 2 of lane (g, g // 2)
+            """ mov.u32 ln, %laneid;
+ shr.b32 g, ln, 2;
+ and.b32 h, g, 1;
+ setp.ne.u32 po, h, 0;
+ selp.f32 f, c1, c0, po;
+ shr.b32 h, g, 1;
+ and.b32 t, ln, 3;
+ setp.eq.u32 pz, t, h;
+ selp.f32 f, f, 0f00000000, pz;
+ mov.b32 $0, f;
+""" + zeros + "}")
+
+
+def mma_rowsum(w, x, values, dtype, interpret: bool = False):
+    """Block dot products of a ``[..., 4, 8]`` uint8 weight tile (``[rows, blocks, 4, 8]``).
+
+    ``x``: uint32 of w's shape, x's 32-bit (even, odd) pair of 16-bit ``dtype`` values for each
+    byte. Returns fp32 of w's shape whose sum over the last two axes is each block's dot
+    product (on the GPU it sits in one element, see the layout contract above). The
+    interpreter computes it with the select-tree decode rounded to ``dtype``.
+    """
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        out = jax.ShapeDtypeStruct(w.shape, jnp.uint32)
+        (res,) = pltriton.elementwise_inline_asm(mma_rowsum_asm(values, dtype), args=[w, x],
+                                                 constraints=",".join(["=r"] * 8 + ["r"] * 10),
+                                                 pack=MMA_CHUNK, result_shape_dtypes=[out])
+        return jax.lax.bitcast_convert_type(res, jnp.float32)
+    c = w.astype(jnp.int32)
+    hi = decode_select(c >> 4, values).astype(dtype).astype(jnp.float32)
+    lo = decode_select(c & 15, values).astype(dtype).astype(jnp.float32)
+    xe, xo = unpack_pairs(x, dtype)
+    return hi * xe + lo * xo
+
+
+def unpack_pairs(u, dtype):
+    """fp32 (even, odd) elements of uint32 pairs of 16-bit ``dtype`` values (bf16: a shift)."""
+    if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+        return (jax.lax.bitcast_convert_type(u << 16, jnp.float32),
+                jax.lax.bitcast_convert_type(u & jnp.uint32(0xFFFF0000), jnp.float32))
+    xe = jax.lax.bitcast_convert_type((u & jnp.uint32(0xFFFF)).astype(jnp.uint16), jnp.float16)
+    xo = jax.lax.bitcast_convert_type((u >> 16).astype(jnp.uint16), jnp.float16)
+    return xe.astype(jnp.float32), xo.astype(jnp.float32)

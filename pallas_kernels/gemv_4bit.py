@@ -33,15 +33,17 @@ from pallas_kernels import _4bit_common as c4
 
 # launch defaults (measured best on an H100); ops.matmul_4bit passes GPU_CONFIG["gemv"]
 ROWS, ROW_BLOCKS = 8, 16  # weight rows a program, quantization blocks of each an iteration
+ENGINES = ("rowsum", "mma")
 
 
 def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
                  blocks_per_row, nested_blocksize, n_nested, kchunk_blocks, prefetch, xdtype,
-                 interpret, stacked):
+                 interpret, stacked, engine):
     """``bn`` output rows: stream ``tb`` blocks (tb * blocksize/2 contiguous bytes) of each
     row per iteration; per block a dot product in fp32, times its absmax; sum at the end.
     ``stacked``: the weight operands carry a leading layer axis and the first operand after
-    them is the layer to read."""
+    them is the layer to read. ``engine``: "rowsum" (fp32 multiply-adds on CUDA cores) or
+    "mma" (the block dots on the tensor cores, ``_4bit_common.mma_rowsum``)."""
     rest = list(rest)
     layer_ref = rest.pop(0) if stacked else None
     if nested:
@@ -52,33 +54,36 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
     col_base = pl.program_id(1) * kchunk_blocks
     # stacked: this layer's rows, the index a pointer offset (nothing is copied)
     at = (layer_ref[0],) if stacked else ()
+    mma = engine == "mma"
 
     def load(it):
         cols = pl.ds(it * tb, tb)
+        if mma:  # [bn, tb, 4, 8] bytes: each block as 4 chunks of 8; x pairs likewise [tb, 4, 8]
+            return (p_ref[(*at, slice(None), cols, slice(None), slice(None))], a_ref[(*at, slice(None), cols)],
+                    x_ref[0, cols, :, :])
         return p_ref[(*at, slice(None), cols, slice(None))], a_ref[(*at, slice(None), cols)], x_ref[0, cols, :]
 
+    def scales(a, it):
+        if not nested:
+            return a.astype(jnp.float32)
+        shape = (bn, tb)
+        flat = ((jax.lax.broadcasted_iota(jnp.int32, shape, 0) + row0) * blocks_per_row
+                + jax.lax.broadcasted_iota(jnp.int32, shape, 1) + (col_base + it * tb))
+        nidx = jnp.minimum(flat // nested_blocksize, n_nested - 1)  # padded rows: clamp
+        return ncode_ref[a.astype(jnp.int32)] * nabs_ref[(*at, nidx)] + off_ref[at[0] if stacked else 0]
+
     def compute(tiles, it, acc):
+        if mma:
+            p, a, u = tiles
+            part = c4.mma_rowsum(p, jnp.broadcast_to(u[None], p.shape), values, xdtype, interpret)
+            return acc + jnp.sum(part, axis=3) * scales(a, it)[:, :, None]
         p, a, u = tiles  # [bn, tb, hb] uint8, [bn, tb] absmax, [tb, hb] x pairs (uint32)
-        if nested:
-            shape = (bn, tb)
-            flat = ((jax.lax.broadcasted_iota(jnp.int32, shape, 0) + row0) * blocks_per_row
-                    + jax.lax.broadcasted_iota(jnp.int32, shape, 1) + (col_base + it * tb))
-            nidx = jnp.minimum(flat // nested_blocksize, n_nested - 1)  # padded rows: clamp
-            a = ncode_ref[a.astype(jnp.int32)] * nabs_ref[(*at, nidx)] + off_ref[at[0] if stacked else 0]
-        # x's even/odd elements are the low/high halves of each 32-bit pair; bf16 -> fp32 is a
-        # shift, fp16 a convert
-        if xdtype == jnp.dtype(jnp.bfloat16):
-            xe = jax.lax.bitcast_convert_type(u << 16, jnp.float32)
-            xo = jax.lax.bitcast_convert_type(u & jnp.uint32(0xFFFF0000), jnp.float32)
-        else:
-            xe = jax.lax.bitcast_convert_type((u & jnp.uint32(0xFFFF)).astype(jnp.uint16), jnp.float16)
-            xo = jax.lax.bitcast_convert_type((u >> 16).astype(jnp.uint16), jnp.float16)
-            xe, xo = xe.astype(jnp.float32), xo.astype(jnp.float32)
+        xe, xo = c4.unpack_pairs(u, xdtype)
         hi, lo = c4.decode16(p, values, xdtype, interpret)
         part = jnp.sum(hi.astype(jnp.float32) * xe[None] + lo.astype(jnp.float32) * xo[None], axis=2)
-        return acc + part * a.astype(jnp.float32)
+        return acc + part * scales(a, it)
 
-    zeros = jnp.zeros((bn, tb), jnp.float32)
+    zeros = jnp.zeros((bn, tb, 4) if mma else (bn, tb), jnp.float32)
     if prefetch:
         def body(it, carry):
             nxt = load(jnp.minimum(it + 1, n_iters - 1))
@@ -87,7 +92,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
         acc = jax.lax.fori_loop(0, n_iters, body, (zeros, *load(0)))[0]
     else:
         acc = jax.lax.fori_loop(0, n_iters, lambda it, acc: compute(load(it), it, acc), zeros)
-    y = jnp.sum(acc, axis=1)
+    y = jnp.sum(jnp.sum(acc, axis=2) if mma else acc, axis=1)
     if has_bias:
         y = y + bias_ref[...].astype(jnp.float32)
     o_ref[...] = y.reshape(o_ref.shape).astype(o_ref.dtype)
@@ -95,7 +100,8 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
 
 def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, nested_code=None,
               offset=None, nested_blocksize=256, bias=None, block_n=ROWS, blocks_per_iter=ROW_BLOCKS,
-              splits=1, prefetch=True, num_warps=4, num_stages=1, interpret=False, layer=None):
+              splits=1, prefetch=True, num_warps=4, num_stages=1, interpret=False, layer=None,
+              engine="rowsum"):
     """``x @ W.T (+ bias)`` for ONE row of 16-bit x ``[1, K]``: ``[1, N]`` in x's dtype.
 
     ``packed`` ``[N, K/2]`` uint8 (N a multiple of ``block_n``), ``absmax`` ``[N, K/blocksize]``
@@ -108,7 +114,14 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
     reads layer ``layer`` in place. Slicing a layer out first is a copy of it in XLA (a custom
     call takes whole buffers): in a scanned batch-1 decode those copies took longer than the
     GEMVs themselves.
+
+    ``engine``: "rowsum" (fp32 multiply-adds, any blocksize) or "mma" (each block's dot product
+    on the tensor cores, ``_4bit_common.mma_rowsum``; blocksize 64 only).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "mma" and blocksize != 4 * c4.MMA_CHUNK * 2:
+        raise ValueError(f"engine='mma' needs blocksize {4 * c4.MMA_CHUNK * 2}, got {blocksize}")
     stacked = layer is not None
     n_layers = packed.shape[0] if stacked else None
     if stacked and (packed.ndim != 3 or absmax.ndim != 3 or absmax.shape[0] != n_layers):
@@ -127,15 +140,18 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
     if blocks % splits or (blocks // splits) % blocks_per_iter:
         raise ValueError(f"{blocks} blocks a row do not split into {splits} x {blocks_per_iter}k")
     kchunk_blocks = blocks // splits
-    # free views: x as 32-bit pairs per block, W as [rows, blocks, bytes of a block]
-    x3 = jax.lax.bitcast_convert_type(x.reshape(1, blocks, hb, 2), jnp.uint32)
+    # free views: x as 32-bit pairs per block, W as [rows, blocks, bytes of a block] (mma: each
+    # block's bytes and pairs as [4, 8] chunks)
+    inner = (4, c4.MMA_CHUNK) if engine == "mma" else (hb,)
+    x3 = jax.lax.bitcast_convert_type(x.reshape(1, blocks, hb, 2), jnp.uint32).reshape(1, blocks, *inner)
+    zi = (0,) * len(inner)
     nested = nested_absmax is not None
     # stacked: every layer in the block (leading axis), the kernel indexes one
     lead, z = ((n_layers,), (0,)) if stacked else ((), ())
-    in_specs = [pl.BlockSpec((1, kchunk_blocks, hb), lambda j, s: (0, s, 0)),
-                pl.BlockSpec((*lead, block_n, kchunk_blocks, hb), lambda j, s: (*z, j, s, 0)),
+    in_specs = [pl.BlockSpec((1, kchunk_blocks, *inner), lambda j, s: (0, s, *zi)),
+                pl.BlockSpec((*lead, block_n, kchunk_blocks, *inner), lambda j, s: (*z, j, s, *zi)),
                 pl.BlockSpec((*lead, block_n, kchunk_blocks), lambda j, s: (*z, j, s))]
-    args = [x3, packed.reshape(*lead, n, blocks, hb), absmax]
+    args = [x3, packed.reshape(*lead, n, blocks, *inner), absmax]
     if stacked:
         in_specs.append(pl.BlockSpec((1,), lambda j, s: (0,)))
         args.append(jnp.reshape(layer, (1,)).astype(jnp.int32))
@@ -161,7 +177,7 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
         values=c4.table(quant_type), nested=nested, has_bias=fuse_bias, blocks_per_row=blocks,
         nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[-1] if nested else 0,
         kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret,
-        stacked=stacked)
+        stacked=stacked, engine=engine)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,

@@ -20,6 +20,7 @@ from lowbit_jax import formats, quant
 from lowbit_jax.ops import _matmul_4bit_kernels as kern
 from lowbit_jax.ops import matmul_4bit, matmul_4bit_reference
 from pallas_kernels import _4bit_common as c4
+from _ptx_emulator import run_warp
 
 # max |kernel - oracle| / max |oracle|, per activation dtype
 TOL = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 2e-2}
@@ -191,34 +192,7 @@ def test_prmt_decode_numerics_bf16(rng, monkeypatch, m):
 
 
 def _run_ptx(asm: str, r: int) -> list[int]:
-    """A bit-level interpreter for the few PTX instructions the prmt decode uses."""
-    def prmt(a, b, c):
-        src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
-        d = 0
-        for k in range(4):
-            sel = (c >> (4 * k)) & 0xF
-            v = src[sel & 7]
-            if sel & 8:  # sign-replicate mode
-                v = 0xFF if v & 0x80 else 0
-            d |= v << (8 * k)
-        return d
-
-    def lop3(a, b, c, lut):
-        return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
-                   for i in range(32))
-
-    regs = {"$2": r}
-    for line in asm.replace("{", "").replace("}", "").split(";"):
-        line = line.strip()
-        if not line or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        a = [t.strip() for t in rest.split(",")]
-        v = [regs[t] if t in regs else int(t, 0) for t in a[1:]]
-        regs[a[0]] = {"mov.b32": lambda: v[0], "shr.b32": lambda: v[0] >> v[1],
-                      "shl.b32": lambda: (v[0] << v[1]) & 0xFFFFFFFF,
-                      "and.b32": lambda: v[0] & v[1], "or.b32": lambda: v[0] | v[1],
-                      "prmt.b32": lambda: prmt(*v), "lop3.b32": lambda: lop3(*v)}[op]()
+    (regs,) = run_warp(asm, [{"$2": r}])
     return [regs["$0"], regs["$1"]]
 
 

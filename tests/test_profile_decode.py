@@ -20,12 +20,14 @@ def test_profile_decode_tiny(tmp_path, monkeypatch, capsys):
     from lowbit_jax.ops import _matmul_4bit_kernels as kern
 
     monkeypatch.setenv("OUT", str(tmp_path))
-    before = (llama.LAYER_INDEXED_DECODE, llama.INPLACE_CACHE, dict(kern.GPU_CONFIG["gemv_narrow"]))
+    before = (llama.LAYER_INDEXED_DECODE, llama.INPLACE_CACHE, dict(kern.GPU_CONFIG["gemv_narrow"]),
+              dict(kern.GPU_CONFIG["gemv"]))
     _script(monkeypatch).main(["--preset", "tiny", "--layers", "2", "--calls", "2", "--sweep"])
     res = json.loads((tmp_path / "profile_decode.json").read_text())
     assert res["max_abs_logit_diff"] == 0.0  # layer-indexed decode == scan over sliced layers
     assert res["step_ms_indexed"] > 0 and res["step_ms_scan_slices"] > 0
     assert len(res["sweep"]) >= 2
     # the script restores the switches it flips
-    assert (llama.LAYER_INDEXED_DECODE, llama.INPLACE_CACHE, kern.GPU_CONFIG["gemv_narrow"]) == before
+    assert (llama.LAYER_INDEXED_DECODE, llama.INPLACE_CACHE, kern.GPU_CONFIG["gemv_narrow"],
+            kern.GPU_CONFIG["gemv"]) == before
     assert "indexed vs scanned slices" in capsys.readouterr().out

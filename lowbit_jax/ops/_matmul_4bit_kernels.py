@@ -27,12 +27,15 @@ from pallas_kernels import dequant_4bit, gemm_4bit, gemv_4bit
 
 GPU_CONFIG = {
     # one row of 16-bit x: row sums over whole cache lines (pallas_kernels.gemv_4bit)
-    "gemv": dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4, num_stages=1),
+    # engine "mma": each block's dot product on the tensor cores (blocksize 64; others: "rowsum")
+    "gemv": dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4, num_stages=1,
+                 engine="rowsum"),
     # ... for layers of at most GEMV_NARROW_MAX_N rows (attention projections at decode), where
     # 8-row programs leave SMs idle (N=1024: 128 programs): K split in two (fp32 partials summed
     # by XLA). Llama-3-8B decode, H100: 4.323 ms a token vs 4.425/4.434 unsplit, block_n 4 4.496,
     # block_n 2 4.556 (benchmarks/RESULTS.md, 15:40 UTC)
-    "gemv_narrow": dict(block_n=8, blocks_per_iter=16, splits=2, prefetch=True, num_warps=4, num_stages=1),
+    "gemv_narrow": dict(block_n=8, blocks_per_iter=16, splits=2, prefetch=True, num_warps=4, num_stages=1,
+                        engine="rowsum"),
     # split-K GEMV for 2..GEMV_MAX_M rows (and fp32 x): x padded to 16 rows, tensor-core dots
     # ("gemv_dot"); fp32 x with 1..FMA_MAX_ROWS rows: elementwise multiply-add ("gemv_fma")
     "gemv_fma": dict(block_n=128, block_h=64, splits=8, decode="prmt", num_warps=4, num_stages=3),
@@ -196,6 +199,8 @@ def _gemv(x2, ops, bias, interpret, layer=None):
         splits //= 2
     while tb > 1 and (blocks // splits) % tb:
         tb //= 2
+    if ops["blocksize"] != 64:
+        cfg["engine"] = "rowsum"  # the tensor-core engine's chunks are 64-weight blocks
     b = None if bias is None else _pad_rows(bias, bn)
     return gemv_4bit.gemv_4bit(x2, ops["packed"], ops["absmax"], **_rest(ops), bias=b, block_n=bn,
                                blocks_per_iter=tb, splits=splits, interpret=interpret, layer=layer, **cfg)

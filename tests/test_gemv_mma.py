@@ -1,0 +1,92 @@
+"""The tensor-core one-row GEMV: its inline PTX run lane by lane on a CPU warp emulator.
+
+``_4bit_common.mma_rowsum_asm`` relies on a lane layout (lane ``(g, t)`` holds chunk ``t`` of
+block ``g``) and on the m16n8k16 fragment layout. The emulator executes the PTX for all 32
+lanes with the ISA's fragment mapping, so these tests check that the sum of each lane group's
+outputs is its block's dot product for every byte value, both code tables and both 16-bit
+dtypes; the interpreted kernel (``interpret=True``) is checked against the reference in
+test_kernels_4bit.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _ptx_emulator import run_warp
+from lowbit_jax import quant
+from lowbit_jax.ops import _matmul_4bit_kernels as kern
+from lowbit_jax.ops import matmul_4bit_reference
+from pallas_kernels import _4bit_common as c4
+from pallas_kernels import gemv_4bit
+
+
+def _warp_inputs(blocks: np.ndarray, xpairs: np.ndarray) -> list[dict[str, int]]:
+    """Lane (g, t): bytes 8t..8t+7 of block g ($8, $9 as little-endian words) and their x pairs."""
+    lanes = []
+    for ln in range(32):
+        g, t = ln // 4, ln % 4
+        chunk = blocks[g, 8 * t: 8 * t + 8]
+        regs = {"$8": int(chunk[:4].view("<u4")[0]), "$9": int(chunk[4:].view("<u4")[0])}
+        regs.update({f"${10 + j}": int(xpairs[g, 8 * t + j]) for j in range(8)})
+        lanes.append(regs)
+    return lanes
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_mma_asm_block_sums(quant_type, dtype):
+    rng = np.random.default_rng(7)
+    ndt = jnp.dtype(dtype)
+    values = c4.table(quant_type)
+    table = np.asarray(np.asarray(values, np.float32).astype(ndt), np.float64)
+    asm = c4.mma_rowsum_asm(values, ndt)
+    for trial in range(2):
+        # 8 blocks of 32 bytes: every byte value once over the 256 bytes, shuffled
+        blocks = rng.permutation(256).astype(np.uint8).reshape(8, 32)
+        x = rng.standard_normal((8, 64)).astype(np.float32).astype(ndt)
+        xpairs = np.asarray(x).view(np.uint16).astype(np.uint32).reshape(8, 32, 2)
+        xpairs = xpairs[..., 0] | (xpairs[..., 1] << 16)
+        lanes = run_warp(asm, _warp_inputs(blocks, xpairs), half_dtype=np.dtype(ndt).type)
+        out = np.array([[np.uint32(lanes[ln][f"${i}"]).view(np.float32) for i in range(8)] for ln in range(32)],
+                       np.float64)
+        got = out.reshape(8, 4 * 8).sum(axis=1)
+        w = np.stack([table[blocks >> 4], table[blocks & 15]], axis=-1).reshape(8, 64)
+        want = (w * np.asarray(x, np.float64)).sum(axis=1)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+        # only one value of each block is non-zero (the lane (g, g // 2) that holds C[g, g])
+        assert (np.count_nonzero(out.reshape(8, 32), axis=1) <= 1).all()
+
+
+@pytest.mark.parametrize("k,n,quant_type,dq,dtype,cfg", [
+    (512, 32, "nf4", True, "bfloat16", dict(block_n=8, blocks_per_iter=4)),
+    (512, 32, "fp4", False, "float16", dict(block_n=4, blocks_per_iter=2, splits=2)),
+    (1024, 16, "nf4", False, "bfloat16", dict(block_n=16, blocks_per_iter=16, prefetch=False)),
+])
+def test_mma_engine_interpreted_matches_reference(rng, k, n, quant_type, dq, dtype, cfg):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    q = quant.quantize_4bit(jnp.asarray(w), quant_type=quant_type, blocksize=64, compress_statistics=dq)
+    x = jnp.asarray(rng.standard_normal((1, k)), dtype)
+    bias = jnp.asarray(rng.standard_normal((n,)), dtype)
+    ops = kern.operands(q)
+    rest = {key: v for key, v in ops.items() if key not in ("packed", "absmax")}
+    args = (x, ops["packed"], ops["absmax"])
+    y = gemv_4bit.gemv_4bit(*args, **rest, bias=bias, interpret=True, engine="mma", **cfg)
+    y_rows = gemv_4bit.gemv_4bit(*args, **rest, bias=bias, interpret=True, engine="rowsum", **cfg)
+    ref = np.asarray(matmul_4bit_reference(x, q, bias), np.float64)
+    tol = {"bfloat16": 1e-2, "float16": 2e-3}[dtype]
+    assert np.abs(np.asarray(y, np.float64) - ref).max() <= tol * np.abs(ref).max()
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_rows, np.float32), rtol=0, atol=0)
+
+
+def test_mma_engine_rejects_other_blocksizes(rng):
+    q = quant.quantize_4bit(jnp.asarray(rng.standard_normal((16, 512)), jnp.float32), blocksize=128)
+    ops = kern.operands(q)
+    rest = {key: v for key, v in ops.items() if key not in ("packed", "absmax")}
+    x = jnp.ones((1, 512), jnp.bfloat16)
+    with pytest.raises(ValueError, match="blocksize 64"):
+        gemv_4bit.gemv_4bit(x, ops["packed"], ops["absmax"], **rest, engine="mma", interpret=True)
+    with pytest.raises(ValueError, match="engine"):
+        gemv_4bit.gemv_4bit(x, ops["packed"], ops["absmax"], **rest, engine="tensor", interpret=True)
