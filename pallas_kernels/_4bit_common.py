@@ -223,7 +223,7 @@ def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:
 
 
 def mma_rowsum_asm(values, dtype) -> str:
-    """PTX for one lane's 8-byte chunk. Operands: $0..$7 out (uint32 bits of fp32), $8 and $9
+    """PTX for one lane's 8-byte chunk. Operands: $0..$7 out (int32 bits of fp32), $8 and $9
     the chunk's bytes 0-3 and 4-7, $10..$17 x's 32-bit pairs for bytes 0..7. Four mma."""
     bits = _table_bits(values, dtype)
     lo_b, hi_b = bits & 0xFF, bits >> 8
@@ -269,7 +269,7 @@ def mma_rowsum(w, x, values, dtype, interpret: bool = False):
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
 
-        out = jax.ShapeDtypeStruct(w.shape, jnp.uint32)
+        out = jax.ShapeDtypeStruct(w.shape, jnp.int32)  # Triton's asm results are signless
         (res,) = pltriton.elementwise_inline_asm(mma_rowsum_asm(values, dtype), args=[w, x],
                                                  constraints=",".join(["=r"] * 8 + ["r"] * 10),
                                                  pack=MMA_CHUNK, result_shape_dtypes=[out])
