@@ -27,6 +27,18 @@ for mode in "$@"; do
       timeout 400 python3 benchmarks/profile_decode.py --layers 32 --calls 20 --sweep $MMA > "$OUT/decode.log" 2>&1
       echo "decode rc=$?"
       grep -vE "^\s*$" "$OUT/decode.log" | grep -E "sweep|ms|tok|diff|gemv|fusion|total|span" | head -60 | cut -c1-220 ;;
+    ncu_gemv)  # Nsight Compute on the M=1 GEMV: mma engine (details + SASS), then the row-sum one
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 "$NCU" --target-processes all -k "regex:gemv_4bit" --launch-count 1 \
+        --set full -f -o /tmp/gemv_mma python3 benchmarks/ncu_gemv.py --config gemv.engine=mma ${NCU_GEMV_CFG:-} > /tmp/gemv_run.txt 2>&1
+      echo "ncu rc=$?"; tail -3 /tmp/gemv_run.txt
+      "$NCU" -i /tmp/gemv_mma.ncu-rep --page details > "$OUT/ncu_gemv_mma.txt" 2>&1
+      "$NCU" -i /tmp/gemv_mma.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_gemv_mma_sass.csv" 2>&1
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 "$NCU" --target-processes all -k "regex:gemv_4bit" --launch-count 1 \
+        --section SpeedOfLight --section LaunchStats --section Occupancy --section InstructionStats \
+        python3 benchmarks/ncu_gemv.py > "$OUT/ncu_gemv_rowsum.txt" 2>&1
+      for f in "$OUT"/ncu_gemv_mma.txt "$OUT"/ncu_gemv_rowsum.txt; do echo "== $f"
+        grep -E "Duration|DRAM Throughput|Executed Instructions  |Registers Per|Issue Slots Busy|Achieved Occupancy|Theoretical Occupancy|Shared Memory Configuration Size|Dynamic Shared|Static Shared" "$f" | cut -c1-150; done ;;
   esac
 done
 ls -la "$OUT"
