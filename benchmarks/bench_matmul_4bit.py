@@ -282,9 +282,9 @@ def sweep_plan():
     plan = []
     rows = lambda **kw: dict(dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4,
                                   num_stages=1), **kw)
-    for kw in [{}, dict(engine="mma"), dict(engine="mma", block_n=16), dict(engine="mma", block_n=4),
-               dict(engine="mma", blocks_per_iter=32), dict(engine="mma", blocks_per_iter=8),
-               dict(engine="mma", num_warps=8), dict(engine="mma", prefetch=False, num_stages=3)]:
+    mma = dict(engine="mma", prefetch=False, num_stages=3)
+    for kw in [{}, dict(engine="mma"), mma, dict(mma, num_stages=2), dict(mma, block_n=16), dict(mma, block_n=4),
+               dict(mma, blocks_per_iter=32), dict(mma, num_warps=8), dict(mma, num_stages=4)]:
         plan.append((1, "gemv", rows(**kw), {}))
     gemm = lambda **kw: dict(dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="wx", num_warps=8,
                                   num_stages=4), **kw)

@@ -175,13 +175,16 @@ def absmax_tile(a_ref, rows, cols, nested):
 # Layout contract (what the kernel's tile gives, see gemv_4bit): the weight tile is
 # ``[rows, blocks, 4, 8]`` uint8 (a 64-weight block = 4 chunks of 8 bytes), which the Triton
 # lowering lays out with 8-byte vectors and lanes ``(g, t) = (lane // 4, lane % 4)`` on
-# (block, chunk): the 4 lanes of a group hold the 4 chunks of ONE block of one row. The mma
-# multiplies A (16 x 16: x) by B (16 x 8: the codes) and only its diagonal is wanted: lane
-# (g, t) puts its chunk's codes in B column g (k rows 2t.., 2t+8..) and the matching x pairs
-# in A row g, so C[g, g] is block g's dot product over its 4 lanes (A rows 8..15 are zero).
-# C[g, g] sits in lane (g, g // 2), element g % 2, a lane that holds a chunk of block g: it
-# returns the sum as its chunk's first value (every other value is 0), and the caller
-# multiplies by the block's absmax and sums, as for any per-element value.
+# (block, chunk): the 4 lanes of a group hold the 4 chunks of ONE block of one row. Per word
+# (4 bytes) of its chunk a lane feeds the x pairs of bytes 0..3 as the A fragment as they
+# come (a0..a3: rows g, g+8, k 2t.., 2t+8..: no register moves) and its decoded bytes as B
+# columns: {byte 0, byte 2} into one accumulator, {byte 1, byte 3} into another. Of each
+# product only one diagonal element is wanted: Ca[g, g] (x of bytes 0, 2 times their codes,
+# summed over the group's 4 lanes) and Cb[g + 8, g] (bytes 1, 3); the other elements mix
+# blocks and are dropped. Both sit in lane (g, g // 2), elements g % 2 and 2 + g % 2, a lane
+# that holds a chunk of block g: it returns their sum as its chunk's first value (every other
+# value is 0), and the caller multiplies by the block's absmax and sums, as for any
+# per-element value.
 MMA_CHUNK = 8  # bytes (16 codes) a lane holds per block and asm call
 
 
@@ -231,25 +234,27 @@ def mma_rowsum_asm(values, dtype) -> str:
     consts = "".join(f" mov.b32 L{i}, {word(lo_b, i):#010x};\n mov.b32 H{i}, {word(hi_b, i):#010x};\n"
                      for i in range(4))
     ty = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
-    mma = f" mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{c0, c1, c2, c3}}, "
+    mma = f" mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
     body = ""
     for i, w in enumerate(("$8", "$9")):
-        x = [f"${10 + 4 * i + j}" for j in range(4)]
+        xq = "{" + ", ".join(f"${10 + 4 * i + j}" for j in range(4)) + "}"
         body += _decode_pairs_ptx(w, ("P0", "P1", "P2", "P3"))
-        body += mma + f"{{{x[0]}, z, {x[1]}, z}}, {{P0, P1}}, {{c0, c1, c2, c3}};\n"
-        body += mma + f"{{{x[2]}, z, {x[3]}, z}}, {{P2, P3}}, {{c0, c1, c2, c3}};\n"
+        for acc, pair in (("a", "{P0, P2}"), ("b", "{P1, P3}")):
+            regs = "{" + ", ".join(f"{acc}{j}" for j in range(4)) + "}"
+            body += mma + f"{regs}, {xq}, {pair}, {regs};\n"
     zeros = "".join(f" mov.b32 ${i}, 0;\n" for i in range(1, 8))
+    init = "".join(f" mov.f32 {acc}{j}, 0f00000000;\n" for acc in "ab" for j in range(4))
     return ("{\n .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, t, v, sw, s23, i01, i23, m01, m23, a, b, lo, hi;\n"
-            " .reg .b32 P0, P1, P2, P3, z, ln, g, h;\n .reg .f32 c0, c1, c2, c3, f;\n"
-            " .reg .pred po, pz;\n" + consts +
-            " mov.b32 z, 0;\n mov.f32 c0, 0f00000000;\n mov.f32 c1, 0f00000000;\n"
-            " mov.f32 c2, 0f00000000;\n mov.f32 c3, 0f00000000;\n" + body +
-            # C[g, g] is element g % 2 of lane (g, g // 2)
-            """ mov.u32 ln, %laneid;
+            " .reg .b32 P0, P1, P2, P3, ln, g, h;\n .reg .f32 a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, f;\n"
+            " .reg .pred po, pz;\n" + consts + init + body +
+            # Ca[g, g] + Cb[g + 8, g]: elements g % 2 and 2 + g % 2 of lane (g, g // 2)
+            """ add.f32 e0, a0, b2;
+ add.f32 e1, a1, b3;
+ mov.u32 ln, %laneid;
  shr.b32 g, ln, 2;
  and.b32 h, g, 1;
  setp.ne.u32 po, h, 0;
- selp.f32 f, c1, c0, po;
+ selp.f32 f, e1, e0, po;
  shr.b32 h, g, 1;
  and.b32 t, ln, 3;
  setp.eq.u32 pz, t, h;

@@ -112,6 +112,9 @@ def run_warp(asm: str, inputs: list[dict[str, int]], half_dtype=np.float16) -> l
                 x, y = val(ln, srcs[0]), val(ln, srcs[1])
                 preds[ln][dst] = {"eq": x == y, "ne": x != y}[op.split(".")[1]]
                 continue
+            if op == "add.f32":
+                lanes[ln][dst] = _f2b(np.float32(_b2f(val(ln, srcs[0]))) + np.float32(_b2f(val(ln, srcs[1]))))
+                continue
             if op.startswith("selp."):
                 lanes[ln][dst] = val(ln, srcs[0]) if preds[ln][srcs[2]] else val(ln, srcs[1])
                 continue
