@@ -225,14 +225,39 @@ def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:
 """
 
 
-def mma_rowsum_asm(values, dtype) -> str:
-    """PTX for one lane's 8-byte chunk. Operands: $0..$7 out (int32 bits of fp32), $8 and $9
-    the chunk's bytes 0-3 and 4-7, $10..$17 x's 32-bit pairs for bytes 0..7. Four mma."""
+def _table_words(values, dtype):
+    """The 16-bit table as 8 words: low bytes L0..L3 and high bytes H0..H3 of entries 4i..4i+3."""
     bits = _table_bits(values, dtype)
     lo_b, hi_b = bits & 0xFF, bits >> 8
     word = lambda b, i: int(b[4 * i] | (b[4 * i + 1] << 8) | (b[4 * i + 2] << 16) | (b[4 * i + 3] << 24))
-    consts = "".join(f" mov.b32 L{i}, {word(lo_b, i):#010x};\n mov.b32 H{i}, {word(hi_b, i):#010x};\n"
-                     for i in range(4))
+    return [word(lo_b, i) for i in range(4)], [word(hi_b, i) for i in range(4)]
+
+
+def mma_table_bytes(values, dtype):
+    """uint8 [2, 8]: the table words the mma GEMV takes at run time (L0, L2 | H0, H2).
+
+    SASS ``PRMT`` takes one of its two data words as an immediate, the other from a register;
+    given as PTX constants, ptxas kept those in uniform registers and copied one into a
+    regular register before every lookup (~1.2 instructions a weight on an H100). Loaded at
+    run time they stay in 4 registers for the whole loop.
+    """
+    import numpy as np
+
+    lo, hi = _table_words(values, dtype)
+    words = np.asarray([lo[0], lo[2], hi[0], hi[2]], np.uint32)
+    return words.view(np.uint8).reshape(2, 8)
+
+
+def mma_rowsum_asm(values, dtype) -> str:
+    """PTX for one lane's 8-byte chunk: ``acc[chunk's first value] += its block's dot * scale``.
+
+    Operands (32-bit): $0..$7 the new accumulator values; $8, $9 the chunk's bytes 0-3 and 4-7;
+    $10..$17 x's pairs for bytes 0..7; $18..$25 the block's scale (fp32 bits, 8 copies);
+    $26..$33 the accumulator values; $34, $35 table words L0, L2; $36, $37 H0, H2. Four mma,
+    one fma; the other accumulator values pass through (ptxas drops those copies)."""
+    lo, hi = _table_words(values, dtype)
+    consts = "".join(f" mov.b32 L{i}, {lo[i]:#010x};\n mov.b32 H{i}, {hi[i]:#010x};\n" for i in (1, 3))
+    consts += " mov.b32 L0, $34;\n mov.b32 L2, $35;\n mov.b32 H0, $36;\n mov.b32 H2, $37;\n"
     ty = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
     mma = f" mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
     body = ""
@@ -242,10 +267,11 @@ def mma_rowsum_asm(values, dtype) -> str:
         for acc, pair in (("a", "{P0, P2}"), ("b", "{P1, P3}")):
             regs = "{" + ", ".join(f"{acc}{j}" for j in range(4)) + "}"
             body += mma + f"{regs}, {xq}, {pair}, {regs};\n"
-    zeros = "".join(f" mov.b32 ${i}, 0;\n" for i in range(1, 8))
+    passthrough = "".join(f" mov.b32 ${i}, ${26 + i};\n" for i in range(1, 8))
     init = "".join(f" mov.f32 {acc}{j}, 0f00000000;\n" for acc in "ab" for j in range(4))
     return ("{\n .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, t, v, sw, s23, i01, i23, m01, m23, a, b, lo, hi;\n"
-            " .reg .b32 P0, P1, P2, P3, ln, g, h;\n .reg .f32 a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, f;\n"
+            " .reg .b32 P0, P1, P2, P3, ln, g, h;\n"
+            " .reg .f32 a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, f, sc, ac;\n"
             " .reg .pred po, pz;\n" + consts + init + body +
             # Ca[g, g] + Cb[g + 8, g]: elements g % 2 and 2 + g % 2 of lane (g, g // 2)
             """ add.f32 e0, a0, b2;
@@ -259,31 +285,40 @@ def mma_rowsum_asm(values, dtype) -> str:
  and.b32 t, ln, 3;
  setp.eq.u32 pz, t, h;
  selp.f32 f, f, 0f00000000, pz;
+ mov.b32 sc, $18;
+ mov.b32 ac, $26;
+ fma.rn.f32 f, f, sc, ac;
  mov.b32 $0, f;
-""" + zeros + "}")
+""" + passthrough + "}")
 
 
-def mma_rowsum(w, x, values, dtype, interpret: bool = False):
-    """Block dot products of a ``[..., 4, 8]`` uint8 weight tile (``[rows, blocks, 4, 8]``).
+def mma_rowsum(w, x, scale, acc, tables, values, dtype, interpret: bool = False):
+    """``acc`` plus each block's dot product times its ``scale``, for a ``[rows, blocks, 4, 8]``
+    uint8 weight tile.
 
     ``x``: uint32 of w's shape, x's 32-bit (even, odd) pair of 16-bit ``dtype`` values for each
-    byte. Returns fp32 of w's shape whose sum over the last two axes is each block's dot
-    product (on the GPU it sits in one element, see the layout contract above). The
-    interpreter computes it with the select-tree decode rounded to ``dtype``.
+    byte; ``scale``: fp32 of w's shape (the block's absmax, broadcast); ``acc``: int32 of w's
+    shape, the bits of fp32 partial sums whose total over the tile is what matters (on the GPU a
+    block's product lands in one element, see the layout contract above); ``tables``: uint8
+    [2, 8] from ``mma_table_bytes``. The interpreter computes the same total with the
+    select-tree decode rounded to ``dtype``.
     """
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
 
         out = jax.ShapeDtypeStruct(w.shape, jnp.int32)  # Triton's asm results are signless
-        (res,) = pltriton.elementwise_inline_asm(mma_rowsum_asm(values, dtype), args=[w, x],
-                                                 constraints=",".join(["=r"] * 8 + ["r"] * 10),
+        tl, th = (jnp.broadcast_to(tables[i], w.shape) for i in range(2))
+        sbits = jax.lax.bitcast_convert_type(scale, jnp.int32)
+        (res,) = pltriton.elementwise_inline_asm(mma_rowsum_asm(values, dtype), args=[w, x, sbits, acc, tl, th],
+                                                 constraints=",".join(["=r"] * 8 + ["r"] * 30),
                                                  pack=MMA_CHUNK, result_shape_dtypes=[out])
-        return jax.lax.bitcast_convert_type(res, jnp.float32)
+        return res
     c = w.astype(jnp.int32)
     hi = decode_select(c >> 4, values).astype(dtype).astype(jnp.float32)
     lo = decode_select(c & 15, values).astype(dtype).astype(jnp.float32)
     xe, xo = unpack_pairs(x, dtype)
-    return hi * xe + lo * xo
+    total = jax.lax.bitcast_convert_type(acc, jnp.float32) + (hi * xe + lo * xo) * scale
+    return jax.lax.bitcast_convert_type(total, jnp.int32)
 
 
 def unpack_pairs(u, dtype):

@@ -45,6 +45,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
     them is the layer to read. ``engine``: "rowsum" (fp32 multiply-adds on CUDA cores) or
     "mma" (the block dots on the tensor cores, ``_4bit_common.mma_rowsum``)."""
     rest = list(rest)
+    tables = rest.pop(0)[...] if engine == "mma" else None  # [2, 8] uint8, loaded once
     layer_ref = rest.pop(0) if stacked else None
     if nested:
         ncode_ref, nabs_ref, off_ref = rest.pop(0), rest.pop(0), rest.pop(0)
@@ -73,17 +74,18 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
         return ncode_ref[a.astype(jnp.int32)] * nabs_ref[(*at, nidx)] + off_ref[at[0] if stacked else 0]
 
     def compute(tiles, it, acc):
-        if mma:
+        if mma:  # acc: int32 bits of fp32 partial sums, [bn, tb, 4, 8]
             p, a, u = tiles
-            part = c4.mma_rowsum(p, jnp.broadcast_to(u[None], p.shape), values, xdtype, interpret)
-            return acc + jnp.sum(part, axis=3) * scales(a, it)[:, :, None]
+            sc = jnp.broadcast_to(scales(a, it)[:, :, None, None], p.shape)
+            return c4.mma_rowsum(p, jnp.broadcast_to(u[None], p.shape), sc, acc, tables, values, xdtype,
+                                 interpret)
         p, a, u = tiles  # [bn, tb, hb] uint8, [bn, tb] absmax, [tb, hb] x pairs (uint32)
         xe, xo = c4.unpack_pairs(u, xdtype)
         hi, lo = c4.decode16(p, values, xdtype, interpret)
         part = jnp.sum(hi.astype(jnp.float32) * xe[None] + lo.astype(jnp.float32) * xo[None], axis=2)
         return acc + part * scales(a, it)
 
-    zeros = jnp.zeros((bn, tb, 4) if mma else (bn, tb), jnp.float32)
+    zeros = jnp.zeros((bn, tb, 4, c4.MMA_CHUNK), jnp.int32) if mma else jnp.zeros((bn, tb), jnp.float32)
     if prefetch:
         def body(it, carry):
             nxt = load(jnp.minimum(it + 1, n_iters - 1))
@@ -92,7 +94,9 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
         acc = jax.lax.fori_loop(0, n_iters, body, (zeros, *load(0)))[0]
     else:
         acc = jax.lax.fori_loop(0, n_iters, lambda it, acc: compute(load(it), it, acc), zeros)
-    y = jnp.sum(jnp.sum(acc, axis=2) if mma else acc, axis=1)
+    if mma:
+        acc = jnp.sum(jnp.sum(jax.lax.bitcast_convert_type(acc, jnp.float32), axis=3), axis=2)
+    y = jnp.sum(acc, axis=1)
     if has_bias:
         y = y + bias_ref[...].astype(jnp.float32)
     o_ref[...] = y.reshape(o_ref.shape).astype(o_ref.dtype)
@@ -152,6 +156,9 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
                 pl.BlockSpec((*lead, block_n, kchunk_blocks, *inner), lambda j, s: (*z, j, s, *zi)),
                 pl.BlockSpec((*lead, block_n, kchunk_blocks), lambda j, s: (*z, j, s))]
     args = [x3, packed.reshape(*lead, n, blocks, *inner), absmax]
+    if engine == "mma":
+        in_specs.append(pl.BlockSpec((2, c4.MMA_CHUNK), lambda j, s: (0, 0)))
+        args.append(jnp.asarray(c4.mma_table_bytes(c4.table(quant_type), x.dtype)))
     if stacked:
         in_specs.append(pl.BlockSpec((1,), lambda j, s: (0,)))
         args.append(jnp.reshape(layer, (1,)).astype(jnp.int32))

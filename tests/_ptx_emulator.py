@@ -112,6 +112,10 @@ def run_warp(asm: str, inputs: list[dict[str, int]], half_dtype=np.float16) -> l
                 x, y = val(ln, srcs[0]), val(ln, srcs[1])
                 preds[ln][dst] = {"eq": x == y, "ne": x != y}[op.split(".")[1]]
                 continue
+            if op == "fma.rn.f32":
+                a, b, c = (np.float32(_b2f(val(ln, s))) for s in srcs)
+                lanes[ln][dst] = _f2b(np.float32(np.float64(a) * np.float64(b) + np.float64(c)))
+                continue
             if op == "add.f32":
                 lanes[ln][dst] = _f2b(np.float32(_b2f(val(ln, srcs[0]))) + np.float32(_b2f(val(ln, srcs[1]))))
                 continue

@@ -23,14 +23,23 @@ from pallas_kernels import _4bit_common as c4
 from pallas_kernels import gemv_4bit
 
 
-def _warp_inputs(blocks: np.ndarray, xpairs: np.ndarray) -> list[dict[str, int]]:
-    """Lane (g, t): bytes 8t..8t+7 of block g ($8, $9 as little-endian words) and their x pairs."""
+def _bits(v: float) -> int:
+    return int(np.float32(v).view(np.uint32))
+
+
+def _warp_inputs(blocks, xpairs, scales, acc, tables) -> list[dict[str, int]]:
+    """Lane (g, t): bytes 8t..8t+7 of block g ($8, $9 as little-endian words), their x pairs,
+    block g's scale (8 copies), the lane's 8 accumulator values and the 4 table words."""
+    words = tables.reshape(-1).view("<u4")
     lanes = []
     for ln in range(32):
         g, t = ln // 4, ln % 4
         chunk = blocks[g, 8 * t: 8 * t + 8]
         regs = {"$8": int(chunk[:4].view("<u4")[0]), "$9": int(chunk[4:].view("<u4")[0])}
         regs.update({f"${10 + j}": int(xpairs[g, 8 * t + j]) for j in range(8)})
+        regs.update({f"${18 + j}": _bits(scales[g]) for j in range(8)})
+        regs.update({f"${26 + j}": _bits(acc[ln, j]) for j in range(8)})
+        regs.update({f"${34 + j}": int(words[j]) for j in range(4)})
         lanes.append(regs)
     return lanes
 
@@ -43,21 +52,25 @@ def test_mma_asm_block_sums(quant_type, dtype):
     values = c4.table(quant_type)
     table = np.asarray(np.asarray(values, np.float32).astype(ndt), np.float64)
     asm = c4.mma_rowsum_asm(values, ndt)
+    tables = c4.mma_table_bytes(values, ndt)
     for trial in range(2):
         # 8 blocks of 32 bytes: every byte value once over the 256 bytes, shuffled
         blocks = rng.permutation(256).astype(np.uint8).reshape(8, 32)
         x = rng.standard_normal((8, 64)).astype(np.float32).astype(ndt)
         xpairs = np.asarray(x).view(np.uint16).astype(np.uint32).reshape(8, 32, 2)
         xpairs = xpairs[..., 0] | (xpairs[..., 1] << 16)
-        lanes = run_warp(asm, _warp_inputs(blocks, xpairs), half_dtype=np.dtype(ndt).type)
+        scales = rng.uniform(0.5, 2.0, 8).astype(np.float32)
+        acc = rng.standard_normal((32, 8)).astype(np.float32)
+        lanes = run_warp(asm, _warp_inputs(blocks, xpairs, scales, acc, tables), half_dtype=np.dtype(ndt).type)
         out = np.array([[np.uint32(lanes[ln][f"${i}"]).view(np.float32) for i in range(8)] for ln in range(32)],
                        np.float64)
-        got = out.reshape(8, 4 * 8).sum(axis=1)
+        added = out - acc
+        got = added.reshape(8, 4 * 8).sum(axis=1)
         w = np.stack([table[blocks >> 4], table[blocks & 15]], axis=-1).reshape(8, 64)
-        want = (w * np.asarray(x, np.float64)).sum(axis=1)
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
-        # only one value of each block is non-zero (the lane (g, g // 2) that holds C[g, g])
-        assert (np.count_nonzero(out.reshape(8, 32), axis=1) <= 1).all()
+        want = (w * np.asarray(x, np.float64)).sum(axis=1) * scales
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        # one value of each block takes the product (lane (g, g // 2)); the others pass through
+        assert (np.count_nonzero(added.reshape(8, 32), axis=1) <= 1).all()
 
 
 @pytest.mark.parametrize("k,n,quant_type,dq,dtype,cfg", [
@@ -78,7 +91,7 @@ def test_mma_engine_interpreted_matches_reference(rng, k, n, quant_type, dq, dty
     ref = np.asarray(matmul_4bit_reference(x, q, bias), np.float64)
     tol = {"bfloat16": 1e-2, "float16": 2e-3}[dtype]
     assert np.abs(np.asarray(y, np.float64) - ref).max() <= tol * np.abs(ref).max()
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_rows, np.float32), rtol=0, atol=0)
+    assert np.abs(np.asarray(y, np.float64) - np.asarray(y_rows, np.float64)).max() <= tol * np.abs(ref).max()
 
 
 def test_mma_engine_rejects_other_blocksizes(rng):
