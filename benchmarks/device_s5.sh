@@ -5,7 +5,7 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > /dev/null 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site
 OUT=${OUT:-/tmp}
-MMA="--config gemv.engine=mma --config gemv_narrow.engine=mma"
+MMA=""
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
 for mode in "$@"; do
   case "$mode" in
@@ -19,7 +19,7 @@ for mode in "$@"; do
         > "$OUT/gemv_sweep.log" 2>&1
       echo "gemv sweep rc=$?"
       grep -E "^sweep|copy" "$OUT/gemv_sweep.log" | cut -c1-300 ;;
-    table)  # M=1, 16 rows of the 4-bit table with bitsandbytes beside, mma engine
+    table)  # M=1, 16 rows of the 4-bit table with bitsandbytes beside
       OUT=/tmp timeout 300 python3 benchmarks/bench_matmul_4bit.py --ms 1,16 $MMA > "$OUT/table.log" 2>&1
       echo "table rc=$?"
       sed -n '/^==== per-matmul/,$p' "$OUT/table.log" ;;

@@ -300,14 +300,14 @@ def mma_rowsum(w, x, scale, acc, tables, values, dtype, interpret: bool = False)
     byte; ``scale``: fp32 of w's shape (the block's absmax, broadcast); ``acc``: int32 of w's
     shape, the bits of fp32 partial sums whose total over the tile is what matters (on the GPU a
     block's product lands in one element, see the layout contract above); ``tables``: uint8
-    [2, 8] from ``mma_table_bytes``. The interpreter computes the same total with the
+    the two [8] rows of ``mma_table_bytes``. The interpreter computes the same total with the
     select-tree decode rounded to ``dtype``.
     """
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
 
         out = jax.ShapeDtypeStruct(w.shape, jnp.int32)  # Triton's asm results are signless
-        tl, th = (jnp.broadcast_to(tables[i], w.shape) for i in range(2))
+        tl, th = (jnp.broadcast_to(t, w.shape) for t in tables)
         sbits = jax.lax.bitcast_convert_type(scale, jnp.int32)
         (res,) = pltriton.elementwise_inline_asm(mma_rowsum_asm(values, dtype), args=[w, x, sbits, acc, tl, th],
                                                  constraints=",".join(["=r"] * 8 + ["r"] * 30),

@@ -45,7 +45,9 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
     them is the layer to read. ``engine``: "rowsum" (fp32 multiply-adds on CUDA cores) or
     "mma" (the block dots on the tensor cores, ``_4bit_common.mma_rowsum``)."""
     rest = list(rest)
-    tables = rest.pop(0)[...] if engine == "mma" else None  # [2, 8] uint8, loaded once
+    if engine == "mma":  # the two [8] uint8 rows of table words, loaded once
+        tables_ref = rest.pop(0)
+        tables = (tables_ref[0, :], tables_ref[1, :])
     layer_ref = rest.pop(0) if stacked else None
     if nested:
         ncode_ref, nabs_ref, off_ref = rest.pop(0), rest.pop(0), rest.pop(0)

@@ -27,15 +27,17 @@ from pallas_kernels import dequant_4bit, gemm_4bit, gemv_4bit
 
 GPU_CONFIG = {
     # one row of 16-bit x: row sums over whole cache lines (pallas_kernels.gemv_4bit)
-    # engine "mma": each block's dot product on the tensor cores (blocksize 64; others: "rowsum")
-    "gemv": dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4, num_stages=1,
-                 engine="rowsum"),
+    # engine "mma": each block's dot product on the tensor cores (blocksize 64; others: "rowsum"):
+    # 22.9 vs 27.0 us at K=4096, N=14336 on an H100, same run (benchmarks/KERNEL_NOTES.md)
+    "gemv": dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=False, num_warps=4, num_stages=2,
+                 engine="mma"),
     # ... for layers of at most GEMV_NARROW_MAX_N rows (attention projections at decode), where
     # 8-row programs leave SMs idle (N=1024: 128 programs): K split in two (fp32 partials summed
     # by XLA). Llama-3-8B decode, H100: 4.323 ms a token vs 4.425/4.434 unsplit, block_n 4 4.496,
     # block_n 2 4.556 (benchmarks/RESULTS.md, 15:40 UTC)
-    "gemv_narrow": dict(block_n=8, blocks_per_iter=16, splits=2, prefetch=True, num_warps=4, num_stages=1,
-                        engine="rowsum"),
+    # with the mma engine K is not split (9.7 vs 11.4 us split in two, rowsum 12.3, N=4096)
+    "gemv_narrow": dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=True, num_warps=4, num_stages=1,
+                        engine="mma"),
     # split-K GEMV for 2..GEMV_MAX_M rows (and fp32 x): x padded to 16 rows, tensor-core dots
     # ("gemv_dot"); fp32 x with 1..FMA_MAX_ROWS rows: elementwise multiply-add ("gemv_fma")
     "gemv_fma": dict(block_n=128, block_h=64, splits=8, decode="prmt", num_warps=4, num_stages=3),
