@@ -38,16 +38,13 @@ ENGINES = ("rowsum", "mma")
 
 def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
                  blocks_per_row, nested_blocksize, n_nested, kchunk_blocks, prefetch, xdtype,
-                 interpret, stacked, engine):
+                 interpret, stacked, engine, chunk):
     """``bn`` output rows: stream ``tb`` blocks (tb * blocksize/2 contiguous bytes) of each
     row per iteration; per block a dot product in fp32, times its absmax; sum at the end.
     ``stacked``: the weight operands carry a leading layer axis and the first operand after
     them is the layer to read. ``engine``: "rowsum" (fp32 multiply-adds on CUDA cores) or
     "mma" (the block dots on the tensor cores, ``_4bit_common.mma_rowsum``)."""
     rest = list(rest)
-    if engine == "mma":  # the two [8] uint8 rows of table words, loaded once
-        tables_ref = rest.pop(0)
-        tables = (tables_ref[0, :], tables_ref[1, :])
     layer_ref = rest.pop(0) if stacked else None
     if nested:
         ncode_ref, nabs_ref, off_ref = rest.pop(0), rest.pop(0), rest.pop(0)
@@ -61,7 +58,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
 
     def load(it):
         cols = pl.ds(it * tb, tb)
-        if mma:  # [bn, tb, 4, 8] bytes: each block as 4 chunks of 8; x pairs likewise [tb, 4, 8]
+        if mma:  # [bn, tb, 32 // chunk, chunk] bytes of whole blocks; x pairs likewise [tb, ...]
             return (p_ref[(*at, slice(None), cols, slice(None), slice(None))], a_ref[(*at, slice(None), cols)],
                     x_ref[0, cols, :, :])
         return p_ref[(*at, slice(None), cols, slice(None))], a_ref[(*at, slice(None), cols)], x_ref[0, cols, :]
@@ -79,15 +76,14 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
         if mma:  # acc: int32 bits of fp32 partial sums, [bn, tb, 4, 8]
             p, a, u = tiles
             sc = jnp.broadcast_to(scales(a, it)[:, :, None, None], p.shape)
-            return c4.mma_rowsum(p, jnp.broadcast_to(u[None], p.shape), sc, acc, tables, values, xdtype,
-                                 interpret)
+            return c4.mma_rowsum(p, jnp.broadcast_to(u[None], p.shape), sc, acc, values, xdtype, interpret)
         p, a, u = tiles  # [bn, tb, hb] uint8, [bn, tb] absmax, [tb, hb] x pairs (uint32)
         xe, xo = c4.unpack_pairs(u, xdtype)
         hi, lo = c4.decode16(p, values, xdtype, interpret)
         part = jnp.sum(hi.astype(jnp.float32) * xe[None] + lo.astype(jnp.float32) * xo[None], axis=2)
         return acc + part * scales(a, it)
 
-    zeros = jnp.zeros((bn, tb, 4, c4.MMA_CHUNK), jnp.int32) if mma else jnp.zeros((bn, tb), jnp.float32)
+    zeros = jnp.zeros((bn, tb, 32 // chunk, chunk), jnp.int32) if mma else jnp.zeros((bn, tb), jnp.float32)
     if prefetch:
         def body(it, carry):
             nxt = load(jnp.minimum(it + 1, n_iters - 1))
@@ -107,7 +103,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
 def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, nested_code=None,
               offset=None, nested_blocksize=256, bias=None, block_n=ROWS, blocks_per_iter=ROW_BLOCKS,
               splits=1, prefetch=True, num_warps=4, num_stages=1, interpret=False, layer=None,
-              engine="rowsum"):
+              engine="rowsum", chunk=c4.MMA_CHUNK):
     """``x @ W.T (+ bias)`` for ONE row of 16-bit x ``[1, K]``: ``[1, N]`` in x's dtype.
 
     ``packed`` ``[N, K/2]`` uint8 (N a multiple of ``block_n``), ``absmax`` ``[N, K/blocksize]``
@@ -122,12 +118,15 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
     GEMVs themselves.
 
     ``engine``: "rowsum" (fp32 multiply-adds, any blocksize) or "mma" (each block's dot product
-    on the tensor cores, ``_4bit_common.mma_rowsum``; blocksize 64 only).
+    on the tensor cores, ``_4bit_common.mma_rowsum``; blocksize 64 only), whose lanes hold
+    ``chunk`` (8 or 4) bytes of a block each.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "mma" and blocksize != 4 * c4.MMA_CHUNK * 2:
-        raise ValueError(f"engine='mma' needs blocksize {4 * c4.MMA_CHUNK * 2}, got {blocksize}")
+    if engine == "mma" and blocksize != 64:
+        raise ValueError(f"engine='mma' needs blocksize 64, got {blocksize}")
+    if engine == "mma" and chunk not in (4, 8):
+        raise ValueError(f"chunk must be 4 or 8 bytes, got {chunk}")
     stacked = layer is not None
     n_layers = packed.shape[0] if stacked else None
     if stacked and (packed.ndim != 3 or absmax.ndim != 3 or absmax.shape[0] != n_layers):
@@ -147,8 +146,8 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
         raise ValueError(f"{blocks} blocks a row do not split into {splits} x {blocks_per_iter}k")
     kchunk_blocks = blocks // splits
     # free views: x as 32-bit pairs per block, W as [rows, blocks, bytes of a block] (mma: each
-    # block's bytes and pairs as [4, 8] chunks)
-    inner = (4, c4.MMA_CHUNK) if engine == "mma" else (hb,)
+    # block's bytes and pairs as [32 // chunk, chunk] chunks)
+    inner = (hb // chunk, chunk) if engine == "mma" else (hb,)
     x3 = jax.lax.bitcast_convert_type(x.reshape(1, blocks, hb, 2), jnp.uint32).reshape(1, blocks, *inner)
     zi = (0,) * len(inner)
     nested = nested_absmax is not None
@@ -158,9 +157,6 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
                 pl.BlockSpec((*lead, block_n, kchunk_blocks, *inner), lambda j, s: (*z, j, s, *zi)),
                 pl.BlockSpec((*lead, block_n, kchunk_blocks), lambda j, s: (*z, j, s))]
     args = [x3, packed.reshape(*lead, n, blocks, *inner), absmax]
-    if engine == "mma":
-        in_specs.append(pl.BlockSpec((2, c4.MMA_CHUNK), lambda j, s: (0, 0)))
-        args.append(jnp.asarray(c4.mma_table_bytes(c4.table(quant_type), x.dtype)))
     if stacked:
         in_specs.append(pl.BlockSpec((1,), lambda j, s: (0,)))
         args.append(jnp.reshape(layer, (1,)).astype(jnp.int32))
@@ -186,7 +182,7 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
         values=c4.table(quant_type), nested=nested, has_bias=fuse_bias, blocks_per_row=blocks,
         nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[-1] if nested else 0,
         kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret,
-        stacked=stacked, engine=engine)
+        stacked=stacked, engine=engine, chunk=chunk)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,
