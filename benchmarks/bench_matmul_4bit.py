@@ -284,9 +284,8 @@ def sweep_plan():
                                   num_stages=1), **kw)
     row = dict(engine="rowsum", prefetch=True, num_stages=1)
     mma = dict(engine="mma", prefetch=False, num_stages=2)
-    c4 = dict(mma, chunk=4)
-    for kw in [row, mma, c4, dict(c4, prefetch=True, num_stages=1), dict(c4, block_n=16), dict(c4, block_n=4),
-               dict(c4, blocks_per_iter=32), dict(c4, num_stages=3)]:
+    for kw in [row, mma, dict(mma, prefetch=True, num_stages=1), dict(mma, num_stages=3), dict(mma, block_n=16),
+               dict(mma, blocks_per_iter=32)]:
         plan.append((1, "gemv", rows(**kw), {}))
     gemm = lambda **kw: dict(dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="wx", num_warps=8,
                                   num_stages=4), **kw)
@@ -308,9 +307,7 @@ SMALL_N_PLAN = [  # N=4096: few output tiles, split-K matters
     (16, "gemv_dot", dict(block_n=64, block_h=128, splits=8, decode="prmt", num_warps=8, num_stages=3), {}),
 ] + [(1, "gemv_narrow", dict(block_n=bn, blocks_per_iter=16, splits=s, prefetch=True, num_warps=4, num_stages=1,
                              engine=e), {})
-     for e, bn, s in (("rowsum", 8, 2), ("mma", 8, 1))] + [
-    (1, "gemv_narrow", dict(block_n=bn, blocks_per_iter=16, splits=s, prefetch=True, num_warps=4, num_stages=1,
-                             engine="mma", chunk=4), {}) for bn, s in ((8, 1), (8, 2), (4, 1))]
+     for e, bn, s in (("rowsum", 8, 2), ("mma", 8, 1), ("mma", 8, 2), ("mma", 4, 1))]
 
 
 def sweep(plan, n, budget_s):

@@ -173,22 +173,18 @@ def absmax_tile(a_ref, rows, cols, nested):
 # weight) the multiply-adds cost 1/32 of an instruction a weight.
 #
 # Layout contract (what the kernel's tile gives, see gemv_4bit): the weight tile is
-# ``[rows, blocks, 32 // chunk, chunk]`` uint8 (a 64-weight block of 32 bytes in chunks of
-# ``chunk`` = 8 or 4 bytes), which the Triton lowering lays out with ``chunk``-byte vectors
-# and consecutive lanes on consecutive chunks of a block, so the 4 lanes of a group
-# ``g = lane // 4`` (``t = lane % 4``) hold 4 chunks of ONE block of one row. Per 4-byte word a
-# lane feeds the x pairs of bytes 0..3 as the A fragment as they come (a0..a3: rows g, g+8,
-# k 2t.., 2t+8..: no register moves) and its decoded bytes as B columns: {byte 0, byte 2} into
-# one accumulator, {byte 1, byte 3} into another. Of each product only one diagonal element
-# is wanted: Ca[g, g] (x of bytes 0, 2 times their codes, summed over the group's 4 lanes) and
-# Cb[g + 8, g] (bytes 1, 3); the other elements mix blocks and are dropped. Both sit in lane
-# (g, g // 2), elements g % 2 and 2 + g % 2, a lane that holds part of the same block: it adds
-# their sum times the block's scale into its first accumulator value of that word (the others
+# ``[rows, blocks, 4, 8]`` uint8 (a 64-weight block = 4 chunks of 8 bytes), which the Triton
+# lowering lays out with 8-byte vectors and lanes ``(g, t) = (lane // 4, lane % 4)`` on
+# (block, chunk): the 4 lanes of a group hold the 4 chunks of ONE block of one row. Per 4-byte
+# word a lane feeds the x pairs of bytes 0..3 as the A fragment as they come (a0..a3: rows g,
+# g+8, k 2t.., 2t+8..: no register moves) and its decoded bytes as B columns: {byte 0, byte 2}
+# into one accumulator, {byte 1, byte 3} into another. Of each product only one diagonal
+# element is wanted: Ca[g, g] (x of bytes 0, 2 times their codes, summed over the group's 4
+# lanes) and Cb[g + 8, g] (bytes 1, 3); the other elements mix blocks and are dropped. Both sit
+# in lane (g, g // 2), elements g % 2 and 2 + g % 2, a lane that holds a chunk of block g: it
+# adds their sum times the block's scale into its chunk's first accumulator value (the others
 # pass through), so the total over the tile is the matmul, as for any per-element value.
-# One asm call takes 8 bytes of a lane: one 8-byte chunk (two words of one block) or, with
-# 4-byte chunks, the lane's chunks of two different rows or blocks (each word on its own).
-MMA_CHUNK = 8  # default chunk bytes (``gemv_4bit(chunk=)``)
-MMA_PACK = 8  # bytes a lane hands one asm call
+MMA_CHUNK = 8  # bytes (16 codes) a lane holds per block and asm call
 
 
 def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:
@@ -236,60 +232,52 @@ def _table_words(values, dtype):
     return [word(lo_b, i) for i in range(4)], [word(hi_b, i) for i in range(4)]
 
 
-def mma_rowsum_asm(values, dtype, chunk: int = MMA_CHUNK) -> str:
-    """PTX for 8 bytes of one lane: ``acc += each block's dot * its scale`` (see above).
+def mma_rowsum_asm(values, dtype) -> str:
+    """PTX for one lane's 8-byte chunk: ``acc[chunk's first value] += its block's dot * scale``.
 
-    Operands (32-bit): $0..$7 the new accumulator values; $8, $9 the two words; $10..$17 x's
-    pairs for their bytes 0..7; $18..$25 the scales (fp32 bits; $18 for word 0, $22 for word 1);
-    $26..$33 the accumulator values. ``chunk`` 8: both words are one chunk of one block (one
-    pair of accumulators, the product into $0); 4: two independent words (products into $0 and
-    $4). Four mma; the other accumulator values pass through (ptxas drops those copies)."""
-    if chunk not in (4, 8):
-        raise ValueError(f"chunk must be 4 or 8 bytes, got {chunk}")
+    Operands (32-bit): $0..$7 the new accumulator values; $8, $9 the chunk's bytes 0-3 and 4-7;
+    $10..$17 x's pairs for bytes 0..7; $18..$25 the block's scale (fp32 bits, 8 copies);
+    $26..$33 the accumulator values. Four mma, one fma; the other accumulator values pass
+    through (ptxas drops those copies)."""
     lo, hi = _table_words(values, dtype)
     consts = "".join(f" mov.b32 L{i}, {lo[i]:#010x};\n mov.b32 H{i}, {hi[i]:#010x};\n" for i in range(4))
     ty = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
     mma = f" mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
-    sets = ("",) if chunk == 8 else ("", "_1")  # accumulator sets: one per independent word
     body = ""
     for i, w in enumerate(("$8", "$9")):
         xq = "{" + ", ".join(f"${10 + 4 * i + j}" for j in range(4)) + "}"
         body += _decode_pairs_ptx(w, ("P0", "P1", "P2", "P3"))
         for acc, pair in (("a", "{P0, P2}"), ("b", "{P1, P3}")):
-            regs = "{" + ", ".join(f"{acc}{sets[i % len(sets)]}{j}" for j in range(4)) + "}"
+            regs = "{" + ", ".join(f"{acc}{j}" for j in range(4)) + "}"
             body += mma + f"{regs}, {xq}, {pair}, {regs};\n"
-    init = "".join(f" mov.f32 {acc}{s}{j}, 0f00000000;\n" for s in sets for acc in "ab" for j in range(4))
-    freg = ", ".join(f"{acc}{s}{j}" for s in sets for acc in "ab" for j in range(4))
-    # Ca[g, g] + Cb[g + 8, g]: elements g % 2 and 2 + g % 2 of lane (g, g // 2)
-    tail = """ mov.u32 ln, %laneid;
+    init = "".join(f" mov.f32 {acc}{j}, 0f00000000;\n" for acc in "ab" for j in range(4))
+    passthrough = "".join(f" mov.b32 ${i}, ${26 + i};\n" for i in range(1, 8))
+    return ("{\n .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, t, v, sw, s23, i01, i23, m01, m23, a, b, lo, hi;\n"
+            " .reg .b32 P0, P1, P2, P3, ln, g, h;\n"
+            " .reg .f32 a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, f, sc, ac;\n"
+            " .reg .pred po, pz;\n" + consts + init + body +
+            # Ca[g, g] + Cb[g + 8, g]: elements g % 2 and 2 + g % 2 of lane (g, g // 2)
+            """ add.f32 e0, a0, b2;
+ add.f32 e1, a1, b3;
+ mov.u32 ln, %laneid;
  shr.b32 g, ln, 2;
  and.b32 h, g, 1;
  setp.ne.u32 po, h, 0;
+ selp.f32 f, e1, e0, po;
  shr.b32 h, g, 1;
  and.b32 t, ln, 3;
  setp.eq.u32 pz, t, h;
-"""
-    outs = {0: 0} if chunk == 8 else {0: 0, 1: 4}  # accumulator set -> output operand
-    for k, (s, o) in enumerate(zip(sets, outs.values())):
-        tail += f""" add.f32 e0, a{s}0, b{s}2;
- add.f32 e1, a{s}1, b{s}3;
- selp.f32 f, e1, e0, po;
  selp.f32 f, f, 0f00000000, pz;
- mov.b32 sc, ${18 + o};
- mov.b32 ac, ${26 + o};
+ mov.b32 sc, $18;
+ mov.b32 ac, $26;
  fma.rn.f32 f, f, sc, ac;
- mov.b32 ${o}, f;
-"""
-    passthrough = "".join(f" mov.b32 ${i}, ${26 + i};\n" for i in range(8) if i not in outs.values())
-    return ("{\n .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, t, v, sw, s23, i01, i23, m01, m23, a, b, lo, hi;\n"
-            " .reg .b32 P0, P1, P2, P3, ln, g, h;\n"
-            f" .reg .f32 {freg}, e0, e1, f, sc, ac;\n"
-            " .reg .pred po, pz;\n" + consts + init + body + tail + passthrough + "}")
+ mov.b32 $0, f;
+""" + passthrough + "}")
 
 
 def mma_rowsum(w, x, scale, acc, values, dtype, interpret: bool = False):
-    """``acc`` plus each block's dot product times its ``scale``, for a ``[rows, blocks, 32 //
-    chunk, chunk]`` uint8 weight tile (``chunk`` = its last dimension, 8 or 4 bytes).
+    """``acc`` plus each block's dot product times its ``scale``, for a ``[rows, blocks, 4, 8]``
+    uint8 weight tile.
 
     ``x``: uint32 of w's shape, x's 32-bit (even, odd) pair of 16-bit ``dtype`` values for each
     byte; ``scale``: fp32 of w's shape (the block's absmax, broadcast); ``acc``: int32 of w's
@@ -302,9 +290,9 @@ def mma_rowsum(w, x, scale, acc, values, dtype, interpret: bool = False):
 
         out = jax.ShapeDtypeStruct(w.shape, jnp.int32)  # Triton's asm results are signless
         sbits = jax.lax.bitcast_convert_type(scale, jnp.int32)
-        (res,) = pltriton.elementwise_inline_asm(mma_rowsum_asm(values, dtype, w.shape[-1]), args=[w, x, sbits, acc],
+        (res,) = pltriton.elementwise_inline_asm(mma_rowsum_asm(values, dtype), args=[w, x, sbits, acc],
                                                  constraints=",".join(["=r"] * 8 + ["r"] * 26),
-                                                 pack=MMA_PACK, result_shape_dtypes=[out])
+                                                 pack=MMA_CHUNK, result_shape_dtypes=[out])
         return res
     c = w.astype(jnp.int32)
     hi = decode_select(c >> 4, values).astype(dtype).astype(jnp.float32)

@@ -38,7 +38,7 @@ ENGINES = ("rowsum", "mma")
 
 def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
                  blocks_per_row, nested_blocksize, n_nested, kchunk_blocks, prefetch, xdtype,
-                 interpret, stacked, engine, chunk):
+                 interpret, stacked, engine):
     """``bn`` output rows: stream ``tb`` blocks (tb * blocksize/2 contiguous bytes) of each
     row per iteration; per block a dot product in fp32, times its absmax; sum at the end.
     ``stacked``: the weight operands carry a leading layer axis and the first operand after
@@ -58,7 +58,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
 
     def load(it):
         cols = pl.ds(it * tb, tb)
-        if mma:  # [bn, tb, 32 // chunk, chunk] bytes of whole blocks; x pairs likewise [tb, ...]
+        if mma:  # [bn, tb, 4, 8] bytes: each block as 4 chunks of 8; x pairs likewise [tb, 4, 8]
             return (p_ref[(*at, slice(None), cols, slice(None), slice(None))], a_ref[(*at, slice(None), cols)],
                     x_ref[0, cols, :, :])
         return p_ref[(*at, slice(None), cols, slice(None))], a_ref[(*at, slice(None), cols)], x_ref[0, cols, :]
@@ -83,7 +83,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
         part = jnp.sum(hi.astype(jnp.float32) * xe[None] + lo.astype(jnp.float32) * xo[None], axis=2)
         return acc + part * scales(a, it)
 
-    zeros = jnp.zeros((bn, tb, 32 // chunk, chunk), jnp.int32) if mma else jnp.zeros((bn, tb), jnp.float32)
+    zeros = jnp.zeros((bn, tb, 4, c4.MMA_CHUNK), jnp.int32) if mma else jnp.zeros((bn, tb), jnp.float32)
     if prefetch:
         def body(it, carry):
             nxt = load(jnp.minimum(it + 1, n_iters - 1))
@@ -103,7 +103,7 @@ def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, ha
 def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, nested_code=None,
               offset=None, nested_blocksize=256, bias=None, block_n=ROWS, blocks_per_iter=ROW_BLOCKS,
               splits=1, prefetch=True, num_warps=4, num_stages=1, interpret=False, layer=None,
-              engine="rowsum", chunk=c4.MMA_CHUNK):
+              engine="rowsum"):
     """``x @ W.T (+ bias)`` for ONE row of 16-bit x ``[1, K]``: ``[1, N]`` in x's dtype.
 
     ``packed`` ``[N, K/2]`` uint8 (N a multiple of ``block_n``), ``absmax`` ``[N, K/blocksize]``
@@ -118,15 +118,12 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
     GEMVs themselves.
 
     ``engine``: "rowsum" (fp32 multiply-adds, any blocksize) or "mma" (each block's dot product
-    on the tensor cores, ``_4bit_common.mma_rowsum``; blocksize 64 only), whose lanes hold
-    ``chunk`` (8 or 4) bytes of a block each.
+    on the tensor cores, ``_4bit_common.mma_rowsum``; blocksize 64 only).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "mma" and blocksize != 64:
         raise ValueError(f"engine='mma' needs blocksize 64, got {blocksize}")
-    if engine == "mma" and chunk not in (4, 8):
-        raise ValueError(f"chunk must be 4 or 8 bytes, got {chunk}")
     stacked = layer is not None
     n_layers = packed.shape[0] if stacked else None
     if stacked and (packed.ndim != 3 or absmax.ndim != 3 or absmax.shape[0] != n_layers):
@@ -146,8 +143,8 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
         raise ValueError(f"{blocks} blocks a row do not split into {splits} x {blocks_per_iter}k")
     kchunk_blocks = blocks // splits
     # free views: x as 32-bit pairs per block, W as [rows, blocks, bytes of a block] (mma: each
-    # block's bytes and pairs as [32 // chunk, chunk] chunks)
-    inner = (hb // chunk, chunk) if engine == "mma" else (hb,)
+    # block's bytes and pairs as [4, 8] chunks)
+    inner = (4, c4.MMA_CHUNK) if engine == "mma" else (hb,)
     x3 = jax.lax.bitcast_convert_type(x.reshape(1, blocks, hb, 2), jnp.uint32).reshape(1, blocks, *inner)
     zi = (0,) * len(inner)
     nested = nested_absmax is not None
@@ -182,7 +179,7 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
         values=c4.table(quant_type), nested=nested, has_bias=fuse_bias, blocks_per_row=blocks,
         nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[-1] if nested else 0,
         kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret,
-        stacked=stacked, engine=engine, chunk=chunk)
+        stacked=stacked, engine=engine)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,

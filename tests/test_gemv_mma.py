@@ -32,65 +32,51 @@ def _pairs(x) -> np.ndarray:
     return u[..., 0] | (u[..., 1] << 16)
 
 
-def _lane_data(chunk: int, reps: list[tuple]) -> list[dict[str, int]]:
-    """Registers of the 32 lanes. Lanes take consecutive ``chunk``-byte chunks of consecutive
-    blocks (the kernel tile's layout); each rep is (block bytes [nb, 32], x pairs [nb, 32],
-    scales [nb]) for one asm word slot (chunk 8: one rep covering both words)."""
+def _lane_data(blocks, xpairs, scales, acc) -> list[dict[str, int]]:
+    """Registers of the 32 lanes in the kernel tile's layout: lane (g, t) holds chunk t (bytes
+    8t..8t+7) of block g: its two words, their x pairs, block g's scale (8 copies) and the
+    lane's 8 accumulator values."""
     lanes = []
-    per_block = 32 // chunk
     for ln in range(32):
-        blk, c = ln // per_block, ln % per_block
-        regs = {}
-        for r, (blocks, xp, sc) in enumerate(reps):
-            byts = blocks[blk, chunk * c: chunk * c + chunk]
-            pairs = xp[blk, chunk * c: chunk * c + chunk]
-            for j in range(chunk // 4):  # word slot r + j
-                regs[f"${8 + r + j}"] = int(byts[4 * j: 4 * j + 4].view("<u4")[0])
-                regs.update({f"${10 + 4 * (r + j) + i}": int(pairs[4 * j + i]) for i in range(4)})
-                regs.update({f"${18 + 4 * (r + j) + i}": _bits(sc[blk]) for i in range(4)})
+        g, t = ln // 4, ln % 4
+        byts = blocks[g, 8 * t: 8 * t + 8]
+        regs = {"$8": int(byts[:4].view("<u4")[0]), "$9": int(byts[4:].view("<u4")[0])}
+        regs.update({f"${10 + j}": int(xpairs[g, 8 * t + j]) for j in range(8)})
+        regs.update({f"${18 + j}": _bits(scales[g]) for j in range(8)})
+        regs.update({f"${26 + j}": _bits(acc[ln, j]) for j in range(8)})
         lanes.append(regs)
     return lanes
 
 
-@pytest.mark.parametrize("chunk", [8, 4])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_mma_asm_block_sums(quant_type, dtype, chunk):
+def test_mma_asm_block_sums(quant_type, dtype):
     rng = np.random.default_rng(7)
     ndt = jnp.dtype(dtype)
     values = c4.table(quant_type)
     table = np.asarray(np.asarray(values, np.float32).astype(ndt), np.float64)
-    asm = c4.mma_rowsum_asm(values, ndt, chunk)
-    nb = chunk  # blocks a warp covers: 8 lanes a block with 4-byte chunks, 4 with 8-byte ones
+    asm = c4.mma_rowsum_asm(values, ndt)
     for trial in range(2):
-        reps = []
-        for _ in range(8 // chunk):  # two independent words with 4-byte chunks
-            blocks = rng.permutation(256).astype(np.uint8)[: nb * 32].reshape(nb, 32)
-            x = rng.standard_normal((nb, 64)).astype(np.float32).astype(ndt)
-            reps.append((blocks, _pairs(x), rng.uniform(0.5, 2.0, nb).astype(np.float32), x))
+        # 8 blocks of 32 bytes: every byte value once over the 256 bytes, shuffled
+        blocks = rng.permutation(256).astype(np.uint8).reshape(8, 32)
+        x = rng.standard_normal((8, 64)).astype(np.float32).astype(ndt)
+        scales = rng.uniform(0.5, 2.0, 8).astype(np.float32)
         acc = rng.standard_normal((32, 8)).astype(np.float32)
-        inputs = _lane_data(chunk, [r[:3] for r in reps])
-        for ln in range(32):
-            inputs[ln].update({f"${26 + j}": _bits(acc[ln, j]) for j in range(8)})
-        lanes = run_warp(asm, inputs, half_dtype=np.dtype(ndt).type)
+        lanes = run_warp(asm, _lane_data(blocks, _pairs(x), scales, acc), half_dtype=np.dtype(ndt).type)
         out = np.array([[np.uint32(lanes[ln][f"${i}"]).view(np.float32) for i in range(8)] for ln in range(32)],
                        np.float64)
-        added = (out - acc).reshape(nb, 32 // nb, len(reps), 8 // len(reps))  # [block, lane, rep, value]
-        for r, (blocks, _, sc, x) in enumerate(reps):
-            got = added[:, :, r].reshape(nb, -1).sum(axis=1)
-            w = np.stack([table[blocks >> 4], table[blocks & 15]], axis=-1).reshape(nb, 64)
-            want = (w * np.asarray(x, np.float64)).sum(axis=1) * sc
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-            # one value of each group of 4 lanes takes its part of the block; the others pass through
-            assert (np.count_nonzero(added[:, :, r].reshape(nb, -1), axis=1) <= 8 // chunk).all()
+        added = (out - acc).reshape(8, 32)  # [block, its 4 lanes x 8 values]
+        w = np.stack([table[blocks >> 4], table[blocks & 15]], axis=-1).reshape(8, 64)
+        want = (w * np.asarray(x, np.float64)).sum(axis=1) * scales
+        np.testing.assert_allclose(added.sum(axis=1), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        # one value of each block takes the product (lane (g, g // 2)); the others pass through
+        assert (np.count_nonzero(added, axis=1) <= 1).all()
 
 
 @pytest.mark.parametrize("k,n,quant_type,dq,dtype,cfg", [
     (512, 32, "nf4", True, "bfloat16", dict(block_n=8, blocks_per_iter=4)),
     (512, 32, "fp4", False, "float16", dict(block_n=4, blocks_per_iter=2, splits=2)),
     (1024, 16, "nf4", False, "bfloat16", dict(block_n=16, blocks_per_iter=16, prefetch=False)),
-    (512, 32, "nf4", True, "bfloat16", dict(block_n=8, blocks_per_iter=8, chunk=4)),
-    (1024, 16, "fp4", False, "float16", dict(block_n=4, blocks_per_iter=4, splits=2, chunk=4)),
 ])
 def test_mma_engine_interpreted_matches_reference(rng, k, n, quant_type, dq, dtype, cfg):
     w = rng.standard_normal((n, k)).astype(np.float32)
