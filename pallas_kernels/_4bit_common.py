@@ -196,8 +196,7 @@ def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:
     sign-replicate mode; lop3 merges the two 8-entry half-tables, and two prmt interleave low
     and high bytes. 24 instructions for 8 codes.
     """
-    p0, p1, p2, p3 = out
-    return f""" shl.b32 v, {w}, 4;
+    head = f""" shl.b32 v, {w}, 4;
  shr.b32 t, {w}, 4;
  lop3.b32 sw, t, v, 0x0F0F0F0F, 0xE4;
  shr.b32 s23, sw, 16;
@@ -205,23 +204,13 @@ def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:
  and.b32 i23, s23, 0x7777;
  prmt.b32 m01, {w}, v, 0xD9C8;
  prmt.b32 m23, {w}, v, 0xFBEA;
- prmt.b32 a, L0, L1, i01;
- prmt.b32 b, L2, L3, i01;
- lop3.b32 lo, a, b, m01, 0xD8;
- prmt.b32 a, H0, H1, i01;
- prmt.b32 b, H2, H3, i01;
- lop3.b32 hi, a, b, m01, 0xD8;
- prmt.b32 {p0}, lo, hi, 0x5140;
- prmt.b32 {p1}, lo, hi, 0x7362;
- prmt.b32 a, L0, L1, i23;
- prmt.b32 b, L2, L3, i23;
- lop3.b32 lo, a, b, m23, 0xD8;
- prmt.b32 a, H0, H1, i23;
- prmt.b32 b, H2, H3, i23;
- lop3.b32 hi, a, b, m23, 0xD8;
- prmt.b32 {p2}, lo, hi, 0x5140;
- prmt.b32 {p3}, lo, hi, 0x7362;
 """
+    for idx, msk, first, second in (("i01", "m01", *out[:2]), ("i23", "m23", *out[2:])):
+        for plane, name in (("L", "lo"), ("H", "hi")):  # each byte plane: two half-tables, merged
+            head += (f" prmt.b32 a, {plane}0, {plane}1, {idx};\n prmt.b32 b, {plane}2, {plane}3, {idx};\n"
+                     f" lop3.b32 {name}, a, b, {msk}, 0xD8;\n")
+        head += f" prmt.b32 {first}, lo, hi, 0x5140;\n prmt.b32 {second}, lo, hi, 0x7362;\n"
+    return head
 
 
 def _table_words(values, dtype):
