@@ -1,25 +1,29 @@
-"""Fused 4-bit (NF4/FP4) GEMV for one row of x (decode at batch 1): row sums over cache lines.
+"""Fused 4-bit (NF4/FP4) GEMV for one row of x (decode at batch 1), streaming whole cache lines.
 
-At M=1 the tensor cores buy nothing and the weight is read once, so the kernel must stream
-30 MB at close to the copy bandwidth while spending as few instructions per weight as it
-can. The canonical bytes are read as ``[N, K/blocksize, blocksize/2]`` (a free view): a
-program owns ``block_n`` rows and streams ``blocks_per_iter`` whole quantization blocks of
-each per iteration, 16 bytes a thread, so every warp reads contiguous runs of a row (16
-blocks = 512 bytes = four whole cache lines), with no tensor-core layout change, shared
-memory or barrier. Each byte's two codes are decoded by inline-PTX byte permutes straight
-to x's 16-bit dtype (``_4bit_common.decode16``), widened to fp32 and multiplied with x's
-even and odd elements, which the kernel reads as one 32-bit pair per byte (for bf16 the
-widening is a shift). Per block the fp32 sum times the block's absmax (double quantization
-undone in-kernel) adds into a ``[block_n, blocks_per_iter]`` accumulator that is reduced
-once at the end. One kernel a layer: no x split, no split-K reduction (``splits > 1`` is
-there for layers with few rows, its fp32 partials summed by the caller).
+At M=1 the weight is read once, so the kernel must stream 30 MB at close to the copy
+bandwidth while spending as few instructions per weight as it can. The canonical bytes are
+read as ``[N, K/blocksize, blocksize/2]`` (a free view): a program owns ``block_n`` rows and
+streams ``blocks_per_iter`` whole quantization blocks of each per iteration, so every warp
+reads contiguous runs of a row (whole cache lines). Each byte's two codes are decoded by
+inline-PTX byte permutes straight to x's 16-bit dtype; x is read as one 32-bit pair per byte.
+Per block the dot product times the block's absmax (double quantization undone in-kernel)
+adds into an accumulator reduced once at the end. One kernel a layer: no x split, no split-K
+reduction (``splits > 1`` is there for layers with few rows, fp32 partials summed by the
+caller).
 
-Measured against the tensor-core GEMV it replaces (split-K, 32-64 bytes of 64-128 rows a
-tile, absmax applied per element): 25 us against 42-43 us a kernel on an H100 at
-K=4096, N=14336 (benchmarks/KERNEL_NOTES.md). Rows of x beyond one go through the
-tensor-core kernels of ``gemm_4bit``, which share the decode across rows.
+Two engines for the block dot products:
+- "mma" (default on the GPU): a warp's ``mma.m16n8k16`` computes them, x pairs as the A
+  fragment, decoded byte pairs as B, each block's sum on the product's diagonal
+  (``_4bit_common.mma_rowsum``: the lane layout and the bookkeeping). The multiply-adds cost
+  ~1/32 of an instruction a weight; the decode is what is left (integer-ALU-bound): 22.2-22.9
+  us at K=4096, N=14336 on an H100.
+- "rowsum": fp32 multiply-adds on the CUDA cores (~9.8 instructions a weight: 25-27 us), for
+  blocksizes other than 64.
+
+Measured against the split-K tensor-core GEMV before both (32-64 bytes of 64-128 rows a tile,
+absmax per element): 42-43 us (benchmarks/KERNEL_NOTES.md). Rows of x beyond one go through
+the tensor-core kernels of ``gemm_4bit``, which share the decode across rows.
 """
-
 from __future__ import annotations
 
 import functools

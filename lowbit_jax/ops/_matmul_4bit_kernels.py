@@ -5,7 +5,7 @@ re-serialise): ``packed`` viewed as ``[N, K/2]`` and absmax as ``[N, K/blocksize
 is exact whenever K is a multiple of the blocksize (no block straddles two rows). Double
 quantization is undone in-kernel (uint8 absmax codes, nested scales, offset).
 
-Which kernel, by rows of x (M): one row of bf16/fp16 x, the row-sum GEMV (``gemv_4bit``);
+Which kernel, by rows of x (M): one row of bf16/fp16 x, the one-row GEMV (``gemv_4bit``);
 up to ``GEMV_MAX_M`` rows, the split-K tensor-core GEMV (``gemm_4bit`` in dot mode, or fma
 mode for a few fp32 rows); up to ``TILED_MIN_M``, the fused GEMM (the decoded W tile as the
 dot's left operand, ``orient="wx"``); from there, a band of W's rows at a time decoded by
@@ -190,7 +190,7 @@ def forward(x, q, bias=None, *, interpret=False, layer=None):
 
 
 def _gemv(x2, ops, bias, interpret, layer=None):
-    """One row of 16-bit x through ``gemv_4bit`` (row sums, no tensor cores)."""
+    """One row of 16-bit x through ``gemv_4bit`` (block dots on the tensor cores for blocksize 64)."""
     k = x2.shape[1]
     n = ops["packed"].shape[-2]
     cfg = dict(GPU_CONFIG["gemv_narrow" if n <= GEMV_NARROW_MAX_N else "gemv"])
