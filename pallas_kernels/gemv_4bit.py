@@ -24,6 +24,7 @@ Measured against the split-K tensor-core GEMV before both (32-64 bytes of 64-128
 absmax per element): 42-43 us (benchmarks/KERNEL_NOTES.md). Rows of x beyond one go through
 the tensor-core kernels of ``gemm_4bit``, which share the decode across rows.
 """
+
 from __future__ import annotations
 
 import functools
