@@ -54,3 +54,17 @@ def host_memory_space():
 def device_memory_space():
     space = getattr(getattr(jax, "memory", None), "Space", None)
     return None if space is None else space.Device
+
+
+def eager():
+    """A context in which JAX calls run now, even while a caller's function is being traced.
+
+    ``jax.ensure_compile_time_eval`` is not it for a call that itself traces a Pallas kernel:
+    it folds every constant eagerly in the inner traces too (``program_id`` then fails). The
+    eval-trace context of ``jax._src.core`` (JAX 0.10 and 0.11) only swaps the current trace.
+    """
+    try:
+        from jax._src.core import eval_context
+    except ImportError:  # pragma: no cover - a JAX without it
+        return jax.ensure_compile_time_eval()
+    return eval_context()

@@ -103,3 +103,41 @@ def test_mma_engine_rejects_other_blocksizes(rng):
         gemv_4bit.gemv_4bit(x, ops["packed"], ops["absmax"], **rest, engine="mma", interpret=True)
     with pytest.raises(ValueError, match="engine"):
         gemv_4bit.gemv_4bit(x, ops["packed"], ops["absmax"], **rest, engine="tensor", interpret=True)
+
+
+def test_mma_self_check_runs_both_engines_interpreted():
+    """The check runs eagerly, also from inside a jit trace (where matmul_4bit calls it)."""
+    cfg = dict(kern.GPU_CONFIG["gemv"], block_n=4, blocks_per_iter=2)
+    seen = []
+
+    @jax.jit
+    def step(x):
+        seen.append(kern._run_mma_check(jnp.bfloat16, cfg, interpret=True))
+        return x + 1
+
+    step(jnp.ones(3))
+    ok, detail = seen[0]
+    assert ok, detail
+
+
+@pytest.mark.parametrize("failure", ["mismatch", "error"])
+def test_mma_self_check_failure_keeps_rowsum(monkeypatch, failure):
+    """A launch shape whose check fails (wrong numbers or an exception) warns once and is not
+    used again; the cache is per launch shape and dtype."""
+    calls = []
+
+    def fake_check(dtype, cfg, interpret=False):
+        calls.append((jnp.dtype(dtype).name, cfg["block_n"]))
+        if failure == "error":
+            raise RuntimeError("no such layout")
+        return False, "max relative difference 1"
+
+    monkeypatch.setattr(kern, "_run_mma_check", fake_check)
+    monkeypatch.setattr(kern, "_MMA_CHECKS", {})
+    cfg = dict(kern.GPU_CONFIG["gemv"])
+    with pytest.warns(RuntimeWarning, match="self-check"):
+        assert kern.mma_engine_checked(jnp.bfloat16, cfg) is False
+    assert kern.mma_engine_checked(jnp.bfloat16, cfg) is False  # cached: no second run, no warning
+    monkeypatch.setattr(kern, "_run_mma_check", lambda dtype, cfg, interpret=False: (True, ""))
+    assert kern.mma_engine_checked(jnp.float16, cfg) is True  # another dtype is checked on its own
+    assert calls == [("bfloat16", cfg["block_n"])]

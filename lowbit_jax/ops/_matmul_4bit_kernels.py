@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lowbit_jax import quant
+from lowbit_jax import _compat, quant
 from pallas_kernels import dequant_4bit, gemm_4bit, gemv_4bit
 
 GPU_CONFIG = {
@@ -203,9 +203,64 @@ def _gemv(x2, ops, bias, interpret, layer=None):
         tb //= 2
     if ops["blocksize"] != 64:
         cfg["engine"] = "rowsum"  # the tensor-core engine's chunks are 64-weight blocks
+    elif cfg["engine"] == "mma" and not interpret and not mma_engine_checked(x2.dtype, dict(cfg, block_n=bn,
+                                                                                          blocks_per_iter=tb)):
+        cfg["engine"] = "rowsum"
     b = None if bias is None else _pad_rows(bias, bn)
     return gemv_4bit.gemv_4bit(x2, ops["packed"], ops["absmax"], **_rest(ops), bias=b, block_n=bn,
                                blocks_per_iter=tb, splits=splits, interpret=interpret, layer=layer, **cfg)
+
+
+_MMA_CHECKS: dict = {}  # launch shape -> whether the tensor-core GEMV agreed on this GPU
+
+
+def mma_engine_checked(dtype, cfg) -> bool:
+    """Whether the tensor-core GEMV matches the row-sum GEMV for this launch shape on this GPU.
+
+    The mma engine relies on the lane layout Triton gives its weight tile (the layout contract
+    in ``pallas_kernels._4bit_common``): a Triton whose layout heuristics differ would make it
+    wrong, not slow. So the first call of each launch shape runs both engines once, eagerly,
+    on a small random weight; a mismatch or an error warns and keeps the row-sum engine.
+    """
+    key = (jnp.dtype(dtype).name, *(cfg[k] for k in ("block_n", "blocks_per_iter", "num_warps", "prefetch",
+                                                       "num_stages")))
+    if key not in _MMA_CHECKS:
+        try:
+            ok, detail = _run_mma_check(dtype, cfg)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not trust the engine here
+            ok, detail = False, f"{type(e).__name__}: {str(e)[:300]}"
+        if not ok:
+            import warnings
+
+            warnings.warn(f"lowbit_jax: the tensor-core 4-bit GEMV failed its self-check for launch {key} "
+                          f"({detail}); using the row-sum GEMV", RuntimeWarning, stacklevel=3)
+        _MMA_CHECKS[key] = ok
+    return _MMA_CHECKS[key]
+
+
+def _run_mma_check(dtype, cfg, interpret: bool = False):
+    """Both engines on one random NF4 + double-quant weight of the launch's tile (4 row tiles,
+    2 iterations of K): (agree within 16-bit rounding, max relative difference)."""
+    import numpy as np
+
+    bn, tb = cfg["block_n"], cfg["blocks_per_iter"]
+    n, k = 4 * bn, 2 * tb * 64
+    rng = np.random.default_rng(0)
+    launch = {key: cfg[key] for key in ("block_n", "blocks_per_iter", "num_warps", "prefetch", "num_stages")}
+
+    @jax.jit
+    def both(x, q):
+        ops = operands(q)
+        return [gemv_4bit.gemv_4bit(x, ops["packed"], ops["absmax"], **_rest(ops), interpret=interpret,
+                                    engine=engine, **launch) for engine in ("mma", "rowsum")]
+
+    with _compat.eager():  # run now, also while a caller's jit is being traced
+        w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+        q = quant.quantize_4bit(w, 64, "nf4", compress_statistics=True)
+        x = jnp.asarray(rng.standard_normal((1, k)), dtype)
+        ys = [np.asarray(y, np.float32) for y in both(x, q)]
+    rel = float(np.abs(ys[0] - ys[1]).max() / max(np.abs(ys[1]).max(), 1e-30))
+    return bool(np.isfinite(ys[0]).all() and rel < 2e-2), f"max relative difference {rel:.3g}"
 
 
 def _split_k_gemv(x2, ops, bias, interpret):
