@@ -12,11 +12,11 @@ reduction (``splits > 1`` is there for layers with few rows, fp32 partials summe
 caller).
 
 Two engines for the block dot products:
-- "mma" (default on the GPU): a warp's ``mma.m16n8k16`` computes them, x pairs as the A
-  fragment, decoded byte pairs as B, each block's sum on the product's diagonal
-  (``_4bit_common.mma_rowsum``: the lane layout and the bookkeeping). The multiply-adds cost
-  ~1/32 of an instruction a weight; the decode is what is left (integer-ALU-bound): 22.2-22.9
-  us at K=4096, N=14336 on an H100.
+- "mma" (what ``ops.matmul_4bit`` picks for blocksize 64): a warp's ``mma.m16n8k16``
+  computes them, x pairs as the A fragment, decoded byte pairs as B, each block's sum on the
+  product's diagonal (``_4bit_common.mma_rowsum``: the lane layout and the bookkeeping). The
+  multiply-adds cost ~1/32 of an instruction a weight; the decode is what is left
+  (integer-ALU-bound): 22.2-22.9 us at K=4096, N=14336 on an H100.
 - "rowsum": fp32 multiply-adds on the CUDA cores (~9.8 instructions a weight: 25-27 us), for
   blocksizes other than 64.
 
