@@ -41,7 +41,7 @@ ROWS, ROW_BLOCKS = 8, 16  # weight rows a program, quantization blocks of each a
 ENGINES = ("rowsum", "mma")
 
 
-def _rowsum_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
+def _gemv_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
                  blocks_per_row, nested_blocksize, n_nested, kchunk_blocks, prefetch, xdtype,
                  interpret, stacked, engine):
     """``bn`` output rows: stream ``tb`` blocks (tb * blocksize/2 contiguous bytes) of each
@@ -180,7 +180,7 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
         out_shape = jax.ShapeDtypeStruct((splits, n), jnp.float32)
         out_spec = pl.BlockSpec((1, block_n), lambda j, s: (s, j))
     kernel = functools.partial(
-        _rowsum_body, bn=block_n, tb=blocks_per_iter, n_iters=kchunk_blocks // blocks_per_iter,
+        _gemv_body, bn=block_n, tb=blocks_per_iter, n_iters=kchunk_blocks // blocks_per_iter,
         values=c4.table(quant_type), nested=nested, has_bias=fuse_bias, blocks_per_row=blocks,
         nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[-1] if nested else 0,
         kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret,
