@@ -2,10 +2,7 @@
 # Fourth session's device calls (H100): bitsandbytes' wheel carried in .whl/, logs under $OUT.
 #   bash benchmarks/device_s4.sh optim     # optimizer rounding variants (logtable) + full optimizer table
 #   bash benchmarks/device_s4.sh orient    # LLM.int8 small M: operand order of XLA's int8 dot
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > /dev/null 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site
-OUT=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
+. "$(dirname "$0")/_device_env.sh"
 for mode in "$@"; do
   case "$mode" in
     optim)

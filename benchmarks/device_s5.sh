@@ -2,10 +2,7 @@
 # Fifth session's device calls (H100): bitsandbytes' wheel carried in .whl/, logs under $OUT.
 #   bash benchmarks/device_s5.sh gemv_check gemv_sweep   # tensor-core GEMV: GPU checks, launch sweep
 #   bash benchmarks/device_s5.sh decode                   # batch-1 decode: GEMV engines same run + profile
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > /dev/null 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site
-OUT=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
+. "$(dirname "$0")/_device_env.sh"
 for mode in "$@"; do
   case "$mode" in
     gemv_check)  # the standard cases (the mma engine is the default), then every sweep variant
