@@ -55,6 +55,16 @@ def _table_bits(values, dtype) -> "np.ndarray":
     return np.asarray(np.asarray(values, np.float32).astype(jnp.dtype(dtype)).view(np.uint16), np.uint32)
 
 
+def _table_consts_ptx(values, dtype) -> str:
+    """PTX moves of the 16-bit table into L0..L3 (low bytes) and H0..H3 (high bytes): register i
+    holds the byte of entries 4i..4i+3, the layout both prmt decoders index with 3-bit selectors."""
+    bits = _table_bits(values, dtype)
+    lo_b, hi_b = bits & 0xFF, bits >> 8
+    word = lambda b, i: int(b[4 * i] | (b[4 * i + 1] << 8) | (b[4 * i + 2] << 16) | (b[4 * i + 3] << 24))
+    return "".join(f" mov.b32 L{i}, {word(lo_b, i):#010x};\n mov.b32 H{i}, {word(hi_b, i):#010x};\n"
+                   for i in range(4))
+
+
 def _prmt_asm(values, nibble: str, dtype=jnp.float16) -> str:
     """PTX decoding 4 codes (one nibble of each of 4 packed bytes) to 4 16-bit table values.
 
@@ -66,12 +76,8 @@ def _prmt_asm(values, nibble: str, dtype=jnp.float16) -> str:
     low and high bytes into 16-bit pairs. 14 instructions for 4 values (the first version,
     which built the mask and the selectors with ``and``/``or`` chains, took 18).
     """
-    bits = _table_bits(values, dtype)
-    lo_b, hi_b = bits & 0xFF, bits >> 8
-    word = lambda b, i: int(b[4 * i] | (b[4 * i + 1] << 8) | (b[4 * i + 2] << 16) | (b[4 * i + 3] << 24))
-    consts = "".join(f" mov.b32 L{i}, {word(lo_b, i):#010x};\n mov.b32 H{i}, {word(hi_b, i):#010x};\n"
-                     for i in range(4))
-    head = ("{\n .reg .b32 t, v, u, s, idx, msk, a, b, lo, hi, L0, L1, L2, L3, H0, H1, H2, H3;\n" + consts)
+    head = ("{\n .reg .b32 t, v, u, s, idx, msk, a, b, lo, hi, L0, L1, L2, L3, H0, H1, H2, H3;\n"
+            + _table_consts_ptx(values, dtype))
     # one asm per nibble (Pallas lowers single-result inline asm only): outputs $0,$1, input $2.
     # u: byte 0 = c0 | c1 << 4, byte 2 = c2 | c3 << 4 (lop3 0xE4: (a & c) | (b & ~c)); prmt
     # gathers bytes 0 and 2 into 4 selector nibbles; msk byte k = 0xFF where code k >= 8.
@@ -213,14 +219,6 @@ def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:
     return head
 
 
-def _table_words(values, dtype):
-    """The 16-bit table as 8 words: low bytes L0..L3 and high bytes H0..H3 of entries 4i..4i+3."""
-    bits = _table_bits(values, dtype)
-    lo_b, hi_b = bits & 0xFF, bits >> 8
-    word = lambda b, i: int(b[4 * i] | (b[4 * i + 1] << 8) | (b[4 * i + 2] << 16) | (b[4 * i + 3] << 24))
-    return [word(lo_b, i) for i in range(4)], [word(hi_b, i) for i in range(4)]
-
-
 def mma_rowsum_asm(values, dtype) -> str:
     """PTX for one lane's 8-byte chunk: ``acc[chunk's first value] += its block's dot * scale``.
 
@@ -228,8 +226,7 @@ def mma_rowsum_asm(values, dtype) -> str:
     $10..$17 x's pairs for bytes 0..7; $18..$25 the block's scale (fp32 bits, 8 copies);
     $26..$33 the accumulator values. Four mma, one fma; the other accumulator values pass
     through (ptxas drops those copies)."""
-    lo, hi = _table_words(values, dtype)
-    consts = "".join(f" mov.b32 L{i}, {lo[i]:#010x};\n mov.b32 H{i}, {hi[i]:#010x};\n" for i in range(4))
+    consts = _table_consts_ptx(values, dtype)
     ty = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
     mma = f" mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
     body = ""
