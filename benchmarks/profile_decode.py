@@ -27,9 +27,8 @@ except ImportError:  # run as a script from benchmarks/
 
 
 ROWSUM = dict(engine="rowsum", prefetch=True, num_stages=1)  # the fourth session's GEMV
-DECODE_VARIANTS = [  # (GPU_CONFIG overrides of "gemv" and "gemv_narrow", llama.INPLACE_CACHE)
-    (ROWSUM, dict(ROWSUM, splits=2), True), ({}, {}, True), ({}, dict(splits=2), True),
-    (dict(prefetch=True, num_stages=1), {}, True), ({}, {}, True),
+DECODE_VARIANTS = [  # GPU_CONFIG overrides of "gemv" and "gemv_narrow"
+    (ROWSUM, dict(ROWSUM, splits=2)), ({}, {}), ({}, dict(splits=2)), (dict(prefetch=True, num_stages=1), {}), ({}, {}),
 ]
 
 
@@ -42,11 +41,9 @@ def _sweep(params, cfg, context, tok, calls, res):
     from lowbit_jax.ops import _matmul_4bit_kernels as kern
 
     base = {s: dict(kern.GPU_CONFIG[s]) for s in ("gemv", "gemv_narrow")}
-    base_inplace = llama.INPLACE_CACHE
-    for over, over_narrow, inplace in DECODE_VARIANTS:
+    for over, over_narrow in DECODE_VARIANTS:
         kern.GPU_CONFIG["gemv"] = dict(base["gemv"], **over)
         kern.GPU_CONFIG["gemv_narrow"] = dict(base["gemv_narrow"], **over_narrow)
-        llama.INPLACE_CACHE = inplace
         jax.clear_caches()
         cache = llama.init_cache(cfg, 1, context + 2 * calls + 4, jnp.bfloat16)
         pos = context
@@ -58,11 +55,10 @@ def _sweep(params, cfg, context, tok, calls, res):
             logits, cache = llama.decode_step(params, tok, cache, pos + 2 + i, cfg, jnp.bfloat16)
         jax.block_until_ready(logits)
         ms = (time.perf_counter() - t0) / calls * 1e3
-        key = f"gemv {over or 'default'} narrow {over_narrow or 'default'} inplace_cache={inplace}"
+        key = f"gemv {over or 'default'} narrow {over_narrow or 'default'}"
         res.setdefault("sweep", {})[key] = ms
         print(f"sweep {key}: {ms:.3f} ms a token", flush=True)
     kern.GPU_CONFIG.update({s: dict(v) for s, v in base.items()})
-    llama.INPLACE_CACHE = base_inplace
     jax.clear_caches()
 
 
@@ -73,8 +69,8 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--tp", action="store_true", help="decode through the tensor-parallel plan (a 1x1 mesh)")
     ap.add_argument("--sweep", action="store_true",
-                    help="first time the decode step for each DECODE_VARIANTS entry (narrow-layer GEMV "
-                         "launch, in-place cache), same run")
+                    help="first time the decode step for each DECODE_VARIANTS entry (GEMV engine and "
+                         "narrow-layer launch), same run")
     ap.add_argument("--config", action="append", default=[],
                     help="GPU_CONFIG override section.key=value (repeatable), e.g. gemv.engine=mma")
     args = ap.parse_args(argv)

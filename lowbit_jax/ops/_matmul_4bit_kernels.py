@@ -201,17 +201,17 @@ def _gemv(x2, ops, bias, interpret, layer=None):
         splits //= 2
     while tb > 1 and (blocks // splits) % tb:
         tb //= 2
-    if ops["blocksize"] != 64:
-        cfg["engine"] = "rowsum"  # the tensor-core engine's chunks are 64-weight blocks
-    elif cfg["engine"] == "mma" and not interpret and not mma_engine_checked(x2.dtype, dict(cfg, block_n=bn,
-                                                                                          blocks_per_iter=tb)):
+    cfg.update(block_n=bn, blocks_per_iter=tb, splits=splits)
+    # the tensor-core engine's chunks are 64-weight blocks; on the GPU it must pass its self-check
+    if cfg["engine"] == "mma" and (ops["blocksize"] != 64 or not (interpret or mma_engine_checked(x2.dtype, cfg))):
         cfg["engine"] = "rowsum"
     b = None if bias is None else _pad_rows(bias, bn)
-    return gemv_4bit.gemv_4bit(x2, ops["packed"], ops["absmax"], **_rest(ops), bias=b, block_n=bn,
-                               blocks_per_iter=tb, splits=splits, interpret=interpret, layer=layer, **cfg)
+    return gemv_4bit.gemv_4bit(x2, ops["packed"], ops["absmax"], **_rest(ops), bias=b, interpret=interpret,
+                               layer=layer, **cfg)
 
 
 _MMA_CHECKS: dict = {}  # launch shape -> whether the tensor-core GEMV agreed on this GPU
+_LAUNCH = ("block_n", "blocks_per_iter", "num_warps", "prefetch", "num_stages")  # what shapes the tile layout
 
 
 def mma_engine_checked(dtype, cfg) -> bool:
@@ -222,8 +222,7 @@ def mma_engine_checked(dtype, cfg) -> bool:
     wrong, not slow. So the first call of each launch shape runs both engines once, eagerly,
     on a small random weight; a mismatch or an error warns and keeps the row-sum engine.
     """
-    key = (jnp.dtype(dtype).name, *(cfg[k] for k in ("block_n", "blocks_per_iter", "num_warps", "prefetch",
-                                                       "num_stages")))
+    key = (jnp.dtype(dtype).name, *(cfg[k] for k in _LAUNCH))
     if key not in _MMA_CHECKS:
         try:
             ok, detail = _run_mma_check(dtype, cfg)
@@ -246,7 +245,7 @@ def _run_mma_check(dtype, cfg, interpret: bool = False):
     bn, tb = cfg["block_n"], cfg["blocks_per_iter"]
     n, k = 4 * bn, 2 * tb * 64
     rng = np.random.default_rng(0)
-    launch = {key: cfg[key] for key in ("block_n", "blocks_per_iter", "num_warps", "prefetch", "num_stages")}
+    launch = {key: cfg[key] for key in _LAUNCH}
 
     @jax.jit
     def both(x, q):
