@@ -151,6 +151,8 @@ def sweep(budget_s):
                 for t in ((128, 128, 128, 8, 4), (128, 256, 128, 8, 3))]
     if os.environ.get("INT8_SWEEP") == "orient":  # small M: operand order of XLA's int8 dot
         return _sweep_orient(mi, qs)
+    if os.environ.get("INT8_SWEEP") == "digits":  # small M: two outlier digits (3M rows) or one (2M)
+        return _sweep_small(mi, qs, "SMALL_DIGITS", (2, 1, 2, 1))
     base = {k: dict(v) for k, v in mi.GPU_CONFIG.items()}
     res = {}
     keys = []
@@ -184,6 +186,12 @@ def sweep(budget_s):
 def _sweep_orient(mi, qs):
     """Small M through XLA's int8 dot (mi.SMALL_ENGINE "xla"): x's rows or W's rows as the
     GEMM's M side, thresholds 6 (48 stacked rows) and 0 (16), 4 chained passes."""
+    return _sweep_small(mi, qs, "SMALL_ORIENT", ("xw", "wx", "xw", "wx"))
+
+
+def _sweep_small(mi, qs, switch, values):
+    """Small M (1, 16; thresholds 6 and 0) under each of ``values`` of ``mi.<switch>``, in the
+    order given (repeat values, interleaved, to see the run-to-run spread); 4 chained passes."""
     import jax.numpy as jnp
 
     from lowbit_jax import ops
@@ -193,11 +201,11 @@ def _sweep_orient(mi, qs):
         p = repeat_for(m)
         xs = tuple(jnp.asarray(make_x(m, seed=99 + r)[0], jnp.bfloat16) for r in range(p))
         for thr in (6.0, 0.0):
-            for orient in ("xw", "wx", "xw", "wx"):  # twice, interleaved: run-to-run spread
+            for value in values:
                 f = chained_passes(lambda x, q, thr=thr: ops.matmul_int8(x, q, thr, impl="pallas"))
-                key = f"M{m}_thr{thr:g}_{orient}"
+                key = f"M{m}_thr{thr:g}_{switch}_{value}"
                 try:
-                    with attr(mi, "SMALL_ORIENT", orient):
+                    with attr(mi, switch, value):
                         res.setdefault(key, []).append(jax_time(f, xs, qs, passes=p))
                 except Exception as e:  # noqa: BLE001
                     res[key] = f"ERR {type(e).__name__}: {str(e)[:300]}"

@@ -3,11 +3,12 @@
 268M fp32 parameters as 16 leaves of 4096x4096 (and bf16 parameters for the 8-bit variants).
 Each JAX variant is one jitted step ``(params, state, grads) -> (params, state)`` with params and
 state donated; ``STEPS`` steps run inside one jit (``lax.fori_loop``) and the time is total /
-STEPS, so host dispatch is not measured. The HBM copy bandwidth is measured in the same run.
-bitsandbytes runs eagerly (its step is one kernel per tensor, 16 launches against ~9 ms).
+STEPS, so the call's host dispatch is divided by STEPS (``--profile`` shows the device time of
+every kernel). The HBM copy bandwidth is measured in the same run. bitsandbytes runs eagerly (its
+step is one kernel per tensor, 16 launches against ~9 ms), timed with CUDA events.
 
 Correctness first: the fused kernel's parameters and state codes are compared with the jnp
-reference after 3 steps on one leaf before anything is timed.
+reference after 3 steps on three leaves (one launch) before anything is timed.
 
 Usage (GPU): PYTHONPATH=. python benchmarks/bench_optim.py [--out results.json]
 """
@@ -24,16 +25,19 @@ import jax.numpy as jnp
 import optax
 
 from lowbit_jax.optim import adamw8bit, state_nbytes
-from lowbit_jax.optim.fused import adam8bit_step_fused, adam_hyper
+from lowbit_jax.optim.fused import adam8bit_step_fused, adam8bit_step_grouped, adam_hyper
 
 try:
-    from benchmarks._timing import copy_bandwidth_tbps
+    from benchmarks._timing import copy_bandwidth_tbps, kernel_profile, print_profile
 except ImportError:  # run as a script from benchmarks/
-    from _timing import copy_bandwidth_tbps
+    from _timing import copy_bandwidth_tbps, kernel_profile, print_profile
 
 LEAVES, DIM = 16, 4096
 INTERPRET = jax.default_backend() == "cpu"  # CPU smoke runs (--dim 512) use the kernel interpreter
-STEPS = 10
+# Steps inside one jitted call: the call's host dispatch (~0.1 ms with 16 leaves' 80 buffers) is
+# divided by it. 10 steps added ~0.09 ms a step against 40 (H100, 16x4096: 1.709 vs 1.617 ms; the
+# profiled kernel takes 1.575 ms a step): RESULTS.md.
+STEPS = 40
 REPEATS = 5
 
 
@@ -89,8 +93,10 @@ def bench_optax(tx, dtype, name, results, grads_dtype=None):
     del params, state, grads
 
 
-def bench_inplace(dtype, name, results, traffic_bytes_per_param, **kernel_options):
-    """The fused kernel writing p in place (no separate apply_updates pass)."""
+def bench_inplace(dtype, name, results, traffic_bytes_per_param, leaves_per_launch=None, profile=False,
+                  **kernel_options):
+    """The fused kernel writing p in place (no separate apply_updates pass), its leaves grouped
+    into launches as ``adamw8bit_inplace`` does (``leaves_per_launch=1``: one launch a leaf)."""
     params = _params(dtype)
     grads = [g.astype(dtype) for g in _params(jnp.float32, seed=1)]
     tx = adamw8bit(1e-3, fused=True, interpret=INTERPRET)
@@ -101,7 +107,8 @@ def bench_inplace(dtype, name, results, traffic_bytes_per_param, **kernel_option
         def body(i, carry):
             p, m, v = carry
             hyper = adam_hyper(0.9, 0.999, 1e-8, 1e-3, 1e-2, i + 1)
-            out = [adam8bit_step_fused(hyper, pp, g, mm, vv, interpret=INTERPRET, **kernel_options) for pp, g, mm, vv in zip(p, grads, m, v)]
+            out = adam8bit_step_grouped([hyper] * len(p), p, grads, m, v, interpret=INTERPRET,
+                                        leaves_per_launch=leaves_per_launch, **kernel_options)
             return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
 
         return jax.lax.fori_loop(0, STEPS, body, (params, mu, nu))
@@ -126,25 +133,37 @@ def bench_inplace(dtype, name, results, traffic_bytes_per_param, **kernel_option
     }
     print(f"{name:40s} {sec * 1e3:8.3f} ms  state {results[name]['state_bytes_per_param']:.4f} B/param"
           f"  {results[name]['achieved_GBps']:.0f} GB/s", flush=True)
+    if profile:  # every kernel of one call (STEPS steps; not donated, so the entry copies show too)
+        table = kernel_profile(jax.jit(loop), *out, grads, calls=1)
+        results[name]["profile"] = table
+        print_profile(f"{name} ({STEPS} steps)", table, top=12)
 
 
 def check_fused(results):
+    """The fused transformation (its 8-bit leaves in one launch: a square, a ragged and a bf16
+    leaf) against the jnp chain after 3 steps, leaf by leaf."""
     key = jax.random.key(3)
-    p = jax.random.normal(key, (DIM, DIM), jnp.float32) * 0.02
+    shapes = [((DIM, DIM), jnp.float32), ((1000, 300), jnp.float32), ((DIM // 2, 768), jnp.bfloat16)]
+    params = [(jax.random.normal(jax.random.fold_in(key, 10 + i), s, jnp.float32) * 0.02).astype(d)
+              for i, (s, d) in enumerate(shapes)]
     ref, fus = adamw8bit(1e-3, fused=False), adamw8bit(1e-3, fused=True, interpret=INTERPRET)
-    sr, sf = ref.init([p]), fus.init([p])
-    pr = pf = [p]
+    sr, sf = ref.init(params), fus.init(params)
+    pr = pf = params
     for i in range(3):
-        g = [jax.random.normal(jax.random.fold_in(key, i), (DIM, DIM), jnp.float32)]
+        g = [jax.random.normal(jax.random.fold_in(key, i * 7 + j), p.shape, jnp.float32).astype(p.dtype)
+             for j, p in enumerate(params)]
         u, sr = jax.jit(ref.update)(g, sr, pr)
         pr = optax.apply_updates(pr, u)
         u, sf = jax.jit(fus.update)(g, sf, pf)
         pf = optax.apply_updates(pf, u)
-    dp = float(jnp.max(jnp.abs(pr[0] - pf[0])))
-    dm = float(jnp.mean((sr[0].mu[0].codes != sf.mu[0].codes).astype(jnp.float32)))
-    dv = float(jnp.mean((sr[0].nu[0].codes != sf.nu[0].codes).astype(jnp.float32)))
-    results["fused_vs_reference"] = {"max_abs_param_diff": dp, "m_code_mismatch": dm, "v_code_mismatch": dv}
-    print(f"fused vs reference after 3 steps: max|dp| {dp:.3g}, code mismatch m {dm:.2e} v {dv:.2e}", flush=True)
+    for j, (s, d) in enumerate(shapes):
+        dp = float(jnp.max(jnp.abs(pr[j].astype(jnp.float32) - pf[j].astype(jnp.float32))))
+        dm = float(jnp.mean((sr[0].mu[j].codes != sf.mu[j].codes).astype(jnp.float32)))
+        dv = float(jnp.mean((sr[0].nu[j].codes != sf.nu[j].codes).astype(jnp.float32)))
+        name = "fused_vs_reference" + ("" if j == 0 else f" leaf {s} {jnp.dtype(d).name}")
+        results[name] = {"max_abs_param_diff": dp, "m_code_mismatch": dm, "v_code_mismatch": dv}
+        print(f"fused vs reference after 3 steps, leaf {s} {jnp.dtype(d).name}: max|dp| {dp:.3g}, "
+              f"code mismatch m {dm:.2e} v {dv:.2e}", flush=True)
 
 
 def check_quantizers(results):
@@ -288,7 +307,7 @@ def _guard(fn):
 
 
 def main():
-    global DIM, LEAVES
+    global DIM, LEAVES, STEPS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-bnb", action="store_true")
@@ -300,20 +319,25 @@ def main():
                     help="first time the kernel's rounding variants (segments, segtable, logtable)")
     ap.add_argument("--sweep-launch", action="store_true",
                     help="only time rows x warps for the default rounding, then exit")
-    ap.add_argument("--ncu", action="store_true", help="only run a few fused steps on one leaf (for ncu -k regex:adam)")
+    ap.add_argument("--ncu", action="store_true", help="only run the in-place steps (for ncu -k regex:adam)")
     ap.add_argument("--sweep-kernel", action="store_true",
                     help="time the kernel's code variants (update order, zero-block fold, rows x warps)")
     ap.add_argument("--ncu-kernel", action="store_true",
                     help="one step of each --sweep-kernel variant on one leaf (ncu -k regex:adam: registers)")
     ap.add_argument("--quantizer", default=None, help="the kernel's rounding for every run (default: the module's)")
+    ap.add_argument("--sweep-leaves", action="store_true",
+                    help="only time the several-leaf launch's variants (leaf selection, rows), then exit")
+    ap.add_argument("--profile", action="store_true", help="with --layouts: every kernel of one call")
+    ap.add_argument("--steps", type=int, default=STEPS, help="steps inside one jitted call")
+    ap.add_argument("--layouts", default=None,
+                    help="only time the in-place step for these LEAVESxDIM layouts (e.g. 16x4096,1x16384), then exit")
     args = ap.parse_args()
-    DIM, LEAVES = args.dim, args.leaves
+    DIM, LEAVES, STEPS = args.dim, args.leaves, args.steps
     if args.quantizer:
         from pallas_kernels import optim_8bit as K
 
         K.QUANTIZER = args.quantizer
-    if args.ncu:
-        LEAVES = 1
+    if args.ncu:  # the leaves in one launch (--leaves 1 --dim 16384: one leaf of the same size)
         bench_inplace(jnp.float32, "ncu target", {}, 16)
         return
     if args.sweep_kernel or args.ncu_kernel:  # same-run A/B of the kernel's code variants
@@ -323,6 +347,29 @@ def main():
     bw = copy_bandwidth_tbps() * 1e12
     results["copy_bandwidth_GBps"] = bw / 1e9
     print(f"device {results['device']}, jax {jax.__version__}, HBM copy {bw / 1e9:.0f} GB/s", flush=True)
+    if args.sweep_leaves:  # the several-leaf launch's variants, same run, one leaf as the reference
+        from pallas_kernels import optim_8bit as K
+
+        for select, rows, layout in [("tree", None, "16x4096"), ("switch", None, "16x4096"), ("tree", 8, "16x4096"),
+                                     ("tree", None, "1x16384"), ("tree", None, "16x4096"),
+                                     ("tree", None, "64x2048")]:
+            K.LEAF_SELECT = select
+            LEAVES, DIM = (int(v) for v in layout.split("x"))
+            jax.clear_caches()
+            _guard(lambda: bench_inplace(jnp.float32, f"leaves {layout} {select} rows={rows or K.MAX_ROWS}", results,
+                                         16, rows=rows))
+        _dump(results, args.out)
+        return
+    if args.layouts:  # same parameter count split into more or fewer leaves: what the launches cost
+        _guard(lambda: check_fused(results))
+        for spec in args.layouts.split(","):
+            LEAVES, DIM = (int(v) for v in spec.split("x"))
+            _guard(lambda: bench_inplace(jnp.float32, f"layout {spec}", results, 16, profile=args.profile))
+            if LEAVES > 1 and not args.profile:
+                _guard(lambda: bench_inplace(jnp.float32, f"layout {spec} one launch a leaf", results, 16,
+                                             leaves_per_launch=1))
+        _dump(results, args.out)
+        return
     if args.sweep_launch:
         from pallas_kernels import optim_8bit as K
 
@@ -360,6 +407,8 @@ def main():
     _guard(lambda: check_fused(results))
     _guard(lambda: check_quantizers(results))
     _guard(lambda: bench_inplace(jnp.float32, "lowbit adamw8bit fused in-place", results, 16))
+    _guard(lambda: bench_inplace(jnp.float32, "lowbit adamw8bit fused in-place, one launch a leaf", results, 16,
+                                 leaves_per_launch=1))
     _guard(lambda: bench_optax(adamw8bit(1e-3, fused=True, interpret=INTERPRET), jnp.float32, "lowbit adamw8bit fused (optax update+apply)", results))
     _guard(lambda: bench_optax(adamw8bit(1e-3, fused=False), jnp.float32, "lowbit adamw8bit reference (jnp chain)", results))
     _guard(lambda: bench_optax(optax.adamw(1e-3), jnp.float32, "optax.adamw fp32", results))

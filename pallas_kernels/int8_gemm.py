@@ -299,6 +299,23 @@ def outlier_digits(x, outlier_cols):
     return jnp.stack([d1, d2]).astype(jnp.int8), jnp.stack([s1, s2])
 
 
+def fold_one_digit(x, outlier_cols, codes_x, sx):
+    """One outlier digit instead of two: ``x ~= s1 d1 + r`` on the outlier columns, and the
+    residual ``r`` (at most s1 / 2 = 1/254 of the row's largest outlier) quantized into the
+    codes row at the row's own int8 scale, where those columns are zero. Returns (codes with
+    the residual, (d1 [1, M, K], s1 [1, M])): M fewer rows for the int8 dot, at the cost of the
+    residual's int8 rounding (the same step as every other column of the row)."""
+    xo = jnp.where(outlier_cols[None, :], x.astype(jnp.float32), jnp.float32(0.0))
+    amax = jnp.max(jnp.abs(xo), axis=1)
+    s1 = jnp.where(amax > 0, amax / jnp.float32(127.0), jnp.float32(1.0))
+    d1 = jnp.clip(jnp.round(xo / s1[:, None]), -127, 127)
+    r = xo - d1 * s1[:, None]
+    scale = jnp.where(sx > 0, jnp.float32(127.0) / jnp.where(sx > 0, sx, 1.0), 0.0)
+    rc = jnp.clip(jnp.round(r * scale[:, None]), -127, 127)
+    codes = jnp.where(outlier_cols[None, :], rc, codes_x.astype(jnp.float32)).astype(jnp.int8)
+    return codes, (d1[None].astype(jnp.int8), s1[None])
+
+
 def digits_reference(codes_x, sx, codes_w, sw, digits, bias=None, out_dtype=jnp.float32, orient="xw"):
     """The small-M product with outlier digits as ONE int8 dot in XLA: x's codes and its two
     outlier digits stacked as 3M rows against the weight (the vendor int8 GEMM reads W once),
@@ -306,13 +323,12 @@ def digits_reference(codes_x, sx, codes_w, sw, digits, bias=None, out_dtype=jnp.
     (Zero rows padding the 3M to 64 measured no faster on an H100: RESULTS.md.)"""
     m = codes_x.shape[0]
     dig, dsc = digits
-    stacked = jnp.concatenate([codes_x, dig[0], dig[1]], axis=0)
+    stacked = jnp.concatenate([codes_x, *dig], axis=0)
     acc = int8_dot(stacked, codes_w, orient)
-    acc0, acc1, acc2 = acc[:m], acc[m:2 * m], acc[2 * m:]
     sw32 = sw.astype(jnp.float32)
-    outl = acc1.astype(jnp.float32) * dsc[0][:, None] + acc2.astype(jnp.float32) * dsc[1][:, None]
+    outl = sum(acc[(i + 1) * m:(i + 2) * m].astype(jnp.float32) * dsc[i][:, None] for i in range(dig.shape[0]))
     extra = outl * (sw32[None, :] * jnp.float32(INV_127))
-    return epilogue(acc0, sx, sw, extra=extra, bias=bias, out_dtype=out_dtype)
+    return epilogue(acc[:m], sx, sw, extra=extra, bias=bias, out_dtype=out_dtype)
 
 
 def fused_matmul(codes_x, sx, codes_w, sw, sub_x=None, sub_w=None, extra=None, bias=None, *, digits=None,

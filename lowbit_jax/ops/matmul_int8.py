@@ -83,6 +83,9 @@ SMALL_ENGINE = "xla"
 # H100, M=16, thr 6: 27.04/27.00 vs 27.46/27.31 us; thr 0 (16 rows, always "xw") showed no
 # gain (24.02/24.11 vs 23.80/24.27); M=1 equal (benchmarks/RESULTS.md, 2026-11-23 14:46 UTC).
 SMALL_ORIENT = "wx"
+# Outlier digits of that XLA dot: 2 (x's outlier columns as two int8 digits, 3M rows) or 1 (one
+# digit and the residual folded into the codes row at the row's int8 step, 2M rows). Experiment.
+SMALL_DIGITS = 2
 
 
 def _check(x, w8):
@@ -189,8 +192,11 @@ def _forward(x, w8, bias, threshold, max_outliers, impl):
         out = _int8_part(codes, sx, w8, None, None, None, bias, x.dtype, impl)
     elif small and impl == "xla":
         # the same outlier digits as the Pallas split-K kernel below, as extra rows of one int8 dot
-        out = int8_gemm.digits_reference(codes, sx, w8.codes, w8.row_absmax,
-                                         int8_gemm.outlier_digits(x2, outlier_cols), bias, x.dtype,
+        if SMALL_DIGITS == 1:
+            codes, digits = int8_gemm.fold_one_digit(x2, outlier_cols, codes, sx)
+        else:
+            digits = int8_gemm.outlier_digits(x2, outlier_cols)
+        out = int8_gemm.digits_reference(codes, sx, w8.codes, w8.row_absmax, digits, bias, x.dtype,
                                          orient=SMALL_ORIENT)
     elif small and GPU_CONFIG["small"]["splits"] > 1:
         # Small M: the split-K kernel is bandwidth-bound on W, so the outlier product is done

@@ -69,38 +69,75 @@ def _unblocks(x, shape, n: int):
     return x.reshape(-1)[:n].reshape(shape)
 
 
-def adam8bit_step_fused(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit, *, interpret: bool = False,
-                        **kernel_options):
-    """The kernel's step on one leaf: (p, m, v), equal to :func:`adam8bit_step_reference`.
+# 8-bit leaves updated by one kernel launch: one launch for all 16 leaves of the benchmark's 268M
+# parameters took 1.672 ms where 16 launches took 1.749-1.756 (each launch ends in a partial
+# wave; 64 leaves of 2048x2048 took 2.130), H100, RESULTS.md. Each leaf is a branch of the kernel
+# (compile time and kernel arguments grow with the count), so large models launch in groups.
+LEAVES_PER_LAUNCH = 16
 
-    ``kernel_options`` (quantizer, rows, num_warps) go to ``optim_8bit.adam8bit_blocks``.
-    """
-    n = mq.size
-    nblocks = mq.absmax.shape[0]
+
+def _kernel_tables(kernel_options):
+    """(table1, table2, kernel_options with the rounding's compile-time pieces)."""
     quantizer = kernel_options.get("quantizer", kernel.QUANTIZER)
     if quantizer == "logtable":
         (table1, params1), (table2, params2) = _state.state_log_table(True), _state.state_log_table(False)
-        kernel_options = dict(kernel_options, pieces=(params1, params2), quantizer=quantizer)
-    elif quantizer in ("segments", "segtable"):
+        return table1, table2, dict(kernel_options, pieces=(params1, params2), quantizer=quantizer)
+    if quantizer in ("segments", "segtable"):
         (pieces1, table1), (pieces2, table2) = _state.state_segments(True), _state.state_segments(False)
         kernel_options = dict(kernel_options, pieces=(pieces1, pieces2), quantizer=quantizer)
         if quantizer == "segtable":
             table1, table2 = kernel.segment_table(pieces1, table1), kernel.segment_table(pieces2, table2)
-    else:
-        table1, table2 = _state.state_lut(True), _state.state_lut(False)
-    outs = kernel.adam8bit_blocks(
-        hyper, _blocks(p, nblocks), _blocks(g, nblocks),
-        _blocks(mq.codes, nblocks), mq.absmax, _blocks(vq.codes, nblocks), vq.absmax,
-        mq.code, vq.code, jnp.asarray(table1), jnp.asarray(table2),
-        n=n, interpret=interpret, **kernel_options,
-    )
-    p_new, c1, a1, c2, a2 = outs
-    shape = tuple(p.shape)
-    return (
-        _unblocks(p_new, shape, n),
-        mq.replace(codes=_unblocks(c1, shape, n), absmax=a1),
-        vq.replace(codes=_unblocks(c2, shape, n), absmax=a2),
-    )
+        return table1, table2, kernel_options
+    return _state.state_lut(True), _state.state_lut(False), kernel_options
+
+
+def adam8bit_step_fused_leaves(hypers, ps, gs, mqs, vqs, *, interpret: bool = False, **kernel_options):
+    """The kernel's step on several 8-bit leaves in one launch: a list of (p, m, v), each equal
+    to :func:`adam8bit_step_reference` of its leaf. ``hypers`` [L, 8] (one row a leaf).
+
+    ``kernel_options`` (quantizer, rows, num_warps) go to ``optim_8bit.adam8bit_leaves``.
+    """
+    table1, table2, kernel_options = _kernel_tables(kernel_options)
+    code1, code2 = mqs[0].code, vqs[0].code
+    for j, (mq, vq) in enumerate(zip(mqs, vqs)):
+        if mq.code.shape != code1.shape or vq.code.shape != code2.shape:
+            raise ValueError(f"leaf {j}: every leaf's state must use the 256-entry dynamic maps")
+    leaves, ns = [], []
+    for p, g, mq, vq in zip(ps, gs, mqs, vqs):
+        nblocks = mq.absmax.shape[0]
+        leaves.append((_blocks(p, nblocks), _blocks(g, nblocks), _blocks(mq.codes, nblocks), mq.absmax,
+                       _blocks(vq.codes, nblocks), vq.absmax))
+        ns.append(mq.size)
+    outs = kernel.adam8bit_leaves(jnp.asarray(hypers, jnp.float32), leaves, code1, code2, jnp.asarray(table1),
+                                  jnp.asarray(table2), ns=tuple(ns), interpret=interpret, **kernel_options)
+    result = []
+    for (p_new, c1, a1, c2, a2), p, mq, vq, n in zip(outs, ps, mqs, vqs, ns):
+        shape = tuple(p.shape)
+        result.append((
+            _unblocks(p_new, shape, n),
+            mq.replace(codes=_unblocks(c1, shape, n), absmax=a1),
+            vq.replace(codes=_unblocks(c2, shape, n), absmax=a2),
+        ))
+    return result
+
+
+def adam8bit_step_fused(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit, *, interpret: bool = False,
+                        **kernel_options):
+    """The kernel's step on one leaf: (p, m, v), equal to :func:`adam8bit_step_reference`."""
+    return adam8bit_step_fused_leaves(jnp.reshape(hyper, (1, -1)), [p], [g], [mq], [vq], interpret=interpret,
+                                      **kernel_options)[0]
+
+
+def adam8bit_step_grouped(hypers, ps, gs, mqs, vqs, *, interpret: bool = False,
+                          leaves_per_launch: int | None = None, **kernel_options):
+    """:func:`adam8bit_step_fused_leaves` over any number of leaves, ``LEAVES_PER_LAUNCH`` a launch."""
+    size = leaves_per_launch or LEAVES_PER_LAUNCH
+    out = []
+    for i in range(0, len(ps), size):
+        sl = slice(i, i + size)
+        out += adam8bit_step_fused_leaves(jnp.stack(list(hypers[sl])), ps[sl], gs[sl], mqs[sl], vqs[sl],
+                                          interpret=interpret, **kernel_options)
+    return out
 
 
 def _adam32_step(p, g, m, v, c1, c2, eps, lr, wd, b1, b2):
@@ -112,6 +149,16 @@ def _adam32_step(p, g, m, v, c1, c2, eps, lr, wd, b1, b2):
     update = m / (jnp.sqrt(v) + _f32(eps) * c2)
     p_new = p32 + (-lr * c2 / c1) * update
     return p_new.astype(p.dtype), m, v
+
+
+class _Pending(NamedTuple):
+    """An 8-bit leaf's operands, waiting for its group's kernel launch."""
+
+    hyper: Any
+    p: Any
+    g: Any
+    mq: Any
+    vq: Any
 
 
 class InplaceOptimizer(NamedTuple):
@@ -157,13 +204,22 @@ def _fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size, 
         mu, nu = _move(state.mu, device), _move(state.nu, device)
 
         def leaf(g, p, decays, mq, vq):
-            if isinstance(mq, Blockwise8bit):
-                hyper = jnp.where(jnp.asarray(decays), hyper_on, hyper_off)
-                return adam8bit_step_fused(hyper, p, g, mq, vq, interpret=interpret)
+            if isinstance(mq, Blockwise8bit):  # the kernel's leaves: gathered below, one launch a group
+                return _Pending(jnp.where(jnp.asarray(decays), hyper_on, hyper_off), p, g, mq, vq)
             wd = jnp.where(jnp.asarray(decays), _f32(weight_decay), jnp.float32(0.0))
             return _adam32_step(p, g, mq, vq, c1, c2, eps, lr, wd, b1, b2)
 
         out = jax.tree.map(leaf, grads, params, decay_mask, mu, nu)
+        treedef = jax.tree.structure(grads)
+        out_leaves = treedef.flatten_up_to(out)
+        pending = [i for i, o in enumerate(out_leaves) if isinstance(o, _Pending)]
+        if pending:
+            todo = [out_leaves[i] for i in pending]
+            done = adam8bit_step_grouped([t.hyper for t in todo], [t.p for t in todo], [t.g for t in todo],
+                                         [t.mq for t in todo], [t.vq for t in todo], interpret=interpret)
+            for i, r in zip(pending, done):
+                out_leaves[i] = r
+        out = jax.tree.unflatten(treedef, out_leaves)
         new_params, mu, nu = _split(grads, out, 3)
         return new_params, ScaleByAdam8bitState(count, _move(mu, host), _move(nu, host))
 
