@@ -252,3 +252,34 @@ def test_small_m_xla_orientations_agree(rng, monkeypatch):
                                   np.asarray(int8_gemm.int8_dot(a, w8.codes, "xw")))
     with pytest.raises(ValueError, match="orient"):
         int8_gemm.int8_dot(jnp.ones((2, 8), jnp.int8), jnp.ones((3, 8), jnp.int8), "xx")
+
+
+def test_small_m_one_digit_folds_residual_into_codes(rng, monkeypatch):
+    # SMALL_DIGITS=1 (off by default): x's outlier columns as one int8 digit, the residual
+    # (<= 1/254 of the row's largest outlier) quantized into the codes row at the row's int8 step
+    # t = absmax / 127, where those columns are zero. Each outlier element then carries an error
+    # of at most t / 2, so the output moves from the two-digit one by at most
+    # sum over outlier columns of |W| * t / 2 (plus 16-bit roundings).
+    import importlib
+
+    mi = importlib.import_module("lowbit_jax.ops.matmul_int8")
+    k, n, m = 200, 72, 5
+    w8 = quant.quantize_int8(jnp.asarray(rng.standard_normal((n, k)) * 0.1, jnp.float32))
+    x = jnp.asarray(_planted(rng, m, k, rng.choice(k, size=6, replace=False), value=40.0), jnp.float32)
+    codes, sx, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
+    folded, (d1, s1) = int8_gemm.fold_one_digit(x, mask, codes, sx)
+    assert folded.dtype == jnp.int8 and d1.shape == (1, m, k) and s1.shape == (1, m)
+    mk = np.asarray(mask)
+    np.testing.assert_array_equal(np.asarray(folded)[:, ~mk], np.asarray(codes)[:, ~mk])  # bnb's codes kept
+    t = np.asarray(sx) / 127
+    rebuilt = np.asarray(s1[0])[:, None] * np.asarray(d1[0], np.float32) + t[:, None] * np.asarray(folded, np.float32)
+    xo = np.asarray(x)[:, mk]
+    assert np.all(np.abs(rebuilt[:, mk] - xo) <= t[:, None] * 0.5 * 1.001)
+    outs = {}
+    for digits in (2, 1):
+        monkeypatch.setattr(mi, "SMALL_DIGITS", digits)
+        outs[digits] = np.asarray(jax.jit(lambda x: ops.matmul_int8(x, w8, 6.0, impl="xla"))(x), np.float64)
+    w = np.asarray(quant.int8_vectorwise_dequant(w8.codes, w8.row_absmax), np.float64)
+    bound = (t[:, None] * 0.5) * np.abs(w[:, mk]).sum(axis=1)[None, :] + 1e-5 * np.abs(outs[2]).max()
+    assert np.all(np.abs(outs[1] - outs[2]) <= bound)
+    assert np.any(outs[1] != outs[2])  # the residual's rounding is visible: the switch took effect
