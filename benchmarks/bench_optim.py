@@ -143,10 +143,11 @@ def bench_inplace(dtype, name, results, traffic_bytes_per_param, leaves_per_laun
 
 
 def check_fused(results):
-    """The fused transformation (its 8-bit leaves in one launch: a square, a ragged and a bf16
-    leaf) against the jnp chain after 3 steps, leaf by leaf."""
+    """The fused transformation against the jnp chain after 3 steps, leaf by leaf: a square leaf,
+    two ragged ones of one signature (one launch, two branches) and a bf16 one."""
     key = jax.random.key(3)
-    shapes = [((DIM, DIM), jnp.float32), ((1000, 300), jnp.float32), ((DIM // 2, 768), jnp.bfloat16)]
+    shapes = [((DIM, DIM), jnp.float32), ((1000, 300), jnp.float32), ((DIM // 2, 768), jnp.bfloat16),
+              ((1000, 300), jnp.float32)]
     params = [(jax.random.normal(jax.random.fold_in(key, 10 + i), s, jnp.float32) * 0.02).astype(d)
               for i, (s, d) in enumerate(shapes)]
     ref, fus = adamw8bit(1e-3, fused=False), adamw8bit(1e-3, fused=True, interpret=INTERPRET)
@@ -163,7 +164,7 @@ def check_fused(results):
         dp = float(jnp.max(jnp.abs(pr[j].astype(jnp.float32) - pf[j].astype(jnp.float32))))
         dm = float(jnp.mean((sr[0].mu[j].codes != sf.mu[j].codes).astype(jnp.float32)))
         dv = float(jnp.mean((sr[0].nu[j].codes != sf.nu[j].codes).astype(jnp.float32)))
-        name = "fused_vs_reference" + ("" if j == 0 else f" leaf {s} {jnp.dtype(d).name}")
+        name = "fused_vs_reference" + ("" if j == 0 else f" leaf {j} {s} {jnp.dtype(d).name}")
         results[name] = {"max_abs_param_diff": dp, "m_code_mismatch": dm, "v_code_mismatch": dv}
         print(f"fused vs reference after 3 steps, leaf {s} {jnp.dtype(d).name}: max|dp| {dp:.3g}, "
               f"code mismatch m {dm:.2e} v {dv:.2e}", flush=True)
@@ -331,6 +332,7 @@ def main():
     ap.add_argument("--sweep-leaves", action="store_true",
                     help="only time the several-leaf launch's variants (leaf selection, rows), then exit")
     ap.add_argument("--profile", action="store_true", help="with --layouts: every kernel of one call")
+    ap.add_argument("--leaves-per-launch", default=None, help="with --layouts: launch group sizes to time, e.g. 8,16")
     ap.add_argument("--steps", type=int, default=STEPS, help="steps inside one jitted call")
     ap.add_argument("--layouts", default=None,
                     help="only time the in-place step for these LEAVESxDIM layouts (e.g. 16x4096,1x16384), then exit")
@@ -367,7 +369,10 @@ def main():
         _guard(lambda: check_fused(results))
         for spec in args.layouts.split(","):
             LEAVES, DIM = (int(v) for v in spec.split("x"))
-            _guard(lambda: bench_inplace(jnp.float32, f"layout {spec}", results, 16, profile=args.profile))
+            for lpl in [int(v) for v in args.leaves_per_launch.split(",")] if args.leaves_per_launch else [None]:
+                label = f"layout {spec}" + (f" {lpl} a launch" if lpl else "")
+                _guard(lambda: bench_inplace(jnp.float32, label, results, 16, leaves_per_launch=lpl,
+                                             profile=args.profile))
             if LEAVES > 1 and not args.profile:
                 _guard(lambda: bench_inplace(jnp.float32, f"layout {spec} one launch a leaf", results, 16,
                                              leaves_per_launch=1))

@@ -15,7 +15,7 @@ for mode in "$@"; do
       echo "table rc=$?"
       sed -n '/^==== per-matmul/,$p' "$OUT/table.log" ;;
     optim_layouts)
-      timeout 300 python3 benchmarks/bench_optim.py --layouts ${OPTIM_LAYOUTS:-16x4096,1x16384,64x2048,16x4096} \
+      timeout 300 python3 benchmarks/bench_optim.py --layouts ${OPTIM_LAYOUTS:-16x4096,1x16384,64x2048,16x4096} ${OPTIM_LAYOUT_ARGS:-} \
         --out "$OUT/optim_layouts.json" > "$OUT/optim_layouts.log" 2>&1
       echo "optim layouts rc=$?"; grep -E "layout|device|FAILED" "$OUT/optim_layouts.log" | cut -c1-300 ;;
     optim_leaves)  # the several-leaf launch: leaf selection and rows, then ncu of 16 leaves vs one

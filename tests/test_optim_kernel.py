@@ -171,18 +171,20 @@ def test_inplace_step_matches_optax_path(rng):
 @pytest.mark.parametrize("select", ["tree", "switch"])
 def test_leaves_in_one_launch_match_reference(rng, monkeypatch, select):
     """Several leaves (ragged, bf16 and fp32, own weight decay each) in one launch, and the same
-    leaves split into launches of two: every leaf equals its own reference step."""
+    leaves grouped by signature into launches of two: every leaf equals its own reference step."""
     from lowbit_jax.optim.fused import adam8bit_step_fused_leaves, adam8bit_step_grouped
     from pallas_kernels import optim_8bit
 
     monkeypatch.setattr(optim_8bit, "LEAF_SELECT", select)
 
-    shapes = [((37, 300), "float32"), ((16, 256), "bfloat16"), ((9, 700), "float32"), ((48, 128), "float32")]
+    # three leaves of one signature (grouped: launches of two and one), two others alone
+    shapes = [((37, 300), "float32"), ((16, 256), "bfloat16"), ((37, 300), "float32"), ((9, 700), "float32"),
+              ((37, 300), "float32")]
     ps = [jnp.asarray(rng.standard_normal(s), d) for s, d in shapes]
     gs = [jnp.asarray(rng.standard_normal(s), d) for s, d in shapes]
     mqs = [_state(rng, s, True) for s, _ in shapes]
     vqs = [_state(rng, s, False) for s, _ in shapes]
-    hypers = [adam_hyper(0.9, 0.999, 1e-8, 1e-2, wd, 3) for wd in (1e-2, 0.0, 0.5, 1e-2)]
+    hypers = [adam_hyper(0.9, 0.999, 1e-8, 1e-2, wd, 3) for wd in (1e-2, 0.0, 0.5, 1e-2, 0.0)]
     refs = [adam8bit_step_reference(h, p, g, m, v) for h, p, g, m, v in zip(hypers, ps, gs, mqs, vqs)]
     one = jax.jit(lambda *a: adam8bit_step_fused_leaves(*a, interpret=True))(jnp.stack(hypers), ps, gs, mqs, vqs)
     pairs = jax.jit(lambda *a: adam8bit_step_grouped(*a, interpret=True, leaves_per_launch=2))(
@@ -212,7 +214,10 @@ def test_fused_step_groups_leaves_of_nested_params(rng, monkeypatch):
     txb = adamw8bit(1e-2, fused=True, interpret=True)
     pa, pb, sa, sb = params, params, txa.init(params), txb.init(params)
     launches = str(jax.make_jaxpr(txb.update)(params, sb, params)).count("pallas_call[")
-    assert launches == 2  # three 8-bit leaves, two a launch; the 5-value bias keeps fp32 states
+    assert launches == 3  # three 8-bit leaves of three shapes (one launch a shape); the bias: fp32
+    same = {"layers": tuple(jnp.asarray(rng.standard_normal((24, 256)), jnp.float32) for _ in range(3))}
+    launches = str(jax.make_jaxpr(txb.update)(same, txb.init(same), same)).count("pallas_call[")
+    assert launches == 2  # three leaves of one shape, two a launch
     for _ in range(2):
         g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
         u, sa = jax.jit(txa.update)(g, sa, pa)

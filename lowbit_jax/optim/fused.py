@@ -69,11 +69,11 @@ def _unblocks(x, shape, n: int):
     return x.reshape(-1)[:n].reshape(shape)
 
 
-# 8-bit leaves updated by one kernel launch: one launch for all 16 leaves of the benchmark's 268M
-# parameters took 1.672 ms where 16 launches took 1.749-1.756 (each launch ends in a partial
-# wave; 64 leaves of 2048x2048 took 2.130), H100, RESULTS.md. Each leaf is a branch of the kernel
-# (compile time and kernel arguments grow with the count), so large models launch in groups.
-LEAVES_PER_LAUNCH = 16
+# 8-bit leaves of one signature updated by one kernel launch: each launch ends in a partial wave
+# (H100, 268M parameters, 40 steps a call: 16 leaves in one launch 1.615 ms, one launch a leaf
+# 1.667; 64 leaves of 2048x2048 1.677 vs 1.902; RESULTS.md). Each leaf is a branch of the
+# kernel, so its build time grows with the count (~11 s for 16 leaves): groups of 8.
+LEAVES_PER_LAUNCH = 8
 
 
 def _kernel_tables(kernel_options):
@@ -130,13 +130,26 @@ def adam8bit_step_fused(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit, *, in
 
 def adam8bit_step_grouped(hypers, ps, gs, mqs, vqs, *, interpret: bool = False,
                           leaves_per_launch: int | None = None, **kernel_options):
-    """:func:`adam8bit_step_fused_leaves` over any number of leaves, ``LEAVES_PER_LAUNCH`` a launch."""
+    """:func:`adam8bit_step_fused_leaves` over any number of leaves, in launches of up to
+    ``LEAVES_PER_LAUNCH`` leaves of one signature (shape and dtypes), in the given order.
+
+    A launch compiles one branch a leaf, so its build time grows with the leaves in it (H100:
+    ~11 s for 16, ~0.5 s for one); launches of equal signature share one compiled kernel, so
+    grouping by signature builds one kernel a distinct layer shape, not one per position."""
     size = leaves_per_launch or LEAVES_PER_LAUNCH
-    out = []
-    for i in range(0, len(ps), size):
-        sl = slice(i, i + size)
-        out += adam8bit_step_fused_leaves(jnp.stack(list(hypers[sl])), ps[sl], gs[sl], mqs[sl], vqs[sl],
-                                          interpret=interpret, **kernel_options)
+    buckets: dict = {}
+    for i, (p, g) in enumerate(zip(ps, gs)):
+        key = (tuple(p.shape), jnp.dtype(p.dtype).name, jnp.dtype(g.dtype).name)
+        buckets.setdefault(key, []).append(i)
+    out = [None] * len(ps)
+    for idx in buckets.values():
+        for j in range(0, len(idx), size):
+            part = idx[j:j + size]
+            res = adam8bit_step_fused_leaves(jnp.stack([hypers[i] for i in part]), [ps[i] for i in part],
+                                             [gs[i] for i in part], [mqs[i] for i in part],
+                                             [vqs[i] for i in part], interpret=interpret, **kernel_options)
+            for i, r in zip(part, res):
+                out[i] = r
     return out
 
 
