@@ -22,8 +22,8 @@ division a value (``UPDATE``), no clip before binning (``CLIP``), all-zero block
 through bin 0 instead of a select a value.
 
 Several leaves share one launch (:func:`adam8bit_leaves`): each launch ends in a partial wave
-of programs, which cost 16 leaves of 4096x4096 ~5% and 64 leaves of 2048x2048 ~25% against one
-leaf of the same size. Programs are laid out leaf after leaf and branch to their leaf, so the
+of programs, which cost 16 leaves of 4096x4096 ~4% and 64 leaves of 2048x2048 ~18% against one
+leaf of the same size (H100, one launch a leaf). Programs are laid out leaf after leaf and branch to their leaf, so the
 refs are whole arrays and each branch computes its own offsets (no per-leaf index maps
 evaluated by every program).
 
@@ -474,10 +474,17 @@ def adam8bit_leaves(hyper, leaves, code1, code2, lut1, lut2, *, ns, interpret: b
     ``leaves``: L tuples (p, g, codes1, absmax1, codes2, absmax2) of [nblocks, 256] views and
     [nblocks] absmax; ``ns`` the real value counts (the rest of a leaf's last block is padding).
     Programs are laid out leaf after leaf and each program branches to its leaf: one launch
-    instead of L saves the ramp-down of L - 1 partial last waves (H100, 268M parameters: one
-    leaf 1.672 ms vs 16 leaves in 16 launches 1.749-1.756, 64 leaves 2.130; RESULTS.md).
+    instead of L saves the ramp-down of L - 1 partial last waves (H100, 268M parameters, 40 steps
+    a call: one leaf 1.611 ms, 16 leaves in 16 launches 1.670, in one 1.613; RESULTS.md).
     ``rows``: blocks a program, an int for every leaf or None for ``rows_per_program`` of each.
-    ``lut1/2``, ``quantizer`` and ``pieces`` as in :func:`adam8bit_blocks`.
+
+    ``code1/2`` are the two 256-entry maps. ``lut1/2`` are the uint8 [65536] tables of the two
+    maps (``quant._code_lut``); ``quantizer`` picks how the kernel reads them (see
+    ``_requantize``), all giving the same codes. For "segments", ``lut1/2`` are instead the packed
+    tables and ``pieces`` the two maps' pieces, both from :func:`lut_segments` (host constants:
+    the pieces are compiled into the kernel); for "segtable" the :func:`segment_table` of those;
+    for "logtable" (the default) the two maps' :func:`log_table` tables, with their params as
+    ``pieces``.
     """
     quantizer = QUANTIZER if quantizer is None else quantizer
     if quantizer not in QUANTIZERS:
@@ -523,22 +530,3 @@ def adam8bit_leaves(hyper, leaves, code1, code2, lut1, lut2, *, ns, interpret: b
         **extra,
     )(hyper.reshape(-1).astype(jnp.float32), code1, code2, t1, t2, *flat_in)
     return [tuple(outs[5 * j:5 * j + 5]) for j in range(nleaves)]
-
-
-def adam8bit_blocks(hyper, p, g, codes1, absmax1, codes2, absmax2, code1, code2, lut1, lut2, *, n: int,
-                    interpret: bool = False, quantizer: str | None = None, rows: int | None = None,
-                    num_warps: int | None = None, pieces=None):
-    """One fused Adam(W) step on one leaf's [nblocks, 256] views; returns (p, codes1, absmax1,
-    codes2, absmax2).
-
-    ``n`` is the number of real values (the rest of the last block is padding). ``lut1/2`` are
-    the uint8 [65536] tables of the two maps (``quant._code_lut``); ``quantizer`` picks how the
-    kernel reads them (see ``_requantize``), all giving the same codes. For "segments",
-    ``lut1/2`` are instead the packed tables and ``pieces`` the two maps' pieces, both from
-    :func:`lut_segments` (host constants: the pieces are compiled into the kernel); for
-    "segtable" the :func:`segment_table` of those; for "logtable" (the default) the two maps'
-    :func:`log_table` tables, with their params as ``pieces``.
-    """
-    return adam8bit_leaves(hyper.reshape(1, -1), [(p, g, codes1, absmax1, codes2, absmax2)], code1, code2,
-                           lut1, lut2, ns=(n,), interpret=interpret, quantizer=quantizer, rows=rows,
-                           num_warps=num_warps, pieces=pieces)[0]
