@@ -170,6 +170,68 @@ def check_fused(results):
               f"code mismatch m {dm:.2e} v {dv:.2e}", flush=True)
 
 
+def check_sharded(results):
+    """``adamw8bit_inplace(shardings=...)`` on a mesh of every device (leading-axis split: the
+    per-shard kernel inside shard_map) against the unsharded step: max |dp|, differing codes."""
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from lowbit_jax.optim import adamw8bit_inplace
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    key = jax.random.key(5)
+    params = [jax.random.normal(jax.random.fold_in(key, i), (DIM, DIM), jnp.float32) * 0.02 for i in range(3)]
+    shardings = [NamedSharding(mesh, P("data"))] * 3
+    opt_sh = adamw8bit_inplace(1e-3, interpret=INTERPRET, shardings=shardings)
+    opt = adamw8bit_inplace(1e-3, interpret=INTERPRET)
+    pa, sa = params, opt.init(params)
+    pb, sb = jax.device_put(params, shardings), opt_sh.init(params)
+    for i in range(3):
+        g = [jax.random.normal(jax.random.fold_in(key, 10 + 3 * i + j), (DIM, DIM), jnp.float32) for j in range(3)]
+        pa, sa = jax.jit(opt.step)(g, sa, pa)
+        pb, sb = jax.jit(opt_sh.step)(jax.device_put(g, shardings), sb, pb)
+    dp = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(pa, pb))
+    dc = sum(int(jnp.sum(a.codes != b.codes)) for a, b in zip(sa.mu + sa.nu, sb.mu + sb.nu))
+    results["sharded_vs_unsharded"] = {"devices": len(jax.devices()), "max_abs_param_diff": dp, "codes_differing": dc}
+    print(f"sharded ({len(jax.devices())} devices, shard_map) vs unsharded after 3 steps: max|dp| {dp:.3g}, "
+          f"codes differing {dc}", flush=True)
+
+
+def time_sharded(results):
+    """Step time of the in-place step with LEAVES x DIM^2 fp32 parameters split by rows over
+    every device: ``shardings=`` (each device updates its shards) against the same sharded
+    arrays without it (XLA gathers each leaf onto every device around the kernel)."""
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from lowbit_jax.optim import adamw8bit_inplace
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    shardings = [NamedSharding(mesh, P("data"))] * LEAVES
+    for label, sh in (("per shard (shardings=)", shardings), ("gathered (no shardings)", None)):
+        opt = adamw8bit_inplace(1e-3, interpret=INTERPRET, shardings=sh)
+        params = jax.device_put(_params(jnp.float32), shardings)
+        grads = jax.device_put(_params(jnp.float32, seed=1), shardings)
+        state = opt.init(params)
+
+        def loop(p, s, g):
+            return jax.lax.fori_loop(0, STEPS, lambda i, c: opt.step(g, c[1], c[0]), (p, s))
+
+        f = jax.jit(loop, donate_argnums=(0, 1))
+        out = f(params, state, grads)
+        jax.block_until_ready(out)
+        best = float("inf")
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            out = f(*out, grads)
+            jax.block_until_ready(out)
+            best = min(best, time.perf_counter() - t0)
+        ms = best / STEPS * 1e3
+        results[f"sharded step {label}"] = {"step_ms": ms, "devices": len(jax.devices()), "params": LEAVES * DIM * DIM}
+        print(f"sharded step over {len(jax.devices())} devices, {label}: {ms:.3f} ms", flush=True)
+        del params, grads, state, out
+
+
 def check_quantizers(results):
     """On the GPU: every rounding variant of the kernel gives the same codes and parameters."""
     from lowbit_jax.optim._state import zeros_state
@@ -331,6 +393,7 @@ def main():
     ap.add_argument("--quantizer", default=None, help="the kernel's rounding for every run (default: the module's)")
     ap.add_argument("--sweep-leaves", action="store_true",
                     help="only time the several-leaf launch's variants (leaf selection, rows), then exit")
+    ap.add_argument("--check-sharded", action="store_true", help="only compare and time the sharded fused step, then exit")
     ap.add_argument("--profile", action="store_true", help="with --layouts: every kernel of one call")
     ap.add_argument("--leaves-per-launch", default=None, help="with --layouts: launch group sizes to time, e.g. 8,16")
     ap.add_argument("--steps", type=int, default=STEPS, help="steps inside one jitted call")
@@ -363,6 +426,11 @@ def main():
             jax.clear_caches()
             _guard(lambda: bench_inplace(jnp.float32, f"leaves {layout} {select} rows={rows or K.MAX_ROWS}", results,
                                          16, rows=rows))
+        _dump(results, args.out)
+        return
+    if args.check_sharded:
+        _guard(lambda: check_sharded(results))
+        _guard(lambda: time_sharded(results))
         _dump(results, args.out)
         return
     if args.layouts:  # same parameter count split into more or fewer leaves: what the launches cost
@@ -413,6 +481,7 @@ def main():
             _dump(results, args.out)
             return
     _guard(lambda: check_fused(results))
+    _guard(lambda: check_sharded(results))
     _guard(lambda: check_quantizers(results))
     _guard(lambda: bench_inplace(jnp.float32, "lowbit adamw8bit fused in-place", results, 16))
     _guard(lambda: bench_inplace(jnp.float32, "lowbit adamw8bit fused in-place, one launch a leaf", results, 16,

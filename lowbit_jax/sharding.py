@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lowbit_jax import _compat, quant
 from lowbit_jax.ops import LayerKernel, matmul_4bit, quantized_linear
 from lowbit_jax.ops._grad import zero_cotangent
+from lowbit_jax.optim._state import leading_split
 # ops chooses the kernels; the per-shard backward reuses its choice and its fused backward
 # (no shard of W is ever expanded in HBM), so it calls these two helpers rather than re-deciding.
 from lowbit_jax.ops.matmul_4bit import _grad_x as _matmul_4bit_grad_x, _resolve as _resolve_4bit
@@ -368,16 +369,12 @@ def _moment_shardings(moment, param_sharding: NamedSharding):
     """A Blockwise8bit moment's codes follow the parameter (same shape); its per-256 absmax
     follows when the parameter splits only its leading axis in whole blocks, else replicates
     (absmax is 1/64 of the codes' bytes)."""
-    mesh, spec = param_sharding.mesh, param_sharding.spec
+    mesh = param_sharding.mesh
     rep = NamedSharding(mesh, P())
     absmax = rep
-    split = [i for i, s in enumerate(spec) if s is not None]
-    if split == [0] and not moment.nested and len(moment.shape) >= 1:
-        names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-        shards = int(np.prod([mesh.shape[n] for n in names]))
-        per_shard = moment.shape[0] // shards * int(np.prod(moment.shape[1:], dtype=np.int64))
-        if moment.shape[0] % shards == 0 and per_shard % moment.blocksize == 0:
-            absmax = NamedSharding(mesh, P(spec[0]))
+    axis = None if moment.nested else leading_split(moment.shape, moment.blocksize, param_sharding)
+    if axis is not None:
+        absmax = NamedSharding(mesh, P(axis))
     return moment.replace(**{name: (param_sharding if name == "codes" else absmax if name == "absmax" else rep)
                              for name in moment._leaves if getattr(moment, name) is not None})
 

@@ -226,3 +226,40 @@ def test_fused_step_groups_leaves_of_nested_params(rng, monkeypatch):
         pb = optax.apply_updates(pb, u)
     for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-6)
+
+
+def test_fused_step_on_a_mesh_updates_shards_in_place(rng):
+    """``shardings=``: leaves split along their leading axis in whole blocks run the kernel per
+    shard inside shard_map (no gather), the others the gathered launch; both equal the
+    single-device step exactly, and the state keeps ``state_shardings``' layout."""
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 devices (scripts/test.sh forces 8 host devices)")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from lowbit_jax import sharding as shd
+    from lowbit_jax.optim import adamw8bit_inplace
+
+    mesh = Mesh(np.array(devices[:8]).reshape(2, 4), ("data", "model"))
+    specs = {"rows": P("data"), "rows8": P(("data", "model")), "cols": P(None, "model"), "rep": P()}
+    shapes = {"rows": (64, 512), "rows8": (128, 256), "cols": (48, 256), "rep": (40, 128)}
+    params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+    shardings = {k: NamedSharding(mesh, specs[k]) for k in params}
+    opt_sh = adamw8bit_inplace(1e-2, interpret=True, shardings=shardings)
+    opt = adamw8bit_inplace(1e-2, interpret=True)
+    p_sh = jax.device_put(params, shardings)
+    s_sh = jax.jit(opt_sh.init, out_shardings=shd.state_shardings(jax.eval_shape(opt_sh.init, params), shardings))(p_sh)
+    pa, sa = params, opt.init(params)
+    for i in range(2):
+        g = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+        pa, sa = jax.jit(opt.step)(g, sa, pa)
+        p_sh, s_sh = jax.jit(opt_sh.step)(jax.device_put(g, shardings), s_sh, p_sh)
+    jaxpr = str(jax.make_jaxpr(opt_sh.step)(g, s_sh, p_sh))
+    assert jaxpr.count("shard_map") == 2  # the two leading-axis splits ("data"; "data"+"model")
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(p_sh[k]), np.asarray(pa[k]))
+        for mom_sh, mom in ((s_sh.mu[k], sa.mu[k]), (s_sh.nu[k], sa.nu[k])):
+            np.testing.assert_array_equal(np.asarray(mom_sh.codes), np.asarray(mom.codes))
+            np.testing.assert_array_equal(np.asarray(mom_sh.absmax), np.asarray(mom.absmax))
+    assert p_sh["rows"].sharding.is_equivalent_to(shardings["rows"], 2)
+    assert s_sh.mu["rows8"].absmax.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "model"))), 1)

@@ -120,3 +120,23 @@ def is_moment(x) -> bool:
 def state_nbytes(tree) -> int:
     """Bytes of every array in a tree of moments (codes, absmax, the 1 KiB maps, fp32 moments)."""
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def leading_split(shape, blocksize: int, sharding):
+    """The mesh axis (or axes) splitting a parameter of ``shape`` when ``sharding`` (a
+    NamedSharding) splits only its leading axis, evenly and in whole ``blocksize`` blocks; else
+    None. Only then does a shard's flat slice hold whole state blocks of the global layout, so
+    its block absmax shards along with it and a per-shard update equals the global one."""
+    spec = getattr(sharding, "spec", None)
+    mesh = getattr(sharding, "mesh", None)
+    if spec is None or mesh is None or not shape:
+        return None
+    split = [i for i, s in enumerate(spec) if s is not None]
+    if split != [0]:
+        return None
+    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    shards = int(np.prod([mesh.shape[n] for n in names]))
+    per_shard = shape[0] // shards * int(np.prod(shape[1:], dtype=np.int64))
+    if shape[0] % shards or per_shard % blocksize:
+        return None
+    return spec[0]

@@ -153,6 +153,61 @@ def adam8bit_step_grouped(hypers, ps, gs, mqs, vqs, *, interpret: bool = False,
     return out
 
 
+def adam8bit_step_sharded(hypers, ps, gs, mqs, vqs, shardings, *, interpret: bool = False, **kernel_options):
+    """:func:`adam8bit_step_grouped` for parameters on a device mesh, each device updating only
+    its shards.
+
+    A Pallas call has no partitioning rule: given sharded operands, XLA gathers them whole onto
+    every device and runs the kernel there (a full fp32 copy of each leaf per device). Leaves
+    that split only their leading axis in whole state blocks (``_state.leading_split``; the
+    layout :func:`lowbit_jax.sharding.state_shardings` gives their states) run the kernel inside
+    ``shard_map`` on their local shards instead: every shard holds whole blocks of the global
+    layout, so the result is the global update. Other leaves (and ``shardings`` entries that
+    are None) take the gathered path. ``shardings``: one NamedSharding or None a leaf.
+    """
+    from lowbit_jax import _compat
+    from jax.sharding import PartitionSpec as P
+
+    groups: dict = {}
+    rest = []
+    for i, (mq, sh) in enumerate(zip(mqs, shardings)):
+        axis = None if sh is None or mq.nested else _state.leading_split(tuple(ps[i].shape), mq.blocksize, sh)
+        if axis is None:
+            rest.append(i)
+        else:
+            groups.setdefault((sh.mesh, axis), []).append(i)
+    out = [None] * len(ps)
+    if rest:
+        done = adam8bit_step_grouped([hypers[i] for i in rest], [ps[i] for i in rest], [gs[i] for i in rest],
+                                     [mqs[i] for i in rest], [vqs[i] for i in rest], interpret=interpret,
+                                     **kernel_options)
+        for i, r in zip(rest, done):
+            out[i] = r
+    for (mesh, axis), idx in groups.items():
+        templates = [(mqs[i], vqs[i]) for i in idx]
+
+        def body(h, pl_, gl, c1l, a1l, c2l, a2l, code1, code2, templates=templates):
+            mql = [t[0].replace(codes=c, absmax=a, code=code1, shape=tuple(c.shape)) for t, c, a in zip(templates, c1l, a1l)]
+            vql = [t[1].replace(codes=c, absmax=a, code=code2, shape=tuple(c.shape)) for t, c, a in zip(templates, c2l, a2l)]
+            res = adam8bit_step_grouped(list(h), pl_, gl, mql, vql, interpret=interpret, **kernel_options)
+            return ([r[0] for r in res], [r[1].codes for r in res], [r[1].absmax for r in res],
+                    [r[2].codes for r in res], [r[2].absmax for r in res])
+
+        lead, rep = P(axis), P()
+        k = len(idx)
+        fn = _compat.shard_map(body, mesh=mesh, check=False,
+                               in_specs=(rep, [lead] * k, [lead] * k, [lead] * k, [lead] * k, [lead] * k, [lead] * k,
+                                         rep, rep),
+                               out_specs=([lead] * k, [lead] * k, [lead] * k, [lead] * k, [lead] * k))
+        new_p, c1, a1, c2, a2 = fn(jnp.stack([hypers[i] for i in idx]), [ps[i] for i in idx], [gs[i] for i in idx],
+                                   [mqs[i].codes for i in idx], [mqs[i].absmax for i in idx],
+                                   [vqs[i].codes for i in idx], [vqs[i].absmax for i in idx],
+                                   mqs[idx[0]].code, vqs[idx[0]].code)
+        for j, i in enumerate(idx):
+            out[i] = (new_p[j], mqs[i].replace(codes=c1[j], absmax=a1[j]), vqs[i].replace(codes=c2[j], absmax=a2[j]))
+    return out
+
+
 def _adam32_step(p, g, m, v, c1, c2, eps, lr, wd, b1, b2):
     """bitsandbytes' 32-bit Adam(W) kernel (leaves under ``min_8bit_size``)."""
     g32 = g.astype(jnp.float32)
@@ -186,7 +241,8 @@ class InplaceOptimizer(NamedTuple):
     step: Callable
 
 
-def _fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size, offload_state, interpret):
+def _fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size, offload_state, interpret,
+                 shardings=None):
     _check("b1", b1, 0.0, 1.0)
     _check("b2", b2, 0.0, 1.0)
     _check("weight_decay", weight_decay, 0.0, float("inf"))
@@ -228,8 +284,13 @@ def _fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size, 
         pending = [i for i, o in enumerate(out_leaves) if isinstance(o, _Pending)]
         if pending:
             todo = [out_leaves[i] for i in pending]
-            done = adam8bit_step_grouped([t.hyper for t in todo], [t.p for t in todo], [t.g for t in todo],
-                                         [t.mq for t in todo], [t.vq for t in todo], interpret=interpret)
+            args = ([t.hyper for t in todo], [t.p for t in todo], [t.g for t in todo], [t.mq for t in todo],
+                    [t.vq for t in todo])
+            if shardings is None:
+                done = adam8bit_step_grouped(*args, interpret=interpret)
+            else:
+                flat_sh = treedef.flatten_up_to(shardings)
+                done = adam8bit_step_sharded(*args, [flat_sh[i] for i in pending], interpret=interpret)
             for i, r in zip(pending, done):
                 out_leaves[i] = r
         out = jax.tree.unflatten(treedef, out_leaves)
@@ -250,13 +311,17 @@ def fused_adamw_8bit(
     min_8bit_size: Optional[int] = None,
     offload_state: bool = False,
     interpret: bool = False,
+    shardings: Any = None,
 ) -> optax.GradientTransformation:
     """AdamW 8-bit as an optax transformation whose large leaves update in one kernel pass.
 
-    The update it returns is ``p_new - p`` (it needs ``params``).
+    The update it returns is ``p_new - p`` (it needs ``params``). ``shardings``: the parameters'
+    tree of NamedShardings (or None entries) when they live on a device mesh; leaves split along
+    their leading axis in whole 256-value blocks then update shard by shard on their devices
+    (:func:`adam8bit_step_sharded`) instead of being gathered whole onto each one.
     """
     init_fn, step_fn = _fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size,
-                                    offload_state, interpret)
+                                    offload_state, interpret, shardings)
 
     def update_fn(updates, state, params=None):
         new_params, state = step_fn(updates, state, params)
@@ -278,11 +343,13 @@ def adamw8bit_inplace(
     min_8bit_size: Optional[int] = None,
     offload_state: bool = False,
     interpret: bool = False,
+    shardings: Any = None,
 ) -> InplaceOptimizer:
     """The fastest AdamW 8-bit step: ``step(grads, state, params) -> (params, state)``.
 
     Same numerics and state as ``adamw8bit(..., fused=True)``, without optax's separate
-    ``apply_updates`` pass (benchmarks/RESULTS.md has both timings).
+    ``apply_updates`` pass (benchmarks/RESULTS.md has both timings). ``shardings`` as in
+    :func:`fused_adamw_8bit`.
     """
     return InplaceOptimizer(*_fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size,
-                                          offload_state, interpret))
+                                          offload_state, interpret, shardings))
