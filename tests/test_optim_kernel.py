@@ -262,4 +262,7 @@ def test_fused_step_on_a_mesh_updates_shards_in_place(rng):
             np.testing.assert_array_equal(np.asarray(mom_sh.codes), np.asarray(mom.codes))
             np.testing.assert_array_equal(np.asarray(mom_sh.absmax), np.asarray(mom.absmax))
     assert p_sh["rows"].sharding.is_equivalent_to(shardings["rows"], 2)
+    bad = adamw8bit_inplace(1e-2, interpret=True, shardings=[shardings["rows"]])
+    with pytest.raises(ValueError, match="shardings"):
+        jax.jit(bad.step)(g, s_sh, p_sh)
     assert s_sh.mu["rows8"].absmax.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "model"))), 1)

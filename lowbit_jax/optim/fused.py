@@ -163,7 +163,8 @@ def adam8bit_step_sharded(hypers, ps, gs, mqs, vqs, shardings, *, interpret: boo
     layout :func:`lowbit_jax.sharding.state_shardings` gives their states) run the kernel inside
     ``shard_map`` on their local shards instead: every shard holds whole blocks of the global
     layout, so the result is the global update. Other leaves (and ``shardings`` entries that
-    are None) take the gathered path. ``shardings``: one NamedSharding or None a leaf.
+    are None) take the gathered path (for a replicated leaf that gathers nothing).
+    ``shardings``: one NamedSharding (or None) a leaf.
     """
     from lowbit_jax import _compat
     from jax.sharding import PartitionSpec as P
@@ -289,7 +290,11 @@ def _fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size, 
             if shardings is None:
                 done = adam8bit_step_grouped(*args, interpret=interpret)
             else:
-                flat_sh = treedef.flatten_up_to(shardings)
+                try:
+                    flat_sh = treedef.flatten_up_to(shardings)
+                except (ValueError, TypeError) as e:
+                    raise ValueError("shardings must be a tree of NamedShardings with the parameters' structure "
+                                     f"(e.g. jax.tree.map(lambda p: p.sharding, params)): {e}") from None
                 done = adam8bit_step_sharded(*args, [flat_sh[i] for i in pending], interpret=interpret)
             for i, r in zip(pending, done):
                 out_leaves[i] = r
@@ -316,8 +321,8 @@ def fused_adamw_8bit(
     """AdamW 8-bit as an optax transformation whose large leaves update in one kernel pass.
 
     The update it returns is ``p_new - p`` (it needs ``params``). ``shardings``: the parameters'
-    tree of NamedShardings (or None entries) when they live on a device mesh; leaves split along
-    their leading axis in whole 256-value blocks then update shard by shard on their devices
+    tree of NamedShardings when they live on a device mesh; leaves split along their leading axis
+    in whole 256-value blocks then update shard by shard on their devices
     (:func:`adam8bit_step_sharded`) instead of being gathered whole onto each one.
     """
     init_fn, step_fn = _fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size,
