@@ -93,6 +93,22 @@ def bench_optax(tx, dtype, name, results, grads_dtype=None):
     del params, state, grads
 
 
+def _donated_call_times(f, carry, *rest):
+    """``f(*carry, *rest)`` with ``carry`` donated and threaded through REPEATS timed calls:
+    (first call's seconds -- compile included --, best call's seconds, last carry)."""
+    t0 = time.perf_counter()
+    out = f(*carry, *rest)
+    jax.block_until_ready(out)
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        out = f(*out, *rest)
+        jax.block_until_ready(out)
+        best = min(best, time.perf_counter() - t0)
+    return first, best, out
+
+
 def bench_inplace(dtype, name, results, traffic_bytes_per_param, leaves_per_launch=None, profile=False,
                   **kernel_options):
     """The fused kernel writing p in place (no separate apply_updates pass), its leaves grouped
@@ -114,16 +130,7 @@ def bench_inplace(dtype, name, results, traffic_bytes_per_param, leaves_per_laun
         return jax.lax.fori_loop(0, STEPS, body, (params, mu, nu))
 
     f = jax.jit(loop, donate_argnums=(0, 1, 2))
-    t0 = time.perf_counter()
-    out = f(params, mu, nu, grads)
-    jax.block_until_ready(out)
-    first_s = time.perf_counter() - t0  # compile (the kernel's Triton build included) + one call
-    best = float("inf")
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        out = f(*out, grads)
-        jax.block_until_ready(out)
-        best = min(best, time.perf_counter() - t0)
+    first_s, best, out = _donated_call_times(f, (params, mu, nu), grads)
     sec = best / STEPS
     nparams = LEAVES * DIM * DIM
     results[name] = {
@@ -217,15 +224,7 @@ def time_sharded(results):
         def loop(p, s, g):
             return jax.lax.fori_loop(0, STEPS, lambda i, c: opt.step(g, c[1], c[0]), (p, s))
 
-        f = jax.jit(loop, donate_argnums=(0, 1))
-        out = f(params, state, grads)
-        jax.block_until_ready(out)
-        best = float("inf")
-        for _ in range(REPEATS):
-            t0 = time.perf_counter()
-            out = f(*out, grads)
-            jax.block_until_ready(out)
-            best = min(best, time.perf_counter() - t0)
+        _, best, out = _donated_call_times(jax.jit(loop, donate_argnums=(0, 1)), (params, state), grads)
         ms = best / STEPS * 1e3
         results[f"sharded step {label}"] = {"step_ms": ms, "devices": len(jax.devices()), "params": LEAVES * DIM * DIM}
         print(f"sharded step over {len(jax.devices())} devices, {label}: {ms:.3f} ms", flush=True)

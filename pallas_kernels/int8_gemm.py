@@ -317,9 +317,10 @@ def fold_one_digit(x, outlier_cols, codes_x, sx):
 
 
 def digits_reference(codes_x, sx, codes_w, sw, digits, bias=None, out_dtype=jnp.float32, orient="xw"):
-    """The small-M product with outlier digits as ONE int8 dot in XLA: x's codes and its two
-    outlier digits stacked as 3M rows against the weight (the vendor int8 GEMM reads W once),
-    then the epilogue: ``acc0 * sx * sw / 127^2 + (acc1 * s1 + acc2 * s2) * sw / 127 + bias``.
+    """The small-M product with outlier digits as ONE int8 dot in XLA: x's codes and its
+    outlier digits (two: :func:`outlier_digits`, 3M rows; one: :func:`fold_one_digit`, 2M)
+    stacked against the weight (the vendor int8 GEMM reads W once), then the epilogue:
+    ``acc0 * sx * sw / 127^2 + (acc1 * s1 + acc2 * s2) * sw / 127 + bias``.
     (Zero rows padding the 3M to 64 measured no faster on an H100: RESULTS.md.)"""
     m = codes_x.shape[0]
     dig, dsc = digits

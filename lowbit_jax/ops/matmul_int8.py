@@ -84,7 +84,9 @@ SMALL_ENGINE = "xla"
 # gain (24.02/24.11 vs 23.80/24.27); M=1 equal (benchmarks/RESULTS.md, 2026-11-23 14:46 UTC).
 SMALL_ORIENT = "wx"
 # Outlier digits of that XLA dot: 2 (x's outlier columns as two int8 digits, 3M rows) or 1 (one
-# digit and the residual folded into the codes row at the row's int8 step, 2M rows). Experiment.
+# digit and the residual folded into the codes row at the row's int8 step, 2M rows). H100, M=16,
+# thr 6: 23.9/24.3 vs 25.1/29.2 us, but the error on bitsandbytes' inputs rises above its own
+# (1.27469e-2 vs 1.27440e-2; two digits 1.27413e-2): off (benchmarks/KERNEL_NOTES.md).
 SMALL_DIGITS = 2
 
 
