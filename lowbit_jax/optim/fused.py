@@ -15,7 +15,9 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
+from lowbit_jax import _compat
 from lowbit_jax.optim import _state
 from lowbit_jax.optim._state import STATE_BLOCKSIZE
 from lowbit_jax.optim.transforms import (
@@ -128,6 +130,23 @@ def adam8bit_step_fused(hyper, p, g, mq: Blockwise8bit, vq: Blockwise8bit, *, in
                                       **kernel_options)[0]
 
 
+def _by_group(keys, run):
+    """``run(key, indices)`` once for each group of equal ``keys`` (first-seen order), its
+    results put back in input order."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    out = [None] * len(keys)
+    for key, idx in groups.items():
+        for i, r in zip(idx, run(key, idx)):
+            out[i] = r
+    return out
+
+
+def _take(seq, idx):
+    return [seq[i] for i in idx]
+
+
 def adam8bit_step_grouped(hypers, ps, gs, mqs, vqs, *, interpret: bool = False,
                           leaves_per_launch: int | None = None, **kernel_options):
     """:func:`adam8bit_step_fused_leaves` over any number of leaves, in launches of up to
@@ -137,20 +156,18 @@ def adam8bit_step_grouped(hypers, ps, gs, mqs, vqs, *, interpret: bool = False,
     ~11 s for 16, ~0.5 s for one); launches of equal signature share one compiled kernel, so
     grouping by signature builds one kernel a distinct layer shape, not one per position."""
     size = leaves_per_launch or LEAVES_PER_LAUNCH
-    buckets: dict = {}
-    for i, (p, g) in enumerate(zip(ps, gs)):
-        key = (tuple(p.shape), jnp.dtype(p.dtype).name, jnp.dtype(g.dtype).name)
-        buckets.setdefault(key, []).append(i)
-    out = [None] * len(ps)
-    for idx in buckets.values():
+
+    def run(_, idx):
+        res = []
         for j in range(0, len(idx), size):
             part = idx[j:j + size]
-            res = adam8bit_step_fused_leaves(jnp.stack([hypers[i] for i in part]), [ps[i] for i in part],
-                                             [gs[i] for i in part], [mqs[i] for i in part],
-                                             [vqs[i] for i in part], interpret=interpret, **kernel_options)
-            for i, r in zip(part, res):
-                out[i] = r
-    return out
+            res += adam8bit_step_fused_leaves(jnp.stack(_take(hypers, part)), _take(ps, part), _take(gs, part),
+                                              _take(mqs, part), _take(vqs, part), interpret=interpret,
+                                              **kernel_options)
+        return res
+
+    keys = [(tuple(p.shape), jnp.dtype(p.dtype).name, jnp.dtype(g.dtype).name) for p, g in zip(ps, gs)]
+    return _by_group(keys, run)
 
 
 def adam8bit_step_sharded(hypers, ps, gs, mqs, vqs, shardings, *, interpret: bool = False, **kernel_options):
@@ -166,47 +183,40 @@ def adam8bit_step_sharded(hypers, ps, gs, mqs, vqs, shardings, *, interpret: boo
     are None) take the gathered path (for a replicated leaf that gathers nothing).
     ``shardings``: one NamedSharding (or None) a leaf.
     """
-    from lowbit_jax import _compat
-    from jax.sharding import PartitionSpec as P
 
-    groups: dict = {}
-    rest = []
-    for i, (mq, sh) in enumerate(zip(mqs, shardings)):
+    def key(i):
+        sh, mq = shardings[i], mqs[i]
         axis = None if sh is None or mq.nested else _state.leading_split(tuple(ps[i].shape), mq.blocksize, sh)
-        if axis is None:
-            rest.append(i)
-        else:
-            groups.setdefault((sh.mesh, axis), []).append(i)
-    out = [None] * len(ps)
-    if rest:
-        done = adam8bit_step_grouped([hypers[i] for i in rest], [ps[i] for i in rest], [gs[i] for i in rest],
-                                     [mqs[i] for i in rest], [vqs[i] for i in rest], interpret=interpret,
-                                     **kernel_options)
-        for i, r in zip(rest, done):
-            out[i] = r
-    for (mesh, axis), idx in groups.items():
-        templates = [(mqs[i], vqs[i]) for i in idx]
+        return None if axis is None else (sh.mesh, axis)
 
-        def body(h, pl_, gl, c1l, a1l, c2l, a2l, code1, code2, templates=templates):
-            mql = [t[0].replace(codes=c, absmax=a, code=code1, shape=tuple(c.shape)) for t, c, a in zip(templates, c1l, a1l)]
-            vql = [t[1].replace(codes=c, absmax=a, code=code2, shape=tuple(c.shape)) for t, c, a in zip(templates, c2l, a2l)]
-            res = adam8bit_step_grouped(list(h), pl_, gl, mql, vql, interpret=interpret, **kernel_options)
-            return ([r[0] for r in res], [r[1].codes for r in res], [r[1].absmax for r in res],
-                    [r[2].codes for r in res], [r[2].absmax for r in res])
+    def run(mesh_axis, idx):
+        args = (_take(hypers, idx), _take(ps, idx), _take(gs, idx), _take(mqs, idx), _take(vqs, idx))
+        if mesh_axis is None:
+            return adam8bit_step_grouped(*args, interpret=interpret, **kernel_options)
+        return _per_shard(*mesh_axis, *args, interpret=interpret, **kernel_options)
 
-        lead, rep = P(axis), P()
-        k = len(idx)
-        fn = _compat.shard_map(body, mesh=mesh, check=False,
-                               in_specs=(rep, [lead] * k, [lead] * k, [lead] * k, [lead] * k, [lead] * k, [lead] * k,
-                                         rep, rep),
-                               out_specs=([lead] * k, [lead] * k, [lead] * k, [lead] * k, [lead] * k))
-        new_p, c1, a1, c2, a2 = fn(jnp.stack([hypers[i] for i in idx]), [ps[i] for i in idx], [gs[i] for i in idx],
-                                   [mqs[i].codes for i in idx], [mqs[i].absmax for i in idx],
-                                   [vqs[i].codes for i in idx], [vqs[i].absmax for i in idx],
-                                   mqs[idx[0]].code, vqs[idx[0]].code)
-        for j, i in enumerate(idx):
-            out[i] = (new_p[j], mqs[i].replace(codes=c1[j], absmax=a1[j]), vqs[i].replace(codes=c2[j], absmax=a2[j]))
-    return out
+    return _by_group([key(i) for i in range(len(ps))], run)
+
+
+def _per_shard(mesh, axis, hypers, ps, gs, mqs, vqs, *, interpret, **kernel_options):
+    """:func:`adam8bit_step_grouped` inside ``shard_map`` over leaves split along their leading
+    axis by mesh ``axis``: the states' arrays go in and out bare (a moment's static shape is the
+    global one outside, the shard's inside)."""
+
+    def body(h, p_l, g_l, c1_l, a1_l, c2_l, a2_l, code1, code2):
+        mql = [t.replace(codes=c, absmax=a, code=code1, shape=tuple(c.shape)) for t, c, a in zip(mqs, c1_l, a1_l)]
+        vql = [t.replace(codes=c, absmax=a, code=code2, shape=tuple(c.shape)) for t, c, a in zip(vqs, c2_l, a2_l)]
+        res = adam8bit_step_grouped(list(h), p_l, g_l, mql, vql, interpret=interpret, **kernel_options)
+        return ([r[0] for r in res], [r[1].codes for r in res], [r[1].absmax for r in res],
+                [r[2].codes for r in res], [r[2].absmax for r in res])
+
+    lead, rep = [P(axis)] * len(ps), P()
+    fn = _compat.shard_map(body, mesh=mesh, check=False, in_specs=(rep, *[lead] * 6, rep, rep),
+                           out_specs=(lead,) * 5)
+    new_p, c1, a1, c2, a2 = fn(jnp.stack(hypers), ps, gs, [m.codes for m in mqs], [m.absmax for m in mqs],
+                               [v.codes for v in vqs], [v.absmax for v in vqs], mqs[0].code, vqs[0].code)
+    return [(new_p[j], mqs[j].replace(codes=c1[j], absmax=a1[j]), vqs[j].replace(codes=c2[j], absmax=a2[j]))
+            for j in range(len(ps))]
 
 
 def _adam32_step(p, g, m, v, c1, c2, eps, lr, wd, b1, b2):
@@ -287,15 +297,14 @@ def _fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, min_8bit_size, 
             todo = [out_leaves[i] for i in pending]
             args = ([t.hyper for t in todo], [t.p for t in todo], [t.g for t in todo], [t.mq for t in todo],
                     [t.vq for t in todo])
-            if shardings is None:
-                done = adam8bit_step_grouped(*args, interpret=interpret)
-            else:
+            flat_sh = [None] * len(out_leaves)
+            if shardings is not None:
                 try:
                     flat_sh = treedef.flatten_up_to(shardings)
                 except (ValueError, TypeError) as e:
                     raise ValueError("shardings must be a tree of NamedShardings with the parameters' structure "
                                      f"(e.g. jax.tree.map(lambda p: p.sharding, params)): {e}") from None
-                done = adam8bit_step_sharded(*args, [flat_sh[i] for i in pending], interpret=interpret)
+            done = adam8bit_step_sharded(*args, _take(flat_sh, pending), interpret=interpret)
             for i, r in zip(pending, done):
                 out_leaves[i] = r
         out = jax.tree.unflatten(treedef, out_leaves)
