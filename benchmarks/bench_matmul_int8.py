@@ -105,7 +105,9 @@ def check():
         import importlib
 
         mi = importlib.import_module("lowbit_jax.ops.matmul_int8")
-        engines = ("xla", "pallas") if m <= mi.SMALL_MAX_M else (mi.SMALL_ENGINE,)
+        if m > int(os.environ.get("CHECK_MAX_M", 1 << 30)):
+            continue
+        engines = ("xla", "pallas", "gemv") if m <= mi.SMALL_MAX_M else (mi.SMALL_ENGINE,)
         for (thr, cap), engine in [(tc, e) for tc in ((6.0, 64), (6.0, 2), (0.0, 64)) for e in engines]:
             # cap 2 < 3 planted columns: overflow path; small M: both engines
             key = f"M{m}_K{k}_N{n}_thr{thr:g}_cap{cap}" + (f"_{engine}" if m <= mi.SMALL_MAX_M else "")
@@ -151,8 +153,10 @@ def sweep(budget_s):
                 for t in ((128, 128, 128, 8, 4), (128, 256, 128, 8, 3))]
     if os.environ.get("INT8_SWEEP") == "orient":  # small M: operand order of XLA's int8 dot
         return _sweep_orient(mi, qs)
+    if os.environ.get("INT8_SWEEP") == "gemv":  # small M: the one-launch kernel's tiles against XLA's dot
+        return _sweep_gemv(mi, qs)
     if os.environ.get("INT8_SWEEP") == "digits":  # small M: two outlier digits (3M rows) or one (2M)
-        return _sweep_small(mi, qs, "SMALL_DIGITS", (2, 1, 2, 1))
+        return _sweep_small(mi, qs, "SMALL_DIGITS", (2, 1, 2, 1, 2, 1))
     base = {k: dict(v) for k, v in mi.GPU_CONFIG.items()}
     res = {}
     keys = []
@@ -187,6 +191,43 @@ def _sweep_orient(mi, qs):
     """Small M through XLA's int8 dot (mi.SMALL_ENGINE "xla"): x's rows or W's rows as the
     GEMM's M side, thresholds 6 (48 stacked rows) and 0 (16), 4 chained passes."""
     return _sweep_small(mi, qs, "SMALL_ORIENT", ("xw", "wx", "xw", "wx"))
+
+
+def _sweep_gemv(mi, qs):
+    """M=16 (thresholds 6 and 0) and M=1 (6): SMALL_ENGINE "xla" (stacked rows, XLA's int8 GEMM
+    and a separate epilogue) against "gemv" (pallas_kernels.int8_gemv) under launch configs,
+    and the outlier fold's search window; the xla baseline first and last (the run-to-run spread); 4 chained passes."""
+    import jax.numpy as jnp
+
+    from lowbit_jax import ops
+    from pallas_kernels import int8_gemm
+
+    g = lambda bn, bk, st: dict(block_n=bn, block_k=bk, num_warps=4, num_stages=st)
+    best = g(64, 256, 3)
+    runs16 = [("xla", None, None), ("gemv", best, None), ("gemv", g(32, 256, 3), None), ("gemv", g(64, 512, 4), None),
+              ("gemv", best, 4), ("gemv", best, None), ("xla", None, None)]
+    base = dict(mi.GPU_CONFIG["gemv"])
+    res = {}
+    short = runs16[:2] + runs16[-1:]
+    for m, thr, runs in ((16, 6.0, runs16), (16, 0.0, short), (8, 6.0, short), (4, 6.0, short), (1, 6.0, short)):
+        p = repeat_for(m)
+        xs = tuple(jnp.asarray(make_x(m, seed=99 + r)[0], jnp.bfloat16) for r in range(p))
+        for engine, cfg, window in runs:
+            # a fresh jit each run: the switches below act at trace time
+            f = chained_passes(lambda x, q, thr=thr: ops.matmul_int8(x, q, thr, impl="pallas"))
+            key = (f"M{m}_thr{thr:g}_{engine}" + ("" if cfg is None else "_" + "_".join(f"{k}{v}" for k, v in cfg.items()))
+                   + ("" if window is None else f"_window{window}"))
+            try:
+                mi.GPU_CONFIG["gemv"] = dict(cfg or base)
+                with attr(mi, "SMALL_ENGINE", engine), attr(mi, "GEMV_MIN_M", 1), attr(int8_gemm, "FOLD_WINDOW",
+                                                             int8_gemm.FOLD_WINDOW if window is None else window):
+                    res.setdefault(key, []).append(jax_time(f, xs, qs, passes=p))
+            except Exception as e:  # noqa: BLE001
+                res[key] = f"ERR {type(e).__name__}: {str(e)[:300]}"
+            finally:
+                mi.GPU_CONFIG["gemv"] = dict(base)
+            print("sweep", key, res[key], flush=True)
+    return res
 
 
 def _sweep_small(mi, qs, switch, values):
@@ -243,12 +284,12 @@ def bench_jax(ms, n, bw):
             # "splitk" forces the Pallas split-K kernel for small M, so both engines are timed
             variants = [("pallas", "pallas", mi.SMALL_ENGINE), ("xla", "xla", mi.SMALL_ENGINE)]
             if m <= mi.SMALL_MAX_M:
-                variants.append(("splitk", "pallas", "pallas"))
+                variants += [("splitk", "pallas", "pallas"), ("gemv", "pallas", "gemv")]
             for label, impl, engine in variants:
                 name = f"lowbit_{label}_thr{thr:g}"
                 f = chained_passes(lambda x, q, impl=impl, thr=thr: ops.matmul_int8(x, q, thr, impl=impl))
                 try:
-                    with attr(mi, "SMALL_ENGINE", engine):
+                    with attr(mi, "SMALL_ENGINE", engine), attr(mi, "GEMV_MIN_M", 1 if label == "gemv" else mi.GEMV_MIN_M):
                         row[name] = jax_time(f, xs, qs, passes=p)
                         row[name + "_err"] = rel_err(f(xs, qs)[0][0].astype(jnp.float32), y32)
                 except Exception as e:  # noqa: BLE001
@@ -345,8 +386,8 @@ def bench_bnb(ms, n):
 def table():
     jx, bb = R.get("jax", {}), R.get("bnb", {})
     print(f"\n==== per-matmul us (rel. err vs fp32), K={K}, N={R.get('N')}, L={L}, {R.get('env')}, copy {R.get('copy_TBps', 0):.2f} TB/s ====")
-    print("| M | thr | lowbit (default) | lowbit XLA-int8 | lowbit split-K kernel | XLA bf16 | bnb Linear8bitLt | default/bf16 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| M | thr | lowbit (default) | lowbit XLA-int8 | lowbit split-K kernel | lowbit one-launch GEMV | XLA bf16 | bnb Linear8bitLt | default/bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
 
     def cell(d, k):
         v = d.get(k)
@@ -364,7 +405,7 @@ def table():
             ratio = f"{p / row['xla_bf16']:.2f}" if isinstance(p, float) else "-"
             how = b.get(f"bnb_thr{thr}_how", "")
             print(f"| {key[1:]} | {thr} | {cell(row, f'lowbit_pallas_thr{thr}')} | {cell(row, f'lowbit_xla_thr{thr}')} | "
-                  f"{cell(row, f'lowbit_splitk_thr{thr}')} | "
+                  f"{cell(row, f'lowbit_splitk_thr{thr}')} | {cell(row, f'lowbit_gemv_thr{thr}')} | "
                   f"{cell(row, 'xla_bf16')} | {cell(b, f'bnb_thr{thr}')}{' ' + how if how else ''} | {ratio} |")
 
 

@@ -78,11 +78,14 @@ def test_cap_exceeded_is_exact_just_chunked(rng):
         capped = jax.jit(lambda x: ops.matmul_int8(x, w8, 6.0, b, max_outliers=cap, impl="xla"))(x)
         np.testing.assert_allclose(np.asarray(capped), np.asarray(full), rtol=1e-6, atol=1e-5)
     ref = ops.matmul_int8(x, w8, 6.0, b, impl="reference")  # dense-mask oracle
-    np.testing.assert_allclose(np.asarray(full), np.asarray(ref), rtol=1e-5, atol=1e-4)
-    # The outlier part alone, against a dense product over the masked columns.
-    _, _, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
-    part = ops.matmul_int8.__globals__["outlier_part"](x, w8, mask, 4)
+    # M <= 16 represents x's outlier columns as one int8 digit plus a code at the row's int8
+    # step t (SMALL_DIGITS=1): at most t / 2 an element, so at most sum |W| t / 2 a output
+    _, sx, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
     wd = np.asarray(quant.dequantize_int8(w8))
+    bound = (np.asarray(sx)[:, None] / 254) * np.abs(wd[:, np.asarray(mask)]).sum(axis=1)[None, :]
+    assert np.all(np.abs(np.asarray(full) - np.asarray(ref)) <= bound + 1e-5)
+    # The outlier part alone, against a dense product over the masked columns.
+    part = ops.matmul_int8.__globals__["outlier_part"](x, w8, mask, 4)
     dense = (np.asarray(x) * np.asarray(mask)[None, :]) @ wd.T
     np.testing.assert_allclose(np.asarray(part), dense, rtol=1e-5, atol=1e-4)
 
@@ -255,26 +258,35 @@ def test_small_m_xla_orientations_agree(rng, monkeypatch):
 
 
 def test_small_m_one_digit_folds_residual_into_codes(rng, monkeypatch):
-    # SMALL_DIGITS=1 (off by default): x's outlier columns as one int8 digit, the residual
-    # (<= 1/254 of the row's largest outlier) quantized into the codes row at the row's int8 step
-    # t = absmax / 127, where those columns are zero. Each outlier element then carries an error
-    # of at most t / 2, so the output moves from the two-digit one by at most
-    # sum over outlier columns of |W| * t / 2 (plus 16-bit roundings).
+    # SMALL_DIGITS=1: x's outlier columns as one int8 digit d1 (scale s1) plus a residual code in
+    # the codes row at the row's own int8 step t = absmax / 127, where those columns are zero.
+    # d1 is searched around round(x / s1) so that the residual lands near a multiple of t
+    # (s1 / t has the golden ratio's fractional part): every element within t / 2 (the plain
+    # fold's bound), and on average far inside it. A row whose other columns are all zero gets
+    # the free codes-row scale max|x| / 127 (t then is a second digit's step).
     import importlib
 
     mi = importlib.import_module("lowbit_jax.ops.matmul_int8")
     k, n, m = 200, 72, 5
     w8 = quant.quantize_int8(jnp.asarray(rng.standard_normal((n, k)) * 0.1, jnp.float32))
-    x = jnp.asarray(_planted(rng, m, k, rng.choice(k, size=6, replace=False), value=40.0), jnp.float32)
+    cols = rng.choice(k, size=6, replace=False)
+    xn = _planted(rng, m, k, cols, value=40.0)
+    xn[m - 1] = 0.0  # the last row: only outliers (bitsandbytes' row absmax is then 0)
+    xn[m - 1, cols] = rng.uniform(6.0, 40.0, cols.size) * rng.choice([-1.0, 1.0], cols.size)
+    x = jnp.asarray(xn, jnp.float32)
     codes, sx, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
-    folded, (d1, s1) = int8_gemm.fold_one_digit(x, mask, codes, sx)
+    folded, sx_used, (d1, s1) = int8_gemm.fold_one_digit(x, mask, codes, sx)
     assert folded.dtype == jnp.int8 and d1.shape == (1, m, k) and s1.shape == (1, m)
     mk = np.asarray(mask)
     np.testing.assert_array_equal(np.asarray(folded)[:, ~mk], np.asarray(codes)[:, ~mk])  # bnb's codes kept
-    t = np.asarray(sx) / 127
+    np.testing.assert_array_equal(np.asarray(sx_used)[:-1], np.asarray(sx)[:-1])
+    assert float(sx[-1]) == 0.0 and float(sx_used[-1]) > 0.0
+    t = np.asarray(sx_used) / 127
     rebuilt = np.asarray(s1[0])[:, None] * np.asarray(d1[0], np.float32) + t[:, None] * np.asarray(folded, np.float32)
-    xo = np.asarray(x)[:, mk]
-    assert np.all(np.abs(rebuilt[:, mk] - xo) <= t[:, None] * 0.5 * 1.001)
+    err = np.abs(rebuilt[:, mk] - np.asarray(x)[:, mk]) / t[:, None]
+    assert np.all(err <= 0.5 * 1.001)
+    assert err[:-1].mean() < 0.05  # the plain fold's mean is ~0.25 (a uniform rounding error)
+    assert np.abs(np.asarray(d1[0], np.float32)).max() <= 127 and np.all(np.asarray(d1[0])[:, ~mk] == 0)
     outs = {}
     for digits in (2, 1):
         monkeypatch.setattr(mi, "SMALL_DIGITS", digits)

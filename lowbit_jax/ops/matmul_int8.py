@@ -19,20 +19,27 @@ data-dependent; jit needs static shapes. Two schemes were possible:
   XLA ``lax.cond`` first: its predicate is copied to the host, which stalled the stream ~80 us
   a layer on an H100.
 
-Small M (<= SMALL_MAX_M, the split-K Pallas path) uses neither: the kernel is bandwidth-bound
-on W, so it multiplies x's outlier columns against every W tile it loads, as int8 too: the
-columns are split into two int8 digits (``x ~= s1 d1 + s2 d2`` per row, error <= 1/64516 of
-the row's largest outlier) and each digit is one more int8 dot with the W tile, scaled by
-``SCB / 127`` at the end. Any number of outliers, no gather, no ``lax.cond`` (whose predicate
-copy to the host stalled the GPU stream ~80 us a layer), no 16-bit copy of W anywhere. This is
-not bitsandbytes' rounding: bitsandbytes rounds the dequantized weight columns ``CB * SCB / 127``
-to x's 16-bit dtype (2^-9 relative for bf16) and keeps x's outliers as they are; here the
-weight keeps its int8 precision and x's outlier columns get ~15 bits relative to the row's
-largest outlier. A first version did bitsandbytes' exact rounding in registers (every W tile
-dequantized to 16 bits, one 16-bit dot): 39.2 us against 26.4 us for the int8 dot alone at
-M=16 on an H100; the digits cost two int8 dots and no per-element weight arithmetic.
-In XLA (``impl="xla"``, and on a GPU when ``SMALL_ENGINE == "xla"``) the digits are 2M more
-rows of one int8 dot: the vendor GEMM still reads W once.
+Small M (<= SMALL_MAX_M) uses neither: the product is bandwidth-bound on W, so x's outlier
+columns are multiplied against every W tile that is loaded anyway, as int8 too, and no weight
+element is ever dequantized. Any number of outliers, no gather, no ``lax.cond`` (whose
+predicate copy to the host stalled the GPU stream ~80 us a layer), no 16-bit copy of W. The
+outlier columns become int8 digits of x:
+
+* one digit (the default, ``int8_gemm.fold_one_digit``): ``x ~= s1 d1 + t r`` where ``t`` is
+  the row's own int8 step and ``r`` sits in the codes row, whose outlier columns are zero; ``d1``
+  is searched so the residual lands near a multiple of ``t``. One more row of int8 codes per
+  row of x: ``pallas_kernels.int8_gemv`` (from GEMV_MIN_M rows on a GPU) runs both dots
+  against each W tile and the epilogue in one launch; XLA (``impl="xla"``, fewer rows) stacks
+  them as 2M rows of one int8 dot, so the vendor GEMM still reads W once.
+* two digits (``SMALL_DIGITS = 2`` for the XLA dot, and the split-K kernel):
+  ``x ~= s1 d1 + s2 d2``, error <= 1/64516 of the row's largest outlier, 3M rows.
+
+This is not bitsandbytes' rounding: bitsandbytes rounds the dequantized weight columns
+``CB * SCB / 127`` to x's 16-bit dtype (2^-9 relative for bf16) and keeps x's outliers as they
+are; here the weight keeps its int8 precision and x's outlier columns are approximated as
+above. On bitsandbytes' own inputs the error vs fp32 is at or below bitsandbytes' (RESULTS.md).
+A first version did bitsandbytes' exact rounding in registers (every W tile dequantized to 16
+bits, one 16-bit dot): 39.2 us against 26.4 us for the int8 dot alone at M=16 on an H100.
 
 The trade-off: C bounds the fast path's extra work (gather N*C bytes, an M*C*N 16-bit GEMM);
 LLM.int8's own measurements put outlier features at a handful of columns per layer, so 64 is
@@ -57,7 +64,7 @@ import jax.numpy as jnp
 
 from lowbit_jax import _compat, quant
 from lowbit_jax.ops._grad import zero_cotangent
-from pallas_kernels import int8_gemm
+from pallas_kernels import int8_gemm, int8_gemv
 
 # bitsandbytes' int8_mm_dequant constant: 1 / 127**2 as float32.
 _INV_127_SQ = 6.200124e-05
@@ -71,23 +78,29 @@ GPU_CONFIG = {
     # 128x256 tiles: 461 vs 537 us at M=4096 thr 0, 505 vs 574 at thr 6; 52.6 vs 55.3 at M=256,
     # but 50.5 vs 41.6 at M=128 (N=14336, H100 sweeps 12:49 and 13:01 UTC)
     "large": dict(block_m=128, block_n=256, block_k=128, splits=1, num_warps=8, num_stages=3),
+    # M <= SMALL_MAX_M with SMALL_ENGINE == "gemv" (pallas_kernels.int8_gemv)
+    "gemv": dict(block_n=64, block_k=256, num_warps=4, num_stages=3),
 }
 SMALL_MAX_M = 16
 LARGE_MIN_M = 256  # rows from which the wide tiles leave enough programs for 132 SMs
-# Which int8 GEMM runs rows <= SMALL_MAX_M on a GPU: "xla" (the vendor int8 GEMM, codes and
-# outlier digits stacked as rows of one dot) or "pallas" (the split-K kernel). Measured on an H100
-# (benchmarks/RESULTS.md): see the int8 section for the numbers behind the choice.
-SMALL_ENGINE = "xla"
+# Which int8 product runs rows <= SMALL_MAX_M on a GPU: "gemv" (pallas_kernels.int8_gemv: one
+# launch, the epilogue fused, from GEMV_MIN_M rows; fewer take "xla"), "xla" (the vendor int8
+# GEMM over codes and outlier digits stacked as rows of one dot, then a separate epilogue) or
+# "pallas" (the split-K kernel). H100, N=14336, threshold 6 (RESULTS.md, seventh session): M=16
+# gemv 24.6 / xla 25.4 / split-K 31.6 us; M=12 25.2 / 25.6; M=8 25.1 / 24.7; M=1 25.0 / 22.9.
+SMALL_ENGINE = "gemv"
+GEMV_MIN_M = 12  # between the measured M=8 (xla faster) and M=12 (gemv faster)
 # Operand order of that XLA int8 dot when it stacks the outlier digits (threshold > 0; 3M rows):
 # "wx" (the weight's rows as the GEMM's M side, the result transposed in the epilogue) or "xw".
 # H100, M=16, thr 6: 27.04/27.00 vs 27.46/27.31 us; thr 0 (16 rows, always "xw") showed no
 # gain (24.02/24.11 vs 23.80/24.27); M=1 equal (benchmarks/RESULTS.md, 2026-11-23 14:46 UTC).
 SMALL_ORIENT = "wx"
-# Outlier digits of that XLA dot: 2 (x's outlier columns as two int8 digits, 3M rows) or 1 (one
-# digit and the residual folded into the codes row at the row's int8 step, 2M rows). H100, M=16,
-# thr 6: 23.9/24.3 vs 25.1/29.2 us, but the error on bitsandbytes' inputs rises above its own
-# (1.27469e-2 vs 1.27440e-2; two digits 1.27413e-2): off (benchmarks/KERNEL_NOTES.md).
-SMALL_DIGITS = 2
+# Outlier digits of that XLA dot: 1 (``int8_gemm.fold_one_digit``: one digit row, the residual
+# in the codes row, the digit searched so the residual lands near the row's int8 step; 2M rows)
+# or 2 (two digit rows, 3M). On bitsandbytes' own inputs (M=16, thr 6) the error vs fp32 is
+# 1.27411e-2 with one searched digit, 1.27413e-2 with two, bitsandbytes' 1.27442e-2; H100 M=16:
+# 25.98-26.15 vs 26.55-26.65 us (interleaved, same run). The "gemv" engine always uses 1.
+SMALL_DIGITS = 1
 
 
 def _check(x, w8):
@@ -188,14 +201,25 @@ def _forward(x, w8, bias, threshold, max_outliers, impl):
     x2 = x.reshape(-1, x.shape[-1])
     codes, sx, outlier_cols = quant.int8_vectorwise_quant(x2, threshold=threshold)
     small = x2.shape[0] <= SMALL_MAX_M
-    if small and impl == "pallas" and SMALL_ENGINE == "xla":
+    engine = SMALL_ENGINE
+    if engine == "gemv" and x2.shape[0] < GEMV_MIN_M:
+        engine = "xla"
+    if small and impl in ("pallas", "pallas_interpret") and engine == "gemv":
+        # one launch: int8 dots against each weight tile and the epilogue (outliers: one digit row)
+        digit = None
+        if threshold > 0.0:
+            codes, sx, digit = int8_gemm.fold_one_digit(x2, outlier_cols, codes, sx)
+        out = int8_gemv.matmul(codes, sx, w8.codes, w8.row_absmax, digit, bias, out_dtype=x.dtype,
+                               interpret=impl == "pallas_interpret", **GPU_CONFIG["gemv"])
+        return out.reshape(*lead, w8.shape[0])
+    if small and impl == "pallas" and engine == "xla":
         impl = "xla"
     if threshold == 0.0:
         out = _int8_part(codes, sx, w8, None, None, None, bias, x.dtype, impl)
     elif small and impl == "xla":
         # the same outlier digits as the Pallas split-K kernel below, as extra rows of one int8 dot
         if SMALL_DIGITS == 1:
-            codes, digits = int8_gemm.fold_one_digit(x2, outlier_cols, codes, sx)
+            codes, sx, digits = int8_gemm.fold_one_digit(x2, outlier_cols, codes, sx)
         else:
             digits = int8_gemm.outlier_digits(x2, outlier_cols)
         out = int8_gemm.digits_reference(codes, sx, w8.codes, w8.row_absmax, digits, bias, x.dtype,
