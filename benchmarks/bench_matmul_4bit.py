@@ -103,20 +103,24 @@ def variant(section=None, cfg=None, legacy=False, **attrs):
     TILE_ROWS), or route 16-bit x to the older kernels (``legacy``: fma/dot split-K GEMV)."""
     from lowbit_jax.ops import _matmul_4bit_kernels as kern
 
+    from pallas_kernels import _4bit_common as c4
+
+    # "c4.NAME" attributes belong to pallas_kernels._4bit_common, the others to the dispatch
+    where = lambda a: (c4, a[3:]) if a.startswith("c4.") else (kern, a)
     saved_cfg = {k: dict(v) for k, v in kern.GPU_CONFIG.items()}
-    saved = {a: getattr(kern, a) for a in list(attrs) + ["_half"]}
+    saved = {a: getattr(*where(a)) for a in list(attrs) + ["_half"]}
     try:
         if section is not None:
             kern.GPU_CONFIG[section] = dict(cfg)
         for a, v in attrs.items():
-            setattr(kern, a, v)
+            setattr(*where(a), v)
         if legacy:
             kern._half = lambda dtype: False
         yield
     finally:
         kern.GPU_CONFIG = saved_cfg
         for a, v in saved.items():
-            setattr(kern, a, v)
+            setattr(*where(a), v)
 
 
 def check(variants):
@@ -294,6 +298,12 @@ def sweep_plan():
     return plan
 
 
+def decode_plan():
+    """M=1, the default launch: the mma decode's nibble order (``_4bit_common.NIBBLE_ORDER``),
+    interleaved three times each (the run-to-run spread)."""
+    return [(1, None, {}, {"c4.NIBBLE_ORDER": order}) for _ in range(3) for order in ("head", "interleave")]
+
+
 def bands_plan():
     """Large M: the band height (the scan assembly of the bands, 976 vs 820 us at M=4096, was
     removed after the 12:49 UTC run of this plan)."""
@@ -323,6 +333,9 @@ def sweep(plan, n, budget_s):
             break
         x = xs_for(m, 7)
         key = f"N{n}_M{m}_{section or 'dispatch'}_" + "_".join(f"{k}{v}" for k, v in list(cfg.items()) + list(attrs.items()))
+        base, rep = key, 2
+        while key in res:  # a plan may repeat a variant (interleaved repeats): keep every timing
+            key, rep = f"{base}_r{rep}", rep + 1
         res.setdefault("configs", {})[key] = [section, cfg, attrs]
         try:
             with variant(section, cfg, **attrs):
@@ -367,8 +380,8 @@ def main():
     ap.add_argument("--check-variants", action="store_true", help="--check also runs every sweep variant")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-ms", default="1,16")
-    ap.add_argument("--plan", default="launch", choices=("launch", "bands"),
-                    help="--sweep plan: GEMV/GEMM launch shapes, or the large-M band path")
+    ap.add_argument("--plan", default="launch", choices=("launch", "bands", "decode"),
+                    help="--sweep plan: GEMV/GEMM launch shapes, the large-M band path, or the mma decode's nibble order")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-seconds", type=float, default=240)
     ap.add_argument("--ncu", action="store_true")
@@ -394,7 +407,7 @@ def main():
     R["config_overrides"] = apply_config(kern.GPU_CONFIG, a.config)
     R["copy_TBps"] = copy_bandwidth_tbps()
     print("copy bandwidth TB/s", R["copy_TBps"], R["config_overrides"], flush=True)
-    plan = sweep_plan() if a.plan == "launch" else bands_plan()
+    plan = {"launch": sweep_plan, "bands": bands_plan, "decode": decode_plan}[a.plan]()
     steps = [("check", (lambda: check(plan + SMALL_N_PLAN if a.check_variants else [])) if a.check else None),
              ("profile", (lambda: profile([int(v) for v in a.profile_ms.split(",")], 14336)) if a.profile else None),
              ("sweep_N14336", (lambda: sweep(plan, 14336, a.sweep_seconds)) if a.sweep else None),

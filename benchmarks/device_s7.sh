@@ -3,6 +3,7 @@
 #   bash benchmarks/device_s7.sh int8_digits   # LLM.int8 small M: one searched outlier digit vs two
 #   bash benchmarks/device_s7.sh int8_gemv     # LLM.int8 small M: the one-launch GEMV vs XLA's dot
 #   bash benchmarks/device_s7.sh int8_final    # errors on bitsandbytes' inputs, then the small-M table with bnb
+#   bash benchmarks/device_s7.sh nibble        # 4-bit one-row GEMV: self-check, nibble-order A/B, M=1,16 table
 . "$(dirname "$0")/_device_env.sh"
 for mode in "$@"; do
   case "$mode" in
@@ -36,6 +37,16 @@ for mode in "$@"; do
       OUT="$OUT/final_table" timeout 400 python3 benchmarks/bench_matmul_int8.py --ms 16,12,1 \
         > "$OUT/int8_final_table.log" 2>&1
       echo "table rc=$?"; grep -E "^\|" "$OUT/int8_final_table.log" | cut -c1-250 ;;
+    nibble)
+      mkdir -p "$OUT/nibble_sweep" "$OUT/nibble_table"
+      timeout 120 python3 benchmarks/check_gemv_engine.py > "$OUT/nibble_engine.log" 2>&1
+      echo "engine rc=$?"; grep -vE "^\s*$" "$OUT/nibble_engine.log" | grep -vE "constant|folding|bug|XLA_FLAGS|gather" | cut -c1-250
+      OUT="$OUT/nibble_sweep" timeout 150 python3 benchmarks/bench_matmul_4bit.py --sweep --plan decode --ms "" --ns 14336 \
+        --no-bnb > "$OUT/nibble_sweep.log" 2>&1
+      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/nibble_sweep.log" | cut -c1-200
+      OUT="$OUT/nibble_table" timeout 240 python3 benchmarks/bench_matmul_4bit.py --ms 1,16 --ns 14336 \
+        > "$OUT/nibble_table.log" 2>&1
+      echo "table rc=$?"; sed -n '/^==== per-matmul/,$p' "$OUT/nibble_table.log" | cut -c1-250 ;;
   esac
 done
 ls -la "$OUT"

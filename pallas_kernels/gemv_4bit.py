@@ -16,7 +16,7 @@ Two engines for the block dot products:
   computes them, x pairs as the A fragment, decoded byte pairs as B, each block's sum on the
   product's diagonal (``_4bit_common.mma_rowsum``: the lane layout and the bookkeeping). The
   multiply-adds cost ~1/32 of an instruction a weight; the decode is what is left
-  (integer-ALU-bound): 22.2-22.9 us at K=4096, N=14336 on an H100.
+  (integer-ALU-bound): 21.7-22.5 us at K=4096, N=14336 on an H100 (seventh session).
 - "rowsum": fp32 multiply-adds on the CUDA cores (~9.8 instructions a weight: 25-27 us), for
   blocksizes other than 64.
 

@@ -48,9 +48,11 @@ def _lane_data(blocks, xpairs, scales, acc) -> list[dict[str, int]]:
     return lanes
 
 
+@pytest.mark.parametrize("nibble_order", ["interleave", "head"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_mma_asm_block_sums(quant_type, dtype):
+def test_mma_asm_block_sums(quant_type, dtype, nibble_order, monkeypatch):
+    monkeypatch.setattr(c4, "NIBBLE_ORDER", nibble_order)
     rng = np.random.default_rng(7)
     ndt = jnp.dtype(dtype)
     values = c4.table(quant_type)
