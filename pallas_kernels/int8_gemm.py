@@ -174,6 +174,16 @@ def _kernel(x_ref, w_ref, *rest, block_k, n_ktiles, has_sub, has_extra, has_bias
     o_ref[...] = out.astype(o_ref.dtype)
 
 
+def check_codes(codes_x, codes_w):
+    """(M, K, N) of int8 codes x [M, K] and W [N, K], or a ValueError naming what is wrong."""
+    m, k = codes_x.shape
+    if codes_x.dtype != jnp.int8 or codes_w.dtype != jnp.int8:
+        raise ValueError(f"codes_x and codes_w must be int8, got {codes_x.dtype} and {codes_w.dtype}")
+    if codes_w.ndim != 2 or codes_w.shape[1] != k:
+        raise ValueError(f"codes_w must be [N, {k}] like codes_x's K, got {codes_w.shape}")
+    return m, k, codes_w.shape[0]
+
+
 def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, bias=None, *, digits=None,
         overflow=None,
         out_dtype=jnp.float32, block_m=BM, block_n=BN, block_k=BK, splits=1, num_warps=NUM_WARPS,
@@ -187,12 +197,7 @@ def raw(codes_x, codes_w, sx=None, sw=None, sub_x=None, sub_w=None, extra=None, 
     fp32 partials [splits, M, N] of the outlier product, two more int8 dots against the W tile
     already loaded (no gather, no 16-bit copy of W, any outlier count).
     """
-    m, k = codes_x.shape
-    n = codes_w.shape[0]
-    if codes_x.dtype != jnp.int8 or codes_w.dtype != jnp.int8:
-        raise ValueError(f"codes_x and codes_w must be int8, got {codes_x.dtype} and {codes_w.dtype}")
-    if codes_w.shape[1] != k:
-        raise ValueError(f"codes_w must be [N, {k}], got {codes_w.shape}")
+    m, k, n = check_codes(codes_x, codes_w)
     kc = k // splits
     if m % block_m or n % block_n or k % splits or kc % block_k:
         raise ValueError(f"untiled launch: M={m}, N={n}, K={k}, tiles {block_m}x{block_n}x{block_k}, splits {splits}")

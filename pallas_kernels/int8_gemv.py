@@ -18,7 +18,8 @@ tensor-core tile's M side is the weight's rows and x's few rows take its narrow 
 [block_n, M] result is transposed in registers before the store.
 
 Arithmetic is the same as ``int8_gemm.digits_reference`` (int32 dots, then
-``acc * sx * sw / 127^2 + (acc_d * s1) * sw / 127 + bias`` in fp32, one cast). Imports only jax.
+``acc * sx * sw / 127^2 + (acc_d * s1) * sw / 127 + bias`` in fp32, one cast). Imports only jax
+(and int8_gemm's constants).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# bitsandbytes' int8_mm_dequant and int8_vectorwise_dequant constants (as in int8_gemm).
-INV_127_SQ = 6.200124e-05
-INV_127 = 7.874015718698502e-3
+# bitsandbytes' dequantization constants, the zero padding and the operand checks of the GEMM
+from pallas_kernels.int8_gemm import INV_127, INV_127_SQ, _pad, check_codes
+
 ROWS = 16  # x's rows padded to the tensor-core tile's narrow side
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 256, 4, 4
 
@@ -75,15 +76,6 @@ def _kernel(w_ref, xc_ref, *rest, block_k, n_ktiles, has_digit, has_bias):
     _store(o_ref, carry[0].astype(jnp.float32), acc_d, sx_ref, s1_ref, sw_ref, bias_ref)
 
 
-def _pad(a, axis, mult):
-    pad = (-a.shape[axis]) % mult
-    if pad == 0:
-        return a
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(a, widths)
-
-
 def matmul(codes_x, sx, codes_w, sw, digit=None, bias=None, *, out_dtype=jnp.float32, block_n=BLOCK_N,
            block_k=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=False):
     """``codes_x @ codes_w.T * sx * sw / 127^2 [+ (d1 @ codes_w.T) * s1 * sw / 127] [+ bias]``.
@@ -94,12 +86,7 @@ def matmul(codes_x, sx, codes_w, sw, digit=None, bias=None, *, out_dtype=jnp.flo
     bias [N]. Returns [M, N] ``out_dtype``. Any N and K: operands are zero-padded to the tiles
     (zero codes add nothing); real layer shapes (multiples of 256) need no weight copy.
     """
-    m, k = codes_x.shape
-    n = codes_w.shape[0]
-    if codes_x.dtype != jnp.int8 or codes_w.dtype != jnp.int8:
-        raise ValueError(f"codes_x and codes_w must be int8, got {codes_x.dtype} and {codes_w.dtype}")
-    if codes_w.shape[1] != k:
-        raise ValueError(f"codes_w must be [N, {k}] like codes_x's K, got {codes_w.shape}")
+    m, k, n = check_codes(codes_x, codes_w)
     if m > ROWS:
         raise ValueError(f"codes_x may have at most {ROWS} rows here (the small-M kernel), got {m}")
     if sx.shape != (m,) or sw.shape != (n,):
