@@ -324,15 +324,17 @@ def fold_one_digit(x, outlier_cols, codes_x, sx, window: int | None = None):
     ``a = round(x / s1) + j`` leave residuals ``x - a s1`` whose positions between multiples of
     ``t`` are spread evenly; the candidate whose residual is nearest a multiple of ``t`` (with
     ``|b| <= 127``) wins, ties to the smallest ``|j|``. The error is typically ~t / (4W), a
-    few times below the plain fold's; rows whose other columns are all zero get the free
-    codes-row scale ``max|x_row| / 127`` (then ``b`` is an ordinary second digit).
+    few times below the plain fold's, never above ``t / 2`` while ``max|x_row| <= 254 sx``
+    (an outlier 254 times the row's other values; past that ``b`` saturates and the error
+    grows toward one digit's ``s1 / 2``, 1/254 of the row's max). Rows whose other columns are
+    all zero get the free codes-row scale ``max|x_row| / 127`` (``b`` is then a second digit).
 
     Returns (codes with the residual, sx to use in the epilogue, (d1 [1, M, K], s1 [1, M])).
     """
     window = FOLD_WINDOW if window is None else window
     xo = jnp.where(outlier_cols[None, :], x.astype(jnp.float32), jnp.float32(0.0))
-    # the whole row's max bounds the outlier columns' max (all s1 needs) and is a sibling of
-    # bitsandbytes' row absmax: XLA computes both in one reduction kernel
+    # the whole row's max bounds the outlier columns' max (all s1 needs) without waiting for
+    # the column mask
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1)
     sx = sx.astype(jnp.float32)
     sx_eff = jnp.where(sx > 0, sx, amax / jnp.float32(127.0))
