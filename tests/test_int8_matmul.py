@@ -295,3 +295,20 @@ def test_small_m_one_digit_folds_residual_into_codes(rng, monkeypatch):
     bound = (t[:, None] * 0.5) * np.abs(w[:, mk]).sum(axis=1)[None, :] + 1e-5 * np.abs(outs[2]).max()
     assert np.all(np.abs(outs[1] - outs[2]) <= bound)
     assert np.any(outs[1] != outs[2])  # the residual's rounding is visible: the switch took effect
+
+def test_one_digit_fold_extreme_outliers_stay_within_one_digit(rng):
+    # An outlier 1000x the row's other values: the codes-row residual saturates (|b| <= 127), so
+    # the bound falls back to one digit's s1 / 2 (1/254 of the row's max), never worse.
+    k, m = 128, 3
+    x = rng.uniform(-0.01, 0.01, (m, k)).astype(np.float32)
+    cols = rng.choice(k, size=4, replace=False)
+    x[:, cols] = rng.uniform(6.0, 12.0, (m, 4)) * rng.choice([-1.0, 1.0], (m, 4))
+    x = jnp.asarray(x)
+    codes, sx, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
+    folded, sx_used, (d1, s1) = int8_gemm.fold_one_digit(x, mask, codes, sx)
+    t = np.asarray(sx_used) / 127
+    rebuilt = np.asarray(s1[0])[:, None] * np.asarray(d1[0], np.float32) + t[:, None] * np.asarray(folded, np.float32)
+    mk = np.asarray(mask)
+    err = np.abs(rebuilt[:, mk] - np.asarray(x)[:, mk])
+    assert np.all(err <= np.asarray(s1[0])[:, None] / 2 * 1.001)
+    assert np.all(np.isfinite(rebuilt))
