@@ -304,6 +304,15 @@ def decode_plan():
     return [(1, None, {}, {"c4.NIBBLE_ORDER": order}) for _ in range(3) for order in ("head", "interleave")]
 
 
+def m16_plan():
+    """M=16 (the split-K dot GEMV, ``gemv_dot``): splits, row tile, byte tile and warps around
+    the default, which no earlier sweep covered at N=14336."""
+    base = dict(block_n=64, block_h=128, splits=4, decode="prmt", num_warps=4, num_stages=3)
+    kws = [{}, dict(splits=1), dict(splits=2), dict(splits=8), dict(block_n=32), dict(block_n=128),
+           dict(block_h=64), dict(block_h=256), dict(num_warps=8), dict(num_stages=4), dict(splits=2, block_n=32), {}]
+    return [(16, "gemv_dot", dict(base, **kw), {}) for kw in kws]
+
+
 def bands_plan():
     """Large M: the band height (the scan assembly of the bands, 976 vs 820 us at M=4096, was
     removed after the 12:49 UTC run of this plan)."""
@@ -380,8 +389,9 @@ def main():
     ap.add_argument("--check-variants", action="store_true", help="--check also runs every sweep variant")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-ms", default="1,16")
-    ap.add_argument("--plan", default="launch", choices=("launch", "bands", "decode"),
-                    help="--sweep plan: GEMV/GEMM launch shapes, the large-M band path, or the mma decode's nibble order")
+    ap.add_argument("--plan", default="launch", choices=("launch", "bands", "decode", "m16"),
+                    help="--sweep plan: GEMV/GEMM launch shapes, the large-M band path, the mma decode's nibble "
+                         "order, or the M=16 dot GEMV's launch")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-seconds", type=float, default=240)
     ap.add_argument("--ncu", action="store_true")
@@ -407,7 +417,7 @@ def main():
     R["config_overrides"] = apply_config(kern.GPU_CONFIG, a.config)
     R["copy_TBps"] = copy_bandwidth_tbps()
     print("copy bandwidth TB/s", R["copy_TBps"], R["config_overrides"], flush=True)
-    plan = {"launch": sweep_plan, "bands": bands_plan, "decode": decode_plan}[a.plan]()
+    plan = {"launch": sweep_plan, "bands": bands_plan, "decode": decode_plan, "m16": m16_plan}[a.plan]()
     steps = [("check", (lambda: check(plan + SMALL_N_PLAN if a.check_variants else [])) if a.check else None),
              ("profile", (lambda: profile([int(v) for v in a.profile_ms.split(",")], 14336)) if a.profile else None),
              ("sweep_N14336", (lambda: sweep(plan, 14336, a.sweep_seconds)) if a.sweep else None),

@@ -4,6 +4,7 @@
 #   bash benchmarks/device_s7.sh int8_gemv     # LLM.int8 small M: the one-launch GEMV vs XLA's dot
 #   bash benchmarks/device_s7.sh int8_final    # errors on bitsandbytes' inputs, then the small-M table with bnb
 #   bash benchmarks/device_s7.sh nibble        # 4-bit one-row GEMV: self-check, nibble-order A/B, M=1,16 table
+#   bash benchmarks/device_s7.sh m16           # 4-bit M=16: where a call's time goes, then the dot GEMV's launch sweep
 . "$(dirname "$0")/_device_env.sh"
 for mode in "$@"; do
   case "$mode" in
@@ -47,6 +48,14 @@ for mode in "$@"; do
       OUT="$OUT/nibble_table" timeout 240 python3 benchmarks/bench_matmul_4bit.py --ms 1,16 --ns 14336 \
         > "$OUT/nibble_table.log" 2>&1
       echo "table rc=$?"; sed -n '/^==== per-matmul/,$p' "$OUT/nibble_table.log" | cut -c1-250 ;;
+    m16)
+      mkdir -p "$OUT/m16"
+      OUT="$OUT/m16" timeout 120 python3 benchmarks/bench_matmul_4bit.py --profile --profile-ms 16 --ms "" --no-bnb \
+        > "$OUT/m16_profile.log" 2>&1
+      echo "profile rc=$?"; grep -E "us =" "$OUT/m16_profile.log" | head -12 | cut -c1-200
+      OUT="$OUT/m16" BENCH_TAG=_sweep timeout 200 python3 benchmarks/bench_matmul_4bit.py --sweep --plan m16 --ms "" \
+        --ns 14336 --no-bnb > "$OUT/m16_sweep.log" 2>&1
+      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/m16_sweep.log" | cut -c1-220 ;;
   esac
 done
 ls -la "$OUT"
