@@ -193,64 +193,64 @@ def _sweep_orient(mi, qs):
     return _sweep_small(mi, qs, "SMALL_ORIENT", ("xw", "wx", "xw", "wx"))
 
 
-def _sweep_gemv(mi, qs):
-    """M=16 (thresholds 6 and 0) and M=1 (6): SMALL_ENGINE "xla" (stacked rows, XLA's int8 GEMM
-    and a separate epilogue) against "gemv" (pallas_kernels.int8_gemv) under launch configs,
-    and the outlier fold's search window; the xla baseline first and last (the run-to-run spread); 4 chained passes."""
+def _small_xs(m):
+    """The chained passes' inputs at M rows (one fresh x a pass)."""
     import jax.numpy as jnp
 
+    return tuple(jnp.asarray(make_x(m, seed=99 + r)[0], jnp.bfloat16) for r in range(repeat_for(m)))
+
+
+def _time_variant(res, key, m, thr, xs, qs, switches):
+    """Append to ``res[key]`` the time of ``matmul_int8`` (threshold ``thr``, M rows) under the
+    ``(module, name, value)`` switches, in a fresh jit (the switches act at trace time)."""
     from lowbit_jax import ops
+
+    f = chained_passes(lambda x, q: ops.matmul_int8(x, q, thr, impl="pallas"))
+    try:
+        with contextlib.ExitStack() as stack:
+            for module, name, value in switches:
+                stack.enter_context(attr(module, name, value))
+            res.setdefault(key, []).append(jax_time(f, xs, qs, passes=repeat_for(m)))
+    except Exception as e:  # noqa: BLE001
+        res[key] = f"ERR {type(e).__name__}: {str(e)[:300]}"
+    print("sweep", key, res[key], flush=True)
+
+
+def _sweep_gemv(mi, qs):
+    """M=16 (thresholds 6 and 0), M=8, 4, 1 (6): SMALL_ENGINE "xla" (stacked rows, XLA's int8
+    GEMM and a separate epilogue) against "gemv" (pallas_kernels.int8_gemv) under launch
+    configs, and the outlier fold's search window; the xla baseline first and last (the
+    run-to-run spread); 4 chained passes."""
     from pallas_kernels import int8_gemm
 
     g = lambda bn, bk, st: dict(block_n=bn, block_k=bk, num_warps=4, num_stages=st)
     best = g(64, 256, 3)
     runs16 = [("xla", None, None), ("gemv", best, None), ("gemv", g(32, 256, 3), None), ("gemv", g(64, 512, 4), None),
               ("gemv", best, 4), ("gemv", best, None), ("xla", None, None)]
-    base = dict(mi.GPU_CONFIG["gemv"])
-    res = {}
     short = runs16[:2] + runs16[-1:]
+    res = {}
     for m, thr, runs in ((16, 6.0, runs16), (16, 0.0, short), (8, 6.0, short), (4, 6.0, short), (1, 6.0, short)):
-        p = repeat_for(m)
-        xs = tuple(jnp.asarray(make_x(m, seed=99 + r)[0], jnp.bfloat16) for r in range(p))
+        xs = _small_xs(m)
         for engine, cfg, window in runs:
-            # a fresh jit each run: the switches below act at trace time
-            f = chained_passes(lambda x, q, thr=thr: ops.matmul_int8(x, q, thr, impl="pallas"))
             key = (f"M{m}_thr{thr:g}_{engine}" + ("" if cfg is None else "_" + "_".join(f"{k}{v}" for k, v in cfg.items()))
                    + ("" if window is None else f"_window{window}"))
-            try:
-                mi.GPU_CONFIG["gemv"] = dict(cfg or base)
-                with attr(mi, "SMALL_ENGINE", engine), attr(mi, "GEMV_MIN_M", 1), attr(int8_gemm, "FOLD_WINDOW",
-                                                             int8_gemm.FOLD_WINDOW if window is None else window):
-                    res.setdefault(key, []).append(jax_time(f, xs, qs, passes=p))
-            except Exception as e:  # noqa: BLE001
-                res[key] = f"ERR {type(e).__name__}: {str(e)[:300]}"
-            finally:
-                mi.GPU_CONFIG["gemv"] = dict(base)
-            print("sweep", key, res[key], flush=True)
+            switches = [(mi, "SMALL_ENGINE", engine), (mi, "GEMV_MIN_M", 1),
+                        (mi, "GPU_CONFIG", dict(mi.GPU_CONFIG, gemv=cfg or mi.GPU_CONFIG["gemv"]))]
+            if window is not None:
+                switches.append((int8_gemm, "FOLD_WINDOW", window))
+            _time_variant(res, key, m, thr, xs, qs, switches)
     return res
 
 
 def _sweep_small(mi, qs, switch, values):
     """Small M (1, 16; thresholds 6 and 0) under each of ``values`` of ``mi.<switch>``, in the
     order given (repeat values, interleaved, to see the run-to-run spread); 4 chained passes."""
-    import jax.numpy as jnp
-
-    from lowbit_jax import ops
-
     res = {}
     for m in (1, 16):
-        p = repeat_for(m)
-        xs = tuple(jnp.asarray(make_x(m, seed=99 + r)[0], jnp.bfloat16) for r in range(p))
+        xs = _small_xs(m)
         for thr in (6.0, 0.0):
             for value in values:
-                f = chained_passes(lambda x, q, thr=thr: ops.matmul_int8(x, q, thr, impl="pallas"))
-                key = f"M{m}_thr{thr:g}_{switch}_{value}"
-                try:
-                    with attr(mi, switch, value):
-                        res.setdefault(key, []).append(jax_time(f, xs, qs, passes=p))
-                except Exception as e:  # noqa: BLE001
-                    res[key] = f"ERR {type(e).__name__}: {str(e)[:300]}"
-                print("sweep", key, res[key], flush=True)
+                _time_variant(res, f"M{m}_thr{thr:g}_{switch}_{value}", m, thr, xs, qs, [(mi, switch, value)])
     return res
 
 

@@ -35,19 +35,8 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.int8_gemm import INV_127, INV_127_SQ, _pad, check_codes
 
 ROWS = 16  # x's rows padded to the tensor-core tile's narrow side
-BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 256, 4, 4
-
-
-def _store(o_ref, acc_c, acc_d, sx_ref, s1_ref, sw_ref, bias_ref):
-    """The reference's epilogue on fp32 [bn, ROWS] products, transposed into the [ROWS, bn] block."""
-    sw = sw_ref[...]
-    out = acc_c * (sx_ref[...][None, :] * sw[:, None])
-    out = out * jnp.float32(INV_127_SQ)
-    if acc_d is not None:
-        out = out + (acc_d * s1_ref[...][None, :]) * (sw[:, None] * jnp.float32(INV_127))
-    if bias_ref is not None:
-        out = out + bias_ref[...].astype(jnp.float32)[:, None]
-    o_ref[...] = out.T.astype(o_ref.dtype)
+# launch defaults: the measured best (H100 sweep, RESULTS.md "LLM.int8 v6"); ops passes GPU_CONFIG["gemv"]
+BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 256, 4, 3
 
 
 def _kernel(w_ref, xc_ref, *rest, block_k, n_ktiles, has_digit, has_bias):
@@ -58,7 +47,6 @@ def _kernel(w_ref, xc_ref, *rest, block_k, n_ktiles, has_digit, has_bias):
     sw_ref = rest.pop(0)
     bias_ref = rest.pop(0) if has_bias else None
     (o_ref,) = rest
-    bn, rows = w_ref.shape[0], xc_ref.shape[0]
     dims = (((1,), (1,)), ((), ()))
 
     def body(kb, carry):
@@ -67,13 +55,19 @@ def _kernel(w_ref, xc_ref, *rest, block_k, n_ktiles, has_digit, has_bias):
         acc = carry[0] + jax.lax.dot_general(ws, xc_ref[:, cols], dims, preferred_element_type=jnp.int32)
         if not has_digit:
             return (acc,)
-        accd = carry[1] + jax.lax.dot_general(ws, xd_ref[:, cols], dims, preferred_element_type=jnp.int32)
-        return acc, accd
+        return acc, carry[1] + jax.lax.dot_general(ws, xd_ref[:, cols], dims, preferred_element_type=jnp.int32)
 
-    zero = jnp.zeros((bn, rows), jnp.int32)
+    zero = jnp.zeros((w_ref.shape[0], xc_ref.shape[0]), jnp.int32)
     carry = jax.lax.fori_loop(0, n_ktiles, body, (zero, zero) if has_digit else (zero,))
-    acc_d = carry[1].astype(jnp.float32) if has_digit else None
-    _store(o_ref, carry[0].astype(jnp.float32), acc_d, sx_ref, s1_ref, sw_ref, bias_ref)
+    # the reference's epilogue on the [bn, ROWS] products, transposed into the [ROWS, bn] block
+    sw = sw_ref[...]
+    out = carry[0].astype(jnp.float32) * (sx_ref[...][None, :] * sw[:, None])
+    out = out * jnp.float32(INV_127_SQ)
+    if has_digit:
+        out = out + (carry[1].astype(jnp.float32) * s1_ref[...][None, :]) * (sw[:, None] * jnp.float32(INV_127))
+    if has_bias:
+        out = out + bias_ref[...].astype(jnp.float32)[:, None]
+    o_ref[...] = out.T.astype(o_ref.dtype)
 
 
 def matmul(codes_x, sx, codes_w, sw, digit=None, bias=None, *, out_dtype=jnp.float32, block_n=BLOCK_N,
@@ -102,19 +96,17 @@ def matmul(codes_x, sx, codes_w, sw, digit=None, bias=None, *, out_dtype=jnp.flo
         scales.append(_pad(s1[0].astype(jnp.float32), 0, ROWS))
     wp = _pad(_pad(codes_w, 0, block_n), 1, block_k)
     np_, kp = wp.shape
-    swp = _pad(sw.astype(jnp.float32), 0, block_n)
-    w_spec, vec_spec = pl.BlockSpec((block_n, kp), lambda j: (j, 0)), pl.BlockSpec((block_n,), lambda j: (j,))
-    args = [wp, *xs, *scales, swp]
-    in_specs = ([w_spec] + [pl.BlockSpec((ROWS, kp), lambda j: (0, 0))] * len(xs)
-                + [pl.BlockSpec((ROWS,), lambda j: (0,))] * len(scales))
-    kernel = functools.partial(_kernel, block_k=block_k, n_ktiles=kp // block_k, has_digit=digit is not None,
-                               has_bias=bias is not None)
-    in_specs.append(vec_spec)  # sw
+    vec_spec = pl.BlockSpec((block_n,), lambda j: (j,))
+    args = [wp, *xs, *scales, _pad(sw.astype(jnp.float32), 0, block_n)]
+    in_specs = ([pl.BlockSpec((block_n, kp), lambda j: (j, 0))] + [pl.BlockSpec((ROWS, kp), lambda j: (0, 0))] * len(xs)
+                + [pl.BlockSpec((ROWS,), lambda j: (0,))] * len(scales) + [vec_spec])
     if bias is not None:
         if bias.shape != (n,):
             raise ValueError(f"bias must be [{n}], got {bias.shape}")
         args.append(_pad(bias, 0, block_n))
         in_specs.append(vec_spec)
+    kernel = functools.partial(_kernel, block_k=block_k, n_ktiles=kp // block_k, has_digit=digit is not None,
+                               has_bias=bias is not None)
     params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,

@@ -257,6 +257,12 @@ def test_small_m_xla_orientations_agree(rng, monkeypatch):
         int8_gemm.int8_dot(jnp.ones((2, 8), jnp.int8), jnp.ones((3, 8), jnp.int8), "xx")
 
 
+def _unfold(folded, sx_used, d1, s1):
+    """(the codes row's step t [M], the values s1 d1 + t r that fold_one_digit represents)."""
+    t = np.asarray(sx_used) / 127
+    return t, np.asarray(s1[0])[:, None] * np.asarray(d1[0], np.float32) + t[:, None] * np.asarray(folded, np.float32)
+
+
 def test_small_m_one_digit_folds_residual_into_codes(rng, monkeypatch):
     # SMALL_DIGITS=1: x's outlier columns as one int8 digit d1 (scale s1) plus a residual code in
     # the codes row at the row's own int8 step t = absmax / 127, where those columns are zero.
@@ -281,8 +287,7 @@ def test_small_m_one_digit_folds_residual_into_codes(rng, monkeypatch):
     np.testing.assert_array_equal(np.asarray(folded)[:, ~mk], np.asarray(codes)[:, ~mk])  # bnb's codes kept
     np.testing.assert_array_equal(np.asarray(sx_used)[:-1], np.asarray(sx)[:-1])
     assert float(sx[-1]) == 0.0 and float(sx_used[-1]) > 0.0
-    t = np.asarray(sx_used) / 127
-    rebuilt = np.asarray(s1[0])[:, None] * np.asarray(d1[0], np.float32) + t[:, None] * np.asarray(folded, np.float32)
+    t, rebuilt = _unfold(folded, sx_used, d1, s1)
     err = np.abs(rebuilt[:, mk] - np.asarray(x)[:, mk]) / t[:, None]
     assert np.all(err <= 0.5 * 1.001)
     assert err[:-1].mean() < 0.05  # the plain fold's mean is ~0.25 (a uniform rounding error)
@@ -306,8 +311,7 @@ def test_one_digit_fold_extreme_outliers_stay_within_one_digit(rng):
     x = jnp.asarray(x)
     codes, sx, mask = quant.int8_vectorwise_quant(x, threshold=6.0)
     folded, sx_used, (d1, s1) = int8_gemm.fold_one_digit(x, mask, codes, sx)
-    t = np.asarray(sx_used) / 127
-    rebuilt = np.asarray(s1[0])[:, None] * np.asarray(d1[0], np.float32) + t[:, None] * np.asarray(folded, np.float32)
+    t, rebuilt = _unfold(folded, sx_used, d1, s1)
     mk = np.asarray(mask)
     err = np.abs(rebuilt[:, mk] - np.asarray(x)[:, mk])
     assert np.all(err <= np.asarray(s1[0])[:, None] / 2 * 1.001)
