@@ -299,9 +299,17 @@ def sweep_plan():
 
 
 def decode_plan():
-    """M=1, the default launch: the mma decode's nibble order (``_4bit_common.NIBBLE_ORDER``),
-    interleaved three times each (the run-to-run spread)."""
-    return [(1, None, {}, {"c4.NIBBLE_ORDER": order}) for _ in range(3) for order in ("head", "interleave")]
+    """M=1: the mma engine's decode (``_4bit_common.MMA_DECODE``: byte permutes in registers or
+    the shared-memory byte table) at the default launch, interleaved three times each (the
+    run-to-run spread), then the table decode at launch shapes around the default (fewer ALU
+    instructions a weight may move the best launch)."""
+    plan = [(1, None, {}, {"c4.MMA_DECODE": "prmt"})]
+    base = dict(block_n=16, blocks_per_iter=16, splits=1, prefetch=False, num_warps=4, num_stages=2, engine="mma")
+    for kw in [{}, dict(prefetch=True, num_stages=1), dict(blocks_per_iter=8), dict(blocks_per_iter=8, prefetch=True),
+               dict(block_n=8, blocks_per_iter=32), dict(block_n=8, blocks_per_iter=32, prefetch=True),
+               dict(blocks_per_iter=32), dict(block_n=16, blocks_per_iter=8, prefetch=True, num_stages=2), {}]:
+        plan.append((1, "gemv", dict(base, **kw), {"c4.MMA_DECODE": "smem"}))
+    return plan
 
 
 def m16_plan():

@@ -27,8 +27,9 @@ except ImportError:  # run as a script from benchmarks/
 
 
 ROWSUM = dict(engine="rowsum", prefetch=True, num_stages=1)  # the fourth session's GEMV
-DECODE_VARIANTS = [  # GPU_CONFIG overrides of "gemv" and "gemv_narrow"
-    (ROWSUM, dict(ROWSUM, splits=2)), ({}, {}), ({}, dict(splits=2)), (dict(prefetch=True, num_stages=1), {}), ({}, {}),
+DECODE_VARIANTS = [  # GPU_CONFIG overrides of "gemv" and "gemv_narrow", then the mma decode
+    ({}, {}, "prmt"), ({}, {}, "smem"), (dict(block_n=8), {}, "smem"), ({}, dict(block_n=16), "smem"),
+    ({}, dict(prefetch=False, num_stages=2), "smem"), ({}, {}, "prmt"), ({}, {}, "smem"),
 ]
 
 
@@ -39,11 +40,14 @@ def _sweep(params, cfg, context, tok, calls, res):
 
     from lowbit_jax.models import llama
     from lowbit_jax.ops import _matmul_4bit_kernels as kern
+    from pallas_kernels import _4bit_common as c4
 
     base = {s: dict(kern.GPU_CONFIG[s]) for s in ("gemv", "gemv_narrow")}
-    for over, over_narrow in DECODE_VARIANTS:
+    base_decode = c4.MMA_DECODE
+    for over, over_narrow, decode in DECODE_VARIANTS:
         kern.GPU_CONFIG["gemv"] = dict(base["gemv"], **over)
         kern.GPU_CONFIG["gemv_narrow"] = dict(base["gemv_narrow"], **over_narrow)
+        c4.MMA_DECODE = decode
         jax.clear_caches()
         cache = llama.init_cache(cfg, 1, context + 2 * calls + 4, jnp.bfloat16)
         pos = context
@@ -55,10 +59,11 @@ def _sweep(params, cfg, context, tok, calls, res):
             logits, cache = llama.decode_step(params, tok, cache, pos + 2 + i, cfg, jnp.bfloat16)
         jax.block_until_ready(logits)
         ms = (time.perf_counter() - t0) / calls * 1e3
-        key = f"gemv {over or 'default'} narrow {over_narrow or 'default'}"
+        key = f"gemv {over or 'default'} narrow {over_narrow or 'default'} decode {decode}"
         res.setdefault("sweep", {})[key] = ms
         print(f"sweep {key}: {ms:.3f} ms a token", flush=True)
     kern.GPU_CONFIG.update({s: dict(v) for s, v in base.items()})
+    c4.MMA_DECODE = base_decode
     jax.clear_caches()
 
 

@@ -193,49 +193,101 @@ def absmax_tile(a_ref, rows, cols, nested):
 MMA_CHUNK = 8  # bytes (16 codes) a lane holds per block and asm call
 
 
-# Where the mma decode puts each byte's high-nibble value first: "interleave" (in the final
-# byte interleave, free) or "head" (the nibbles of the word swapped up front, 2 more
-# instructions a word; the previous version, kept to time the two side by side).
-NIBBLE_ORDER = "interleave"
+# How the mma engine decodes a word of codes into x-ordered 16-bit pairs: "smem" (one shared-
+# memory table read a byte, ``lut_base`` fills the table once a program) or "prmt" (byte
+# permutes against the table in registers, 22 integer-ALU instructions a word; the previous
+# version, kept to time the two side by side).
+MMA_DECODE = "smem"
+
+# The byte table: entry b (a packed byte) is the 32-bit pair (value of b's high nibble, value
+# of its low nibble) in x's 16-bit dtype, i.e. exactly the B-fragment register of that byte.
+# Each entry is stored LUT_COPIES times side by side (128 bytes an entry) and lane l reads copy
+# l, so a warp's 32 reads hit 32 different banks whatever bytes it decodes: no bank conflicts.
+LUT_ENTRIES, LUT_COPIES = 256, 32
+
+
+def lut_fill_asm(values, dtype, num_threads: int) -> str:
+    """PTX that declares the program's byte table in shared memory, fills it and waits for all
+    threads: ``$0`` = the table's shared-memory address, ``$1`` an unused input.
+
+    Run once per thread at the start of the kernel (a one-element tile, which every thread
+    holds); the decode asm takes ``$0`` as an operand, which orders it after the barrier.
+    Thread ``tid`` builds entries ``tid + s * num_threads`` from the 16 table values (byte
+    permutes over the L/H half-tables). The stores must not conflict: a first version let each
+    thread write its own entry's 128 bytes, so a warp's lanes, 128 bytes apart, all hit the same
+    4 banks (32-way conflicts: the fill cost more than the decode saved). Here each store
+    instruction writes 4 whole entries, 512 contiguous bytes a warp: lane l stores 16 bytes of
+    entry ``4 i + l // 8`` of its warp's 32, fetched from that entry's lane with a shuffle.
+    """
+    if num_threads < 32 or LUT_ENTRIES % num_threads:
+        raise ValueError(f"the table fill needs 32..{LUT_ENTRIES} threads dividing {LUT_ENTRIES}, got {num_threads}")
+    body = ""
+    for s in range(LUT_ENTRIES // num_threads):
+        body += f" add.u32 e, tid, {s * num_threads};\n shr.b32 ch, e, 4;\n and.b32 cl, e, 15;\n"
+        for c, v in (("ch", "vh"), ("cl", "vl")):  # 16-bit value of code c: its two byte planes
+            body += (f" setp.ge.u32 q, {c}, 8;\n and.b32 s, {c}, 7;\n"
+                     " selp.b32 a, L2, L0, q;\n selp.b32 b, L3, L1, q;\n prmt.b32 lob, a, b, s;\n"
+                     " selp.b32 a, H2, H0, q;\n selp.b32 b, H3, H1, q;\n prmt.b32 hib, a, b, s;\n"
+                     f" prmt.b32 {v}, lob, hib, 0x0040;\n")
+        # the high nibble's value in the low half (x's even element), the low nibble's above it
+        body += " prmt.b32 pr, vh, vl, 0x5410;\n"
+        for i in range(8):  # entries 4i..4i+3 of the warp's 32: 512 contiguous bytes
+            body += (f" add.u32 sl, lq, {4 * i};\n shfl.sync.idx.b32 v, pr, sl, 31, -1;\n"
+                     f" st.shared.v4.b32 [wb+{s * num_threads * 128 + 512 * i}], {{v, v, v, v}};\n")
+    return ("{\n .shared .align 16 .b8 lowbit_lut[" + str(LUT_ENTRIES * LUT_COPIES * 4) + "];\n"
+            " .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, tid, e, ch, cl, s, a, b, lob, hib, vh, vl, pr, v;\n"
+            " .reg .b32 base, ln, lq, sl, wb;\n"
+            " .reg .pred q;\n" + _table_consts_ptx(values, dtype) +
+            " mov.u32 base, lowbit_lut;\n mov.u32 tid, %tid.x;\n mov.u32 ln, %laneid;\n shr.b32 lq, ln, 3;\n"
+            # this thread's store address: its warp's 32 entries (4096 bytes), 16 bytes a lane
+            " shr.b32 wb, tid, 5;\n mad.lo.u32 wb, wb, 4096, base;\n mad.lo.u32 wb, ln, 16, wb;\n" + body +
+            " bar.sync 0;\n mov.b32 $0, base;\n}")
+
+
+def lut_base(values, dtype, num_threads: int, interpret: bool = False):
+    """int32 ``[1]``: the shared-memory address of the filled byte table (0 in the interpreter,
+    whose decode does not read it)."""
+    zero = jnp.zeros((1,), jnp.int32)
+    if interpret:
+        return zero
+    from jax.experimental.pallas import triton as pltriton
+
+    (base,) = pltriton.elementwise_inline_asm(lut_fill_asm(values, dtype, num_threads), args=[zero],
+                                              constraints="=r,r", pack=1,
+                                              result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)])
+    return base
 
 
 def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:
     """PTX decoding the 4 bytes of word ``w`` into 4 registers of 16-bit pairs (x's order).
 
     Register ``out[j]`` = (value of byte j's high nibble, value of its low nibble): elements
-    2j and 2j+1 along K, like x's 32-bit pair j. The codes in memory order (low nibble first)
-    are the prmt selectors; their top bits become byte masks through prmt's sign-replicate
-    mode; lop3 merges the two 8-entry half-tables, and the two final prmt interleave low and
-    high bytes AND put each byte's high-nibble value first, which is where the nibble swap went
-    (an earlier version swapped the nibbles of ``w`` up front: 2 more instructions). 22
-    instructions for 8 codes.
+    2j and 2j+1 along K, like x's 32-bit pair j.
+
+    "smem": a byte permute puts byte j in the low byte, one multiply-add makes it this lane's
+    copy of the entry (``lb`` = table + 4 * lane), one shared-memory read: 1 integer-ALU
+    instruction a byte (the FMA pipe takes the address, the load/store unit the read).
+    "prmt": the codes in memory order are the prmt selectors into the table's byte planes
+    (L0..L3, H0..H3), their top bits become byte masks through prmt's sign-replicate mode, lop3
+    merges the two 8-entry half-tables, and the two final prmt interleave low and high bytes and
+    put each byte's high-nibble value first: 22 integer-ALU instructions for 8 codes.
     """
-    if NIBBLE_ORDER == "head":
-        head = f""" shl.b32 v, {w}, 4;
- shr.b32 t, {w}, 4;
- lop3.b32 sw, t, v, 0x0F0F0F0F, 0xE4;
- shr.b32 s23, sw, 16;
- and.b32 i01, sw, 0x7777;
- and.b32 i23, s23, 0x7777;
- prmt.b32 m01, {w}, v, 0xD9C8;
- prmt.b32 m23, {w}, v, 0xFBEA;
-"""
-        inter = ("0x5140", "0x7362")
-    else:
-        head = f""" shl.b32 v, {w}, 4;
+    if MMA_DECODE == "smem":
+        return "".join(f" prmt.b32 t, {w}, 0, 0x444{j};\n mad.lo.u32 t, t, 128, lb;\n"
+                       f" ld.shared.u32 {out[j]}, [t];\n" for j in range(4))
+    head = f""" shl.b32 v, {w}, 4;
  shr.b32 s23, {w}, 16;
  and.b32 i01, {w}, 0x7777;
  and.b32 i23, s23, 0x7777;
  prmt.b32 m01, {w}, v, 0x9D8C;
  prmt.b32 m23, {w}, v, 0xBFAE;
 """
-        inter = ("0x4051", "0x6273")
     for idx, msk, first, second in (("i01", "m01", *out[:2]), ("i23", "m23", *out[2:])):
         for plane, name in (("L", "lo"), ("H", "hi")):  # each byte plane: two half-tables, merged
             head += (f" prmt.b32 a, {plane}0, {plane}1, {idx};\n prmt.b32 b, {plane}2, {plane}3, {idx};\n"
                      f" lop3.b32 {name}, a, b, {msk}, 0xD8;\n")
         # lookup byte 2j is byte j's low nibble, 2j+1 its high one: (high, low) into each pair
-        head += f" prmt.b32 {first}, lo, hi, {inter[0]};\n prmt.b32 {second}, lo, hi, {inter[1]};\n"
+        head += f" prmt.b32 {first}, lo, hi, 0x4051;\n prmt.b32 {second}, lo, hi, 0x6273;\n"
     return head
 
 
@@ -244,22 +296,24 @@ def mma_rowsum_asm(values, dtype) -> str:
 
     Operands (32-bit): $0..$7 the new accumulator values; $8, $9 the chunk's bytes 0-3 and 4-7;
     $10..$17 x's pairs for bytes 0..7; $18..$25 the block's scale (fp32 bits, 8 copies);
-    $26..$33 the accumulator values. Four mma, one fma; the other accumulator values pass
+    $26..$33 the accumulator values; $34..$41 the byte table's address (``lut_base``, 8 copies;
+    read by the "smem" decode only). Four mma, one fma; the other accumulator values pass
     through (ptxas drops those copies)."""
-    consts = _table_consts_ptx(values, dtype)
+    consts = _table_consts_ptx(values, dtype) if MMA_DECODE == "prmt" else ""
     ty = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
     mma = f" mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
-    body = ""
+    body = " mov.u32 ln, %laneid;\n mad.lo.u32 lb, ln, 4, $34;\n" if MMA_DECODE == "smem" else ""
     for i, w in enumerate(("$8", "$9")):
         xq = "{" + ", ".join(f"${10 + 4 * i + j}" for j in range(4)) + "}"
-        body += _decode_pairs_ptx(w, ("P0", "P1", "P2", "P3"))
-        for acc, pair in (("a", "{P0, P2}"), ("b", "{P1, P3}")):
+        pairs = tuple(f"P{4 * i + j}" for j in range(4))
+        body += _decode_pairs_ptx(w, pairs)
+        for acc, pair in (("a", f"{{{pairs[0]}, {pairs[2]}}}"), ("b", f"{{{pairs[1]}, {pairs[3]}}}")):
             regs = "{" + ", ".join(f"{acc}{j}" for j in range(4)) + "}"
             body += mma + f"{regs}, {xq}, {pair}, {regs};\n"
     init = "".join(f" mov.f32 {acc}{j}, 0f00000000;\n" for acc in "ab" for j in range(4))
     passthrough = "".join(f" mov.b32 ${i}, ${26 + i};\n" for i in range(1, 8))
-    return ("{\n .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, t, v, sw, s23, i01, i23, m01, m23, a, b, lo, hi;\n"
-            " .reg .b32 P0, P1, P2, P3, ln, g, h;\n"
+    return ("{\n .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, t, v, s23, i01, i23, m01, m23, a, b, lo, hi, lb;\n"
+            " .reg .b32 P0, P1, P2, P3, P4, P5, P6, P7, ln, g, h;\n"
             " .reg .f32 a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, f, sc, ac;\n"
             " .reg .pred po, pz;\n" + consts + init + body +
             # Ca[g, g] + Cb[g + 8, g]: elements g % 2 and 2 + g % 2 of lane (g, g // 2)
@@ -281,14 +335,15 @@ def mma_rowsum_asm(values, dtype) -> str:
 """ + passthrough + "}")
 
 
-def mma_rowsum(w, x, scale, acc, values, dtype, interpret: bool = False):
+def mma_rowsum(w, x, scale, acc, values, dtype, base=None, interpret: bool = False):
     """``acc`` plus each block's dot product times its ``scale``, for a ``[rows, blocks, 4, 8]``
     uint8 weight tile.
 
     ``x``: uint32 of w's shape, x's 32-bit (even, odd) pair of 16-bit ``dtype`` values for each
     byte; ``scale``: fp32 of w's shape (the block's absmax, broadcast); ``acc``: int32 of w's
     shape, the bits of fp32 partial sums whose total over the tile is what matters (on the GPU a
-    block's product lands in one element, see the layout contract above). The interpreter
+    block's product lands in one element, see the layout contract above); ``base``: int32 of
+    w's shape, the byte table's address (``lut_base``; the "smem" decode). The interpreter
     computes the same total with the select-tree decode rounded to ``dtype``.
     """
     if not interpret:
@@ -296,8 +351,12 @@ def mma_rowsum(w, x, scale, acc, values, dtype, interpret: bool = False):
 
         out = jax.ShapeDtypeStruct(w.shape, jnp.int32)  # Triton's asm results are signless
         sbits = jax.lax.bitcast_convert_type(scale, jnp.int32)
-        (res,) = pltriton.elementwise_inline_asm(mma_rowsum_asm(values, dtype), args=[w, x, sbits, acc],
-                                                 constraints=",".join(["=r"] * 8 + ["r"] * 26),
+        if base is None:
+            if MMA_DECODE == "smem":
+                raise ValueError("the smem decode needs base= (lut_base, called once before the loop)")
+            base = jnp.zeros(w.shape, jnp.int32)
+        (res,) = pltriton.elementwise_inline_asm(mma_rowsum_asm(values, dtype), args=[w, x, sbits, acc, base],
+                                                 constraints=",".join(["=r"] * 8 + ["r"] * 34),
                                                  pack=MMA_CHUNK, result_shape_dtypes=[out])
         return res
     c = w.astype(jnp.int32)

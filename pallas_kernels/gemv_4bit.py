@@ -43,7 +43,7 @@ ENGINES = ("rowsum", "mma")
 
 def _gemv_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_bias,
                  blocks_per_row, nested_blocksize, n_nested, kchunk_blocks, prefetch, xdtype,
-                 interpret, stacked, engine):
+                 interpret, stacked, engine, num_threads):
     """``bn`` output rows: stream ``tb`` blocks (tb * blocksize/2 contiguous bytes) of each
     row per iteration; per block a dot product in fp32, times its absmax; sum at the end.
     ``stacked``: the weight operands carry a leading layer axis and the first operand after
@@ -77,11 +77,17 @@ def _gemv_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_
         nidx = jnp.minimum(flat // nested_blocksize, n_nested - 1)  # padded rows: clamp
         return ncode_ref[a.astype(jnp.int32)] * nabs_ref[(*at, nidx)] + off_ref[at[0] if stacked else 0]
 
+    first = load(0) if prefetch else None  # issued before the table fill: the fill hides their latency
+    lut = None
+    if mma and c4.MMA_DECODE == "smem":  # the byte table, filled once a program before the loop
+        lut = jnp.broadcast_to(c4.lut_base(values, xdtype, num_threads, interpret).reshape(1, 1, 1, 1),
+                               (bn, tb, 4, c4.MMA_CHUNK))
+
     def compute(tiles, it, acc):
         if mma:  # acc: int32 bits of fp32 partial sums, [bn, tb, 4, 8]
             p, a, u = tiles
             sc = jnp.broadcast_to(scales(a, it)[:, :, None, None], p.shape)
-            return c4.mma_rowsum(p, jnp.broadcast_to(u[None], p.shape), sc, acc, values, xdtype, interpret)
+            return c4.mma_rowsum(p, jnp.broadcast_to(u[None], p.shape), sc, acc, values, xdtype, lut, interpret)
         p, a, u = tiles  # [bn, tb, hb] uint8, [bn, tb] absmax, [tb, hb] x pairs (uint32)
         xe, xo = c4.unpack_pairs(u, xdtype)
         hi, lo = c4.decode16(p, values, xdtype, interpret)
@@ -94,7 +100,7 @@ def _gemv_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_
             nxt = load(jnp.minimum(it + 1, n_iters - 1))
             return (compute(carry[1:], it, carry[0]), *nxt)
 
-        acc = jax.lax.fori_loop(0, n_iters, body, (zeros, *load(0)))[0]
+        acc = jax.lax.fori_loop(0, n_iters, body, (zeros, *first))[0]
     else:
         acc = jax.lax.fori_loop(0, n_iters, lambda it, acc: compute(load(it), it, acc), zeros)
     if mma:
@@ -184,7 +190,7 @@ def gemv_4bit(x, packed, absmax, *, quant_type, blocksize, nested_absmax=None, n
         values=c4.table(quant_type), nested=nested, has_bias=fuse_bias, blocks_per_row=blocks,
         nested_blocksize=nested_blocksize, n_nested=nested_absmax.shape[-1] if nested else 0,
         kchunk_blocks=kchunk_blocks, prefetch=prefetch, xdtype=jnp.dtype(x.dtype), interpret=interpret,
-        stacked=stacked, engine=engine)
+        stacked=stacked, engine=engine, num_threads=32 * num_warps)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,

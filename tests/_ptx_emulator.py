@@ -46,7 +46,7 @@ def _parse(asm: str):
     out = []
     for line in asm.replace("{\n", "\n").replace("\n}", "\n").split(";"):
         line = line.strip().strip("{}").strip()
-        if not line or line.startswith(".reg"):
+        if not line or line.startswith((".reg", ".shared")):
             continue
         op, rest = line.split(None, 1)
         groups, cur, depth = [], "", 0
@@ -66,20 +66,30 @@ def _parse(asm: str):
     return out
 
 
-def run_warp(asm: str, inputs: list[dict[str, int]], half_dtype=np.float16) -> list[dict[str, int]]:
-    """Run ``asm`` on ``len(inputs)`` lanes (1 or 32); ``inputs[lane]`` maps "$k" to 32-bit values.
+def run_warp(asm: str, inputs: list[dict[str, int]], half_dtype=np.float16,
+             shared: dict[int, int] | None = None) -> list[dict[str, int]]:
+    """Run ``asm`` on ``len(inputs)`` threads in lockstep; ``inputs[thread]`` maps "$k" to 32-bit
+    values. Thread i is lane i % 32 of the CTA (``%tid.x`` = i), so a whole CTA can run a fill
+    with ``bar.sync`` (a no-op in lockstep).
 
-    Returns each lane's registers. ``mma`` (m16n8k16, f32 accumulate, 16-bit inputs of
-    ``half_dtype``) needs 32 lanes.
+    Returns each thread's registers. ``mma`` (m16n8k16, f32 accumulate, 16-bit inputs of
+    ``half_dtype``) needs 32 lanes. ``shared``: word address -> 32-bit value, read by
+    ``ld.shared`` and written by ``st.shared`` in place; a ``.shared`` variable's name is
+    address 0.
     """
     lanes = [dict(r) for r in inputs]
     preds = [dict() for _ in lanes]
+    shared = {} if shared is None else shared
 
     def val(lane, tok):
         if tok in lanes[lane]:
             return lanes[lane][tok]
         if tok == "%laneid":
+            return lane % 32
+        if tok == "%tid.x":
             return lane
+        if tok.startswith("lowbit_"):
+            return 0
         if tok.startswith("0f"):
             return int(tok[2:], 16)
         return int(tok, 0) & 0xFFFFFFFF
@@ -106,11 +116,30 @@ def run_warp(asm: str, inputs: list[dict[str, int]], half_dtype=np.float16) -> l
                 for r, (row, col) in zip(d, [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
                     lanes[ln][r] = _f2b(D[row, col])
             continue
+        if op.startswith("bar.sync"):
+            continue
+        if op.startswith("shfl.sync.idx"):  # within each warp, from the values before the shuffle
+            dst, src, lane_tok = args[0], args[1], args[2]
+            before = [val(ln, src) for ln in range(len(lanes))]
+            for ln in range(len(lanes)):
+                lanes[ln][dst] = before[(ln // 32) * 32 + (val(ln, lane_tok) & 31)]
+            continue
         for ln in range(len(lanes)):
             dst, srcs = args[0], args[1:]
+            if op.startswith(("ld.shared", "st.shared")):
+                addr_tok = (srcs[0] if op.startswith("ld") else dst).strip("[]")
+                reg, _, off = addr_tok.partition("+")
+                addr = val(ln, reg) + int(off or 0)
+                assert addr % 4 == 0, f"unaligned shared address {addr}"
+                if op.startswith("ld"):
+                    lanes[ln][dst] = shared[addr]
+                else:
+                    for i, r in enumerate(srcs[0] if isinstance(srcs[0], list) else [srcs[0]]):
+                        shared[addr + 4 * i] = val(ln, r)
+                continue
             if op.startswith("setp."):
                 x, y = val(ln, srcs[0]), val(ln, srcs[1])
-                preds[ln][dst] = {"eq": x == y, "ne": x != y}[op.split(".")[1]]
+                preds[ln][dst] = {"eq": x == y, "ne": x != y, "ge": x >= y, "lt": x < y}[op.split(".")[1]]
                 continue
             if op == "fma.rn.f32":
                 a, b, c = (np.float32(_b2f(val(ln, s))) for s in srcs)
@@ -125,6 +154,7 @@ def run_warp(asm: str, inputs: list[dict[str, int]], half_dtype=np.float16) -> l
             v = [val(ln, s) for s in srcs]
             lanes[ln][dst] = {
                 "mov": lambda: v[0], "shr": lambda: v[0] >> v[1], "shl": lambda: (v[0] << v[1]) & 0xFFFFFFFF,
+                "add": lambda: (v[0] + v[1]) & 0xFFFFFFFF, "mad": lambda: (v[0] * v[1] + v[2]) & 0xFFFFFFFF,
                 "and": lambda: v[0] & v[1], "or": lambda: v[0] | v[1], "prmt": lambda: _prmt(*v),
                 "lop3": lambda: _lop3(*v),
             }[op.split(".")[0]]()

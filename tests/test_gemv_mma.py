@@ -32,10 +32,10 @@ def _pairs(x) -> np.ndarray:
     return u[..., 0] | (u[..., 1] << 16)
 
 
-def _lane_data(blocks, xpairs, scales, acc) -> list[dict[str, int]]:
+def _lane_data(blocks, xpairs, scales, acc, base=0) -> list[dict[str, int]]:
     """Registers of the 32 lanes in the kernel tile's layout: lane (g, t) holds chunk t (bytes
-    8t..8t+7) of block g: its two words, their x pairs, block g's scale (8 copies) and the
-    lane's 8 accumulator values."""
+    8t..8t+7) of block g: its two words, their x pairs, block g's scale (8 copies), the
+    lane's 8 accumulator values and the byte table's address (8 copies)."""
     lanes = []
     for ln in range(32):
         g, t = ln // 4, ln % 4
@@ -44,27 +44,58 @@ def _lane_data(blocks, xpairs, scales, acc) -> list[dict[str, int]]:
         regs.update({f"${10 + j}": int(xpairs[g, 8 * t + j]) for j in range(8)})
         regs.update({f"${18 + j}": _bits(scales[g]) for j in range(8)})
         regs.update({f"${26 + j}": _bits(acc[ln, j]) for j in range(8)})
+        regs.update({f"${34 + j}": base for j in range(8)})
         lanes.append(regs)
     return lanes
 
 
-@pytest.mark.parametrize("nibble_order", ["interleave", "head"])
+def _filled_table(values, ndt, num_threads=128):
+    """Shared memory after the whole CTA ran the table fill, and the address it returned."""
+    shared = {}
+    threads = run_warp(c4.lut_fill_asm(values, ndt, num_threads), [{"$1": 0}] * num_threads, shared=shared)
+    assert len({th["$0"] for th in threads}) == 1
+    return shared, threads[0]["$0"]
+
+
+@pytest.mark.parametrize("num_threads", [32, 128, 256])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_mma_asm_block_sums(quant_type, dtype, nibble_order, monkeypatch):
-    monkeypatch.setattr(c4, "NIBBLE_ORDER", nibble_order)
+def test_lut_fill_writes_every_byte_pair_32_times(quant_type, dtype, num_threads):
+    ndt = jnp.dtype(dtype)
+    values = c4.table(quant_type)
+    bits = np.asarray(np.asarray(values, np.float32).astype(ndt).view(np.uint16), np.int64)
+    shared, base = _filled_table(values, ndt, num_threads)
+    assert len(shared) == c4.LUT_ENTRIES * c4.LUT_COPIES
+    for byte in range(256):
+        want = int(bits[byte >> 4] | (bits[byte & 15] << 16))  # (high nibble, low nibble): x's order
+        got = {shared[base + 128 * byte + 4 * copy] for copy in range(c4.LUT_COPIES)}
+        assert got == {want}, (byte, got, want)
+
+
+def test_lut_fill_rejects_thread_counts_that_do_not_divide_the_table():
+    with pytest.raises(ValueError, match="threads"):
+        c4.lut_fill_asm(c4.NF4, jnp.bfloat16, 96)
+
+
+@pytest.mark.parametrize("decode", ["smem", "prmt"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_mma_asm_block_sums(quant_type, dtype, decode, monkeypatch):
+    monkeypatch.setattr(c4, "MMA_DECODE", decode)
     rng = np.random.default_rng(7)
     ndt = jnp.dtype(dtype)
     values = c4.table(quant_type)
     table = np.asarray(np.asarray(values, np.float32).astype(ndt), np.float64)
     asm = c4.mma_rowsum_asm(values, ndt)
+    shared, base = _filled_table(values, ndt) if decode == "smem" else ({}, 0)
     for trial in range(2):
         # 8 blocks of 32 bytes: every byte value once over the 256 bytes, shuffled
         blocks = rng.permutation(256).astype(np.uint8).reshape(8, 32)
         x = rng.standard_normal((8, 64)).astype(np.float32).astype(ndt)
         scales = rng.uniform(0.5, 2.0, 8).astype(np.float32)
         acc = rng.standard_normal((32, 8)).astype(np.float32)
-        lanes = run_warp(asm, _lane_data(blocks, _pairs(x), scales, acc), half_dtype=np.dtype(ndt).type)
+        lanes = run_warp(asm, _lane_data(blocks, _pairs(x), scales, acc, base), half_dtype=np.dtype(ndt).type,
+                         shared=shared)
         out = np.array([[np.uint32(lanes[ln][f"${i}"]).view(np.float32) for i in range(8)] for ln in range(32)],
                        np.float64)
         added = (out - acc).reshape(8, 32)  # [block, its 4 lanes x 8 values]

@@ -28,8 +28,10 @@ from pallas_kernels import dequant_4bit, gemm_4bit, gemv_4bit
 GPU_CONFIG = {
     # one row of 16-bit x: row sums over whole cache lines (pallas_kernels.gemv_4bit)
     # engine "mma": each block's dot product on the tensor cores (blocksize 64; others: "rowsum"):
-    # 22.9 vs 27.0 us at K=4096, N=14336 on an H100, same run (benchmarks/KERNEL_NOTES.md)
-    "gemv": dict(block_n=8, blocks_per_iter=16, splits=1, prefetch=False, num_warps=4, num_stages=2,
+    # 22.9 vs 27.0 us at K=4096, N=14336 on an H100, same run (benchmarks/KERNEL_NOTES.md); with
+    # the shared-memory byte table decode 16-row programs (half the table fills): 18.7-19.6 us vs
+    # 20.0-20.7 with 8 rows (eighth session)
+    "gemv": dict(block_n=16, blocks_per_iter=16, splits=1, prefetch=False, num_warps=4, num_stages=2,
                  engine="mma"),
     # ... for layers of at most GEMV_NARROW_MAX_N rows (attention projections at decode), where
     # 8-row programs leave SMs idle (N=1024: 128 programs): K split in two (fp32 partials summed
@@ -210,7 +212,7 @@ def _gemv(x2, ops, bias, interpret, layer=None):
                                layer=layer, **cfg)
 
 
-_MMA_CHECKS: dict = {}  # launch shape -> whether the tensor-core GEMV agreed on this GPU
+_MMA_CHECKS: dict = {}  # launch shape and decode -> whether the tensor-core GEMV agreed on this GPU
 _LAUNCH = ("block_n", "blocks_per_iter", "num_warps", "prefetch", "num_stages")  # what shapes the tile layout
 
 
@@ -222,7 +224,7 @@ def mma_engine_checked(dtype, cfg) -> bool:
     wrong, not slow. So the first call of each launch shape runs both engines once, eagerly,
     on a small random weight; a mismatch or an error warns and keeps the row-sum engine.
     """
-    key = (jnp.dtype(dtype).name, *(cfg[k] for k in _LAUNCH))
+    key = (jnp.dtype(dtype).name, *(cfg[k] for k in _LAUNCH), gemv_4bit.c4.MMA_DECODE)
     if key not in _MMA_CHECKS:
         try:
             ok, detail = _run_mma_check(dtype, cfg)

@@ -1,0 +1,40 @@
+#!/bin/bash
+# Eighth session's device calls (H100): bitsandbytes' wheel carried in .whl/, logs under $OUT.
+#   bash benchmarks/device_s8.sh lut      # 4-bit one-row GEMV: the shared-memory byte table decode vs prmt
+#                                         # (self-check on the GPU, interleaved A/B, launch shapes), M=1,16 table
+#   bash benchmarks/device_s8.sh lut_sweep # the A/B and launch shapes alone
+#   bash benchmarks/device_s8.sh ncu_lut  # Nsight Compute on the table-decode GEMV (NCU_GEMV_CFG: --config overrides)
+#   bash benchmarks/device_s8.sh decode   # batch-1 decode, Llama-3-8B shape, 32 layers
+. "$(dirname "$0")/_device_env.sh"
+for mode in "$@"; do
+  case "$mode" in
+    lut)
+      mkdir -p "$OUT/lut_sweep" "$OUT/lut_table"
+      timeout 150 python3 benchmarks/check_gemv_engine.py > "$OUT/lut_engine.log" 2>&1
+      echo "engine rc=$?"; grep -vE "^\s*$" "$OUT/lut_engine.log" | grep -vE "constant|folding|bug|XLA_FLAGS|gather" | cut -c1-300
+      OUT="$OUT/lut_sweep" timeout 200 python3 benchmarks/bench_matmul_4bit.py --sweep --plan decode --ms "" --ns 14336 \
+        --no-bnb > "$OUT/lut_sweep.log" 2>&1
+      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/lut_sweep.log" | cut -c1-220
+      OUT="$OUT/lut_table" timeout 200 python3 benchmarks/bench_matmul_4bit.py --ms 1,16 --ns 14336 \
+        > "$OUT/lut_table.log" 2>&1
+      echo "table rc=$?"; sed -n '/^==== per-matmul/,$p' "$OUT/lut_table.log" | cut -c1-250 ;;
+    lut_sweep)
+      mkdir -p "$OUT/lut_sweep"
+      OUT="$OUT/lut_sweep" timeout 200 python3 benchmarks/bench_matmul_4bit.py --sweep --plan decode --ms "" --ns 14336 \
+        --no-bnb > "$OUT/lut_sweep.log" 2>&1
+      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/lut_sweep.log" | cut -c1-220 ;;
+    ncu_lut)  # Nsight Compute on the M=1 GEMV with the table decode (details + SASS; the first 2 launches are the self-check)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 "$NCU" --target-processes all -k "regex:gemv_4bit" --launch-skip 2 --launch-count 1 \
+        --set full -f -o /tmp/gemv_lut python3 benchmarks/ncu_gemv.py ${NCU_GEMV_CFG:-} > /tmp/gemv_run.txt 2>&1
+      echo "ncu rc=$?"; tail -3 /tmp/gemv_run.txt
+      "$NCU" -i /tmp/gemv_lut.ncu-rep --page details > "$OUT/ncu_gemv_lut.txt" 2>&1
+      "$NCU" -i /tmp/gemv_lut.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_gemv_lut_sass.csv" 2>&1
+      grep -E "Duration|DRAM Throughput|Executed Instructions  |Registers Per|Issue Slots Busy|Achieved Occupancy|Theoretical Occupancy|Shared Memory Configuration Size|Dynamic Shared|Static Shared|Bank|Block Limit|Warp Cycles Per Issued" "$OUT/ncu_gemv_lut.txt" | cut -c1-150 ;;
+    decode)
+      timeout 400 python3 benchmarks/profile_decode.py --layers 32 --calls 20 --sweep > "$OUT/decode.log" 2>&1
+      echo "decode rc=$?"
+      grep -vE "^\s*$" "$OUT/decode.log" | grep -E "sweep|ms|tok|diff|gemv|total|span" | head -50 | cut -c1-220 ;;
+  esac
+done
+ls -la "$OUT"
