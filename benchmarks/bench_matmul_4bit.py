@@ -136,6 +136,7 @@ def check(variants):
     cases = [(1, 4096, 14336, "nf4", True, "bfloat16", True), (16, 4096, 14336, "nf4", True, "bfloat16", True),
              (3, 4160, 100, "fp4", True, "float16", True), (1, 4096, 4096, "fp4", False, "float16", False),
              (5, 4096, 4096, "nf4", True, "float32", False), (17, 4160, 100, "fp4", True, "bfloat16", True),
+             (64, 4096, 4096, "nf4", True, "bfloat16", True), (40, 4096, 1024, "fp4", False, "float16", False),
              (128, 4096, 14336, "nf4", True, "bfloat16", False), (128, 4096, 4096, "fp4", False, "float16", False),
              (1024, 4096, 4096, "nf4", True, "bfloat16", True), (600, 4160, 300, "nf4", True, "float16", False),
              (512, 1024, 512, "nf4", True, "float32", False)]
@@ -321,6 +322,31 @@ def m16_plan():
     return [(16, "gemv_dot", dict(base, **kw), {}) for kw in kws]
 
 
+def lut_dot_plan():
+    """M=16 (split-K dot GEMV) and M=128 (fused GEMM, forced past the band crossover): the
+    prmt decode against the shared-memory byte table ("lut", scaled in the decode), then the
+    table decode at a few launch shapes; the defaults repeated at the end (run-to-run spread)."""
+    dot = dict(block_n=64, block_h=128, splits=4, decode="prmt", num_warps=4, num_stages=3)
+    gemm = dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="wx", num_warps=8, num_stages=4)
+    plan = [(16, "gemv_dot", dot, {}), (16, "gemv_dot", dict(dot, decode="lut"), {})]
+    for kw in [dict(block_h=64), dict(splits=2), dict(splits=8), dict(num_warps=8), dict(block_n=128),
+               dict(num_stages=2)]:
+        plan.append((16, "gemv_dot", dict(dot, decode="lut", **kw), {}))
+    plan += [(128, None, {}, {}), (128, "gemm", gemm, dict(TILED_MIN_M=10 ** 9)),
+             (128, "gemm", dict(gemm, decode="lut"), dict(TILED_MIN_M=10 ** 9)),
+             (128, "gemm", dict(gemm, decode="lut", block_h=128), dict(TILED_MIN_M=10 ** 9)),
+             (16, "gemv_dot", dot, {}), (16, "gemv_dot", dict(dot, decode="lut"), {})]
+    return plan
+
+
+def lut_gemm_plan():
+    """The fused GEMM (forced past the band crossover) at M=64 and M=128: prmt vs the byte-table
+    decode, interleaved twice (the GEMM's run-to-run spread was 58-67 us at M=128)."""
+    gemm = dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="wx", num_warps=8, num_stages=4)
+    force = dict(TILED_MIN_M=10 ** 9)
+    return [(m, "gemm", dict(gemm, decode=dec), force) for _ in range(2) for m in (64, 128) for dec in ("prmt", "lut")]
+
+
 def bands_plan():
     """Large M: the band height (the scan assembly of the bands, 976 vs 820 us at M=4096, was
     removed after the 12:49 UTC run of this plan)."""
@@ -397,9 +423,9 @@ def main():
     ap.add_argument("--check-variants", action="store_true", help="--check also runs every sweep variant")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-ms", default="1,16")
-    ap.add_argument("--plan", default="launch", choices=("launch", "bands", "decode", "m16"),
-                    help="--sweep plan: GEMV/GEMM launch shapes, the large-M band path, the mma decode's nibble "
-                         "order, or the M=16 dot GEMV's launch")
+    ap.add_argument("--plan", default="launch", choices=("launch", "bands", "decode", "m16", "lut_dot", "lut_gemm"),
+                    help="--sweep plan: GEMV/GEMM launch shapes, the large-M band path, the one-row GEMV's "
+                         "decode, the M=16 dot GEMV's launch, or the dot kernels' decode (lut_dot, lut_gemm)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-seconds", type=float, default=240)
     ap.add_argument("--ncu", action="store_true")
@@ -425,7 +451,8 @@ def main():
     R["config_overrides"] = apply_config(kern.GPU_CONFIG, a.config)
     R["copy_TBps"] = copy_bandwidth_tbps()
     print("copy bandwidth TB/s", R["copy_TBps"], R["config_overrides"], flush=True)
-    plan = {"launch": sweep_plan, "bands": bands_plan, "decode": decode_plan, "m16": m16_plan}[a.plan]()
+    plan = {"launch": sweep_plan, "bands": bands_plan, "decode": decode_plan, "m16": m16_plan,
+            "lut_dot": lut_dot_plan, "lut_gemm": lut_gemm_plan}[a.plan]()
     steps = [("check", (lambda: check(plan + SMALL_N_PLAN if a.check_variants else [])) if a.check else None),
              ("profile", (lambda: profile([int(v) for v in a.profile_ms.split(",")], 14336)) if a.profile else None),
              ("sweep_N14336", (lambda: sweep(plan, 14336, a.sweep_seconds)) if a.sweep else None),

@@ -3,6 +3,9 @@
 #   bash benchmarks/device_s8.sh lut      # 4-bit one-row GEMV: the shared-memory byte table decode vs prmt
 #                                         # (self-check on the GPU, interleaved A/B, launch shapes), M=1,16 table
 #   bash benchmarks/device_s8.sh lut_sweep # the A/B and launch shapes alone
+#   bash benchmarks/device_s8.sh lut_dot  # M=16 / M=128: the byte-table decode in the dot kernels vs prmt
+#   bash benchmarks/device_s8.sh final    # the GEMM's decode A/B (M=64, 128), then the M=1,16,128,4096 table with bnb
+#   bash benchmarks/device_s8.sh check    # every path vs the jnp reference on the GPU (the GEMM's table decode)
 #   bash benchmarks/device_s8.sh ncu_lut  # Nsight Compute on the table-decode GEMV (NCU_GEMV_CFG: --config overrides)
 #   bash benchmarks/device_s8.sh decode   # batch-1 decode, Llama-3-8B shape, 32 layers
 . "$(dirname "$0")/_device_env.sh"
@@ -23,6 +26,23 @@ for mode in "$@"; do
       OUT="$OUT/lut_sweep" timeout 200 python3 benchmarks/bench_matmul_4bit.py --sweep --plan decode --ms "" --ns 14336 \
         --no-bnb > "$OUT/lut_sweep.log" 2>&1
       echo "sweep rc=$?"; grep -E "^sweep" "$OUT/lut_sweep.log" | cut -c1-220 ;;
+    lut_dot)
+      mkdir -p "$OUT/lut_dot"
+      OUT="$OUT/lut_dot" timeout 300 python3 benchmarks/bench_matmul_4bit.py --sweep --plan lut_dot --ms "" --ns 14336 \
+        --no-bnb > "$OUT/lut_dot_sweep.log" 2>&1
+      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/lut_dot_sweep.log" | cut -c1-240 ;;
+    final)
+      mkdir -p "$OUT/gemm_ab" "$OUT/final_table"
+      OUT="$OUT/gemm_ab" timeout 150 python3 benchmarks/bench_matmul_4bit.py --sweep --plan lut_gemm --ms "" --ns 14336 \
+        --no-bnb > "$OUT/lut_gemm_sweep.log" 2>&1
+      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/lut_gemm_sweep.log" | cut -c1-240
+      OUT="$OUT/final_table" timeout 400 python3 benchmarks/bench_matmul_4bit.py --ms 1,16,128,4096 --ns 14336 \
+        > "$OUT/final_table.log" 2>&1
+      echo "table rc=$?"; sed -n '/^==== per-matmul/,$p' "$OUT/final_table.log" | cut -c1-250 ;;
+    check)  # kernels vs the jnp reference on the GPU (forward and grad), default dispatch
+      mkdir -p "$OUT/check"
+      OUT="$OUT/check" timeout 300 python3 benchmarks/bench_matmul_4bit.py --check --ms "" > "$OUT/check.log" 2>&1
+      echo "check rc=$?"; grep -E "^check" "$OUT/check.log" | cut -c1-200 ;;
     ncu_lut)  # Nsight Compute on the M=1 GEMV with the table decode (details + SASS; the first 2 launches are the self-check)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
       XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 "$NCU" --target-processes all -k "regex:gemv_4bit" --launch-skip 2 --launch-count 1 \

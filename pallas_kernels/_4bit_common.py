@@ -30,7 +30,7 @@ FP4 = (0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 
        -0.3333333432674408, -0.5, -0.1666666716337204, -0.25)
 TABLES = {"nf4": NF4, "fp4": FP4}
 
-DECODES = ("select", "gather", "prmt")
+DECODES = ("select", "gather", "prmt", "lut")
 
 
 def table(quant_type: str):
@@ -256,6 +256,46 @@ def lut_base(values, dtype, num_threads: int, interpret: bool = False):
                                               constraints="=r,r", pack=1,
                                               result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)])
     return base
+
+
+def lut_scaled_pairs_asm(dtype) -> str:
+    """PTX for 4 packed bytes (one 32-bit word, ``$4``): ``$0..$3`` = each byte's (high-nibble,
+    low-nibble) pair from the byte table, times the block's scale, in x's 16-bit dtype.
+
+    ``$5..$8`` the scale (fp32 bits; the word's 4 bytes share one quantization block),
+    ``$9..$12`` the table's address (``lut_base``). The scale is rounded to the dtype and
+    multiplies both halves at once (one packed fma with -0.0, which sm_80 has for bf16 too): the
+    product is rounded twice (code, then product) where the reference rounds once, within one
+    unit in the last place of the 16-bit result.
+    """
+    ty = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
+    body = "".join(f" prmt.b32 t, $4, 0, 0x444{j};\n mad.lo.u32 t, t, 128, lb;\n ld.shared.u32 v, [t];\n"
+                   f" fma.rn.{ty}x2 ${j}, v, sp, nz;\n" for j in range(4))
+    return ("{\n .reg .b32 t, v, lb, ln, sp, nz;\n .reg .f32 sc;\n"
+            " mov.u32 ln, %laneid;\n mad.lo.u32 lb, ln, 4, $9;\n mov.b32 sc, $5;\n"
+            f" cvt.rn.{ty}x2.f32 sp, sc, sc;\n mov.b32 nz, 0x80008000;\n" + body + "}")
+
+
+def decode_scaled(p, scale, base, values, dtype, interpret: bool = False):
+    """(high-nibble, low-nibble) values of a uint8 tile ``p`` times ``scale`` (fp32 of p's shape,
+    each byte's block absmax), rounded to x's 16-bit ``dtype`` and returned as fp32 (exact).
+
+    On the GPU one shared-memory table read a byte (``lut_scaled_pairs_asm``; ``base`` is
+    ``lut_base``'s address broadcast to p's shape); the interpreter rounds the same way: the
+    code to ``dtype``, the scale to ``dtype``, their product to ``dtype``.
+    """
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        sbits = jax.lax.bitcast_convert_type(scale, jnp.int32)
+        (pairs,) = pltriton.elementwise_inline_asm(
+            lut_scaled_pairs_asm(dtype), args=[p, sbits, base], constraints=",".join(["=r"] * 4 + ["r"] * 9),
+            pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, jnp.int32)])  # asm results are signless
+        return unpack_pairs(jax.lax.bitcast_convert_type(pairs, jnp.uint32), dtype)
+    c = p.astype(jnp.int32)
+    s = scale.astype(dtype).astype(jnp.float32)
+    return tuple((decode_select(v, values).astype(dtype).astype(jnp.float32) * s).astype(dtype).astype(jnp.float32)
+                 for v in (c >> 4, c & 15))
 
 
 def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:

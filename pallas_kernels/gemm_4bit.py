@@ -47,7 +47,7 @@ def _tile_absmax(a_ref, kb, bh, half_block, nested_args, row0, col_base):
 
 def forward_body(xe_ref, xo_ref, p_ref, a_ref, *rest, bh, half_block, n_ktiles, values, decode,
                  nested, has_bias, mode, block_n, blocks_per_row, nested_blocksize, kchunk_blocks,
-                 orient, interpret):
+                 orient, interpret, num_threads):
     """One output tile: loop over byte tiles of this program's K range, decode, accumulate."""
     rest = list(rest)
     lut_ref = rest.pop(0) if decode == "gather" else None
@@ -61,10 +61,15 @@ def forward_body(xe_ref, xo_ref, p_ref, a_ref, *rest, bh, half_block, n_ktiles, 
     row0 = pl.program_id(1) * block_n
     col_base = pl.program_id(2) * kchunk_blocks
     bm = xe_ref.shape[0]
+    # "lut": the shared-memory byte table, filled once a program before the loop
+    base = c4.lut_base(values, cdt, num_threads, interpret) if decode == "lut" else None
 
     def weights(kb):
         p = p_ref[:, pl.ds(kb * bh, bh)]
         a = _tile_absmax(a_ref, kb, bh, half_block, nested_args, row0, col_base)
+        if decode == "lut":  # scaled in the decode, already rounded to x's dtype
+            scale = c4.scale_tile(jnp.ones(p.shape, jnp.float32), a, half_block)
+            return c4.decode_scaled(p, scale, jnp.broadcast_to(base.reshape(1, 1), p.shape), values, cdt, interpret)
         hi, lo = c4.decode_nibbles(p, values, lut_ref, decode, interpret)
         return c4.scale_tile(hi, a, half_block), c4.scale_tile(lo, a, half_block)
 
@@ -139,8 +144,8 @@ def fused_forward(xe, xo, packed, absmax, *, quant_type, blocksize, nested_absma
     nested = nested_absmax is not None
     values = c4.table(quant_type)
     out_dtype = jnp.dtype(out_dtype or xe.dtype)
-    if decode == "prmt" and xe.dtype == jnp.float32:
-        decode = "select"  # fp16 code values would cost fp32 activations precision
+    if decode in ("prmt", "lut") and xe.dtype == jnp.float32:
+        decode = "select"  # 16-bit code values would cost fp32 activations precision
 
     in_specs = [
         pl.BlockSpec((block_m, kc), lambda i, j, s: (i, s)),
@@ -172,7 +177,7 @@ def fused_forward(xe, xo, packed, absmax, *, quant_type, blocksize, nested_absma
         forward_body, bh=block_h, half_block=half_block, n_ktiles=kc // block_h, values=values,
         decode=decode, nested=nested, has_bias=bias is not None, mode=mode, block_n=block_n,
         blocks_per_row=blocks_per_row, nested_blocksize=nested_blocksize,
-        kchunk_blocks=kchunk_blocks, orient=orient, interpret=interpret)
+        kchunk_blocks=kchunk_blocks, orient=orient, interpret=interpret, num_threads=32 * num_warps)
     if orient not in ("xw", "wx"):
         raise ValueError(f"orient must be 'xw' or 'wx', got {orient!r}")
     return pl.pallas_call(

@@ -13,6 +13,15 @@ import struct
 import numpy as np
 
 
+def _half_types():
+    import ml_dtypes
+
+    return {"bf16": ml_dtypes.bfloat16, "f16": np.float16}
+
+
+_HALF_TYPES = _half_types()
+
+
 def _f2b(v: float) -> int:
     return struct.unpack("<I", struct.pack("<f", float(np.float32(v))))[0]
 
@@ -140,6 +149,20 @@ def run_warp(asm: str, inputs: list[dict[str, int]], half_dtype=np.float16,
             if op.startswith("setp."):
                 x, y = val(ln, srcs[0]), val(ln, srcs[1])
                 preds[ln][dst] = {"eq": x == y, "ne": x != y, "ge": x >= y, "lt": x < y}[op.split(".")[1]]
+                continue
+            if op.startswith(("cvt.rn.bf16x2.f32", "cvt.rn.f16x2.f32", "fma.rn.bf16x2", "fma.rn.f16x2")):
+                ht = _HALF_TYPES["bf16" if "bf16" in op else "f16"]
+                if op.startswith("cvt"):  # d = (cvt(a) << 16) | cvt(b)
+                    a, b = (np.array([_b2f(val(ln, t))], np.float32).astype(ht).view(np.uint16)[0] for t in srcs)
+                    lanes[ln][dst] = (int(a) << 16) | int(b)
+                else:  # per 16-bit half: round(a * b + c), exact in fp32 before the one rounding
+                    a, b, c = (val(ln, t) for t in srcs)
+                    halves = []
+                    for sh in (0, 16):
+                        x, y, z = (np.array([(v >> sh) & 0xFFFF], np.uint16).view(ht).astype(np.float32)[0]
+                                   for v in (a, b, c))
+                        halves.append(int(np.array([x * y + z], np.float32).astype(ht).view(np.uint16)[0]))
+                    lanes[ln][dst] = halves[0] | (halves[1] << 16)
                 continue
             if op == "fma.rn.f32":
                 a, b, c = (np.float32(_b2f(val(ln, s))) for s in srcs)

@@ -72,6 +72,29 @@ def test_lut_fill_writes_every_byte_pair_32_times(quant_type, dtype, num_threads
         assert got == {want}, (byte, got, want)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_lut_scaled_pairs_asm_decodes_and_scales_every_byte(quant_type, dtype):
+    """The dot kernels' decode: each byte's two values from the table, times the block's scale,
+    rounded as ``decode_scaled`` says (the interpreter's emulation is checked against it too)."""
+    rng = np.random.default_rng(3)
+    ndt = jnp.dtype(dtype)
+    values = c4.table(quant_type)
+    shared, base = _filled_table(values, ndt)
+    asm = c4.lut_scaled_pairs_asm(ndt)
+    byts = rng.permutation(256).astype(np.uint8).reshape(64, 4)  # every byte value once
+    scales = rng.uniform(0.01, 3.0, 64).astype(np.float32)
+    inputs = [{"$4": int(byts[i].view("<u4")[0]), **{f"${5 + j}": _bits(scales[i]) for j in range(4)},
+               **{f"${9 + j}": base for j in range(4)}} for i in range(64)]
+    lanes = run_warp(asm, inputs, shared=shared)
+    got = np.array([[lanes[i][f"${j}"] for j in range(4)] for i in range(64)], np.uint32)
+    hi, lo = c4.decode_scaled(jnp.asarray(byts), jnp.asarray(np.repeat(scales[:, None], 4, 1)), None, values, ndt,
+                              interpret=True)
+    want = np.stack([np.asarray(hi, np.float32), np.asarray(lo, np.float32)], -1).astype(ndt).view(np.uint16)
+    np.testing.assert_array_equal(got & 0xFFFF, want[..., 0])
+    np.testing.assert_array_equal(got >> 16, want[..., 1])
+
+
 def test_lut_fill_rejects_thread_counts_that_do_not_divide_the_table():
     with pytest.raises(ValueError, match="threads"):
         c4.lut_fill_asm(c4.NF4, jnp.bfloat16, 96)

@@ -191,6 +191,20 @@ def test_prmt_decode_numerics_bf16(rng, monkeypatch, m):
     assert _rel(y, _oracle(x, q)) < TOL["bfloat16"]
 
 
+@pytest.mark.parametrize("m,dtype", [(2, "bfloat16"), (16, "float16"), (24, "bfloat16"), (3, "float32")])
+def test_lut_decode_dot_kernels_interpreted(rng, monkeypatch, m, dtype):
+    """The byte-table decode in the dot kernels (split-K GEMV for m <= 16, the GEMM above):
+    code and product rounded to x's dtype (emulated in the interpreter; the PTX is checked on
+    the warp emulator in test_gemv_mma.py); fp32 x falls back to the exact select decode."""
+    cfg = {key: dict(val) for key, val in kern.GPU_CONFIG.items()}
+    for section in ("gemv_dot", "gemm"):
+        cfg[section]["decode"] = "lut"
+    monkeypatch.setattr(kern, "GPU_CONFIG", cfg)
+    x, q = _case(rng, m, 512, 48, "nf4", True, dtype)
+    y = matmul_4bit(x, q, impl="pallas_interpret")
+    assert _rel(y, _oracle(x, q)) < TOL[dtype]
+
+
 def _run_ptx(asm: str, r: int) -> list[int]:
     (regs,) = run_warp(asm, [{"$2": r}])
     return [regs["$0"], regs["$1"]]

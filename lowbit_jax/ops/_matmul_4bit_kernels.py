@@ -11,8 +11,10 @@ mode for a few fp32 rows); up to ``TILED_MIN_M``, the fused GEMM (the decoded W 
 dot's left operand, ``orient="wx"``); from there, a band of W's rows at a time decoded by
 ``dequant_4bit`` and multiplied by XLA's dot. Launch parameters
 live in ``GPU_CONFIG`` so a benchmark can sweep them (best of sweeps on an H100,
-benchmarks/KERNEL_NOTES.md); the decode is the inline-PTX ``prmt`` one, fp32 activations fall
-back to the exact select tree inside the kernels.
+benchmarks/KERNEL_NOTES.md); the decode is inline PTX: one read a byte of a shared-memory table
+of decoded pairs ("lut"/"smem": the one-row GEMV and the GEMM) or byte permutes of the table
+in registers ("prmt": the split-K GEMV, the backward and the band decode); fp32 activations
+fall back to the exact select tree inside the kernels.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ GPU_CONFIG = {
     # ("gemv_dot"); fp32 x with 1..FMA_MAX_ROWS rows: elementwise multiply-add ("gemv_fma")
     "gemv_fma": dict(block_n=128, block_h=64, splits=8, decode="prmt", num_warps=4, num_stages=3),
     "gemv_dot": dict(block_n=64, block_h=128, splits=4, decode="prmt", num_warps=4, num_stages=3),
-    "gemm": dict(block_m=128, block_n=128, block_h=64, decode="prmt", orient="wx", num_warps=8, num_stages=4),
+    # split-K dot GEMV: the byte-table decode ("lut") was slower here (37-39 vs 31 us at M=16; its
+    # 32 KB table beside the dot's pipelined tiles), the GEMM faster with it: 42.8-43.0 vs 47.2-47.9
+    # us at M=64, 55.0-56.7 vs 58.7-59.3 at M=128 (N=14336, H100, same run, eighth session)
+    "gemm": dict(block_m=128, block_n=128, block_h=64, decode="lut", orient="wx", num_warps=8, num_stages=4),
     "bwd": dict(block_m=64, block_n=64, block_h=64, decode="prmt", num_warps=4, num_stages=3),
     # the band decode of the large-M path (pallas_kernels.dequant_4bit)
     "dequant": dict(block_rows=32, blocks=4, num_warps=4),
