@@ -15,8 +15,10 @@ Two engines for the block dot products:
 - "mma" (what ``ops.matmul_4bit`` picks for blocksize 64): a warp's ``mma.m16n8k16``
   computes them, x pairs as the A fragment, decoded byte pairs as B, each block's sum on the
   product's diagonal (``_4bit_common.mma_rowsum``: the lane layout and the bookkeeping). The
-  multiply-adds cost ~1/32 of an instruction a weight; the decode is what is left
-  (integer-ALU-bound): 21.7-22.5 us at K=4096, N=14336 on an H100 (seventh session).
+  multiply-adds cost ~1/32 of an instruction a weight; the decode reads one entry a byte of a
+  shared-memory table of decoded pairs (``_4bit_common.lut_base`` fills it once a program):
+  18.4-19.6 us at K=4096, N=14336 on an H100, bound by the loads' latency (eighth session;
+  21.7-23.5 with the byte-permute decode, which was integer-ALU-bound).
 - "rowsum": fp32 multiply-adds on the CUDA cores (~9.8 instructions a weight: 25-27 us), for
   blocksizes other than 64.
 
