@@ -309,7 +309,7 @@ def decode_plan():
     for kw in [{}, dict(prefetch=True, num_stages=1), dict(blocks_per_iter=8), dict(blocks_per_iter=8, prefetch=True),
                dict(block_n=8, blocks_per_iter=32), dict(block_n=8, blocks_per_iter=32, prefetch=True),
                dict(blocks_per_iter=32), dict(block_n=16, blocks_per_iter=8, prefetch=True, num_stages=2), {}]:
-        plan.append((1, "gemv", dict(base, **kw), {"c4.MMA_DECODE": "smem"}))
+        plan.append((1, "gemv", dict(base, **kw), {"c4.MMA_DECODE": "lut"}))
     return plan
 
 

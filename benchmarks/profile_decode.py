@@ -28,10 +28,10 @@ except ImportError:  # run as a script from benchmarks/
 
 ROWSUM = dict(engine="rowsum", prefetch=True, num_stages=1)  # the fourth session's GEMV
 DECODE_VARIANTS = [  # GPU_CONFIG overrides of "gemv" and "gemv_narrow", then the mma decode
-    ({}, {}, "smem"), ({}, dict(blocks_per_iter=32), "smem"), ({}, dict(blocks_per_iter=64), "smem"),
-    ({}, dict(blocks_per_iter=32, prefetch=False, num_stages=2), "smem"),
-    ({}, dict(blocks_per_iter=64, prefetch=False, num_stages=1), "smem"), ({}, dict(block_n=4), "smem"),
-    ({}, {}, "smem"),
+    ({}, {}, "lut"), ({}, dict(blocks_per_iter=32), "lut"), ({}, dict(blocks_per_iter=64), "lut"),
+    ({}, dict(blocks_per_iter=32, prefetch=False, num_stages=2), "lut"),
+    ({}, dict(blocks_per_iter=64, prefetch=False, num_stages=1), "lut"), ({}, dict(block_n=4), "lut"),
+    ({}, {}, "lut"),
 ]
 
 

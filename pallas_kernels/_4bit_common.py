@@ -193,11 +193,11 @@ def absmax_tile(a_ref, rows, cols, nested):
 MMA_CHUNK = 8  # bytes (16 codes) a lane holds per block and asm call
 
 
-# How the mma engine decodes a word of codes into x-ordered 16-bit pairs: "smem" (one shared-
+# How the mma engine decodes a word of codes into x-ordered 16-bit pairs: "lut" (one shared-
 # memory table read a byte, ``lut_base`` fills the table once a program) or "prmt" (byte
 # permutes against the table in registers, 22 integer-ALU instructions a word; the previous
 # version, kept to time the two side by side).
-MMA_DECODE = "smem"
+MMA_DECODE = "lut"
 
 # The byte table: entry b (a packed byte) is the 32-bit pair (value of b's high nibble, value
 # of its low nibble) in x's 16-bit dtype, i.e. exactly the B-fragment register of that byte.
@@ -258,6 +258,18 @@ def lut_base(values, dtype, num_threads: int, interpret: bool = False):
     return base
 
 
+def _lut_lane_ptx(base: str) -> str:
+    """PTX setting ``lb`` = this lane's copy of the table (``base`` + 4 * lane)."""
+    return f" mov.u32 ln, %laneid;\n mad.lo.u32 lb, ln, 4, {base};\n"
+
+
+def _lut_read_ptx(w: str, j: int, dst: str) -> str:
+    """PTX reading byte ``j`` of word ``w``'s table entry into ``dst``: a byte permute puts the
+    byte in the low byte, one multiply-add makes it this lane's copy (``lb``), one shared-memory
+    read (1 integer-ALU instruction; the FMA pipe takes the address, the load unit the read)."""
+    return f" prmt.b32 t, {w}, 0, 0x444{j};\n mad.lo.u32 t, t, 128, lb;\n ld.shared.u32 {dst}, [t];\n"
+
+
 def lut_scaled_pairs_asm(dtype) -> str:
     """PTX for 4 packed bytes (one 32-bit word, ``$4``): ``$0..$3`` = each byte's (high-nibble,
     low-nibble) pair from the byte table, times the block's scale, in x's 16-bit dtype.
@@ -269,10 +281,8 @@ def lut_scaled_pairs_asm(dtype) -> str:
     unit in the last place of the 16-bit result.
     """
     ty = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
-    body = "".join(f" prmt.b32 t, $4, 0, 0x444{j};\n mad.lo.u32 t, t, 128, lb;\n ld.shared.u32 v, [t];\n"
-                   f" fma.rn.{ty}x2 ${j}, v, sp, nz;\n" for j in range(4))
-    return ("{\n .reg .b32 t, v, lb, ln, sp, nz;\n .reg .f32 sc;\n"
-            " mov.u32 ln, %laneid;\n mad.lo.u32 lb, ln, 4, $9;\n mov.b32 sc, $5;\n"
+    body = "".join(_lut_read_ptx("$4", j, "v") + f" fma.rn.{ty}x2 ${j}, v, sp, nz;\n" for j in range(4))
+    return ("{\n .reg .b32 t, v, lb, ln, sp, nz;\n .reg .f32 sc;\n" + _lut_lane_ptx("$9") + " mov.b32 sc, $5;\n"
             f" cvt.rn.{ty}x2.f32 sp, sc, sc;\n mov.b32 nz, 0x80008000;\n" + body + "}")
 
 
@@ -304,17 +314,14 @@ def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:
     Register ``out[j]`` = (value of byte j's high nibble, value of its low nibble): elements
     2j and 2j+1 along K, like x's 32-bit pair j.
 
-    "smem": a byte permute puts byte j in the low byte, one multiply-add makes it this lane's
-    copy of the entry (``lb`` = table + 4 * lane), one shared-memory read: 1 integer-ALU
-    instruction a byte (the FMA pipe takes the address, the load/store unit the read).
+    "lut": ``_lut_read_ptx``, 1 integer-ALU instruction a byte.
     "prmt": the codes in memory order are the prmt selectors into the table's byte planes
     (L0..L3, H0..H3), their top bits become byte masks through prmt's sign-replicate mode, lop3
     merges the two 8-entry half-tables, and the two final prmt interleave low and high bytes and
     put each byte's high-nibble value first: 22 integer-ALU instructions for 8 codes.
     """
-    if MMA_DECODE == "smem":
-        return "".join(f" prmt.b32 t, {w}, 0, 0x444{j};\n mad.lo.u32 t, t, 128, lb;\n"
-                       f" ld.shared.u32 {out[j]}, [t];\n" for j in range(4))
+    if MMA_DECODE == "lut":
+        return "".join(_lut_read_ptx(w, j, out[j]) for j in range(4))
     head = f""" shl.b32 v, {w}, 4;
  shr.b32 s23, {w}, 16;
  and.b32 i01, {w}, 0x7777;
@@ -337,12 +344,12 @@ def mma_rowsum_asm(values, dtype) -> str:
     Operands (32-bit): $0..$7 the new accumulator values; $8, $9 the chunk's bytes 0-3 and 4-7;
     $10..$17 x's pairs for bytes 0..7; $18..$25 the block's scale (fp32 bits, 8 copies);
     $26..$33 the accumulator values; $34..$41 the byte table's address (``lut_base``, 8 copies;
-    read by the "smem" decode only). Four mma, one fma; the other accumulator values pass
+    read by the "lut" decode only). Four mma, one fma; the other accumulator values pass
     through (ptxas drops those copies)."""
     consts = _table_consts_ptx(values, dtype) if MMA_DECODE == "prmt" else ""
     ty = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
     mma = f" mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
-    body = " mov.u32 ln, %laneid;\n mad.lo.u32 lb, ln, 4, $34;\n" if MMA_DECODE == "smem" else ""
+    body = _lut_lane_ptx("$34") if MMA_DECODE == "lut" else ""
     for i, w in enumerate(("$8", "$9")):
         xq = "{" + ", ".join(f"${10 + 4 * i + j}" for j in range(4)) + "}"
         pairs = tuple(f"P{4 * i + j}" for j in range(4))
@@ -383,7 +390,7 @@ def mma_rowsum(w, x, scale, acc, values, dtype, base=None, interpret: bool = Fal
     byte; ``scale``: fp32 of w's shape (the block's absmax, broadcast); ``acc``: int32 of w's
     shape, the bits of fp32 partial sums whose total over the tile is what matters (on the GPU a
     block's product lands in one element, see the layout contract above); ``base``: int32 of
-    w's shape, the byte table's address (``lut_base``; the "smem" decode). The interpreter
+    w's shape, the byte table's address (``lut_base``; the "lut" decode). The interpreter
     computes the same total with the select-tree decode rounded to ``dtype``.
     """
     if not interpret:
@@ -392,8 +399,8 @@ def mma_rowsum(w, x, scale, acc, values, dtype, base=None, interpret: bool = Fal
         out = jax.ShapeDtypeStruct(w.shape, jnp.int32)  # Triton's asm results are signless
         sbits = jax.lax.bitcast_convert_type(scale, jnp.int32)
         if base is None:
-            if MMA_DECODE == "smem":
-                raise ValueError("the smem decode needs base= (lut_base, called once before the loop)")
+            if MMA_DECODE == "lut":
+                raise ValueError("the lut decode needs base= (lut_base, called once before the loop)")
             base = jnp.zeros(w.shape, jnp.int32)
         (res,) = pltriton.elementwise_inline_asm(mma_rowsum_asm(values, dtype), args=[w, x, sbits, acc, base],
                                                  constraints=",".join(["=r"] * 8 + ["r"] * 34),

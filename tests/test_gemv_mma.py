@@ -100,7 +100,7 @@ def test_lut_fill_rejects_thread_counts_that_do_not_divide_the_table():
         c4.lut_fill_asm(c4.NF4, jnp.bfloat16, 96)
 
 
-@pytest.mark.parametrize("decode", ["smem", "prmt"])
+@pytest.mark.parametrize("decode", ["lut", "prmt"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_mma_asm_block_sums(quant_type, dtype, decode, monkeypatch):
@@ -110,7 +110,7 @@ def test_mma_asm_block_sums(quant_type, dtype, decode, monkeypatch):
     values = c4.table(quant_type)
     table = np.asarray(np.asarray(values, np.float32).astype(ndt), np.float64)
     asm = c4.mma_rowsum_asm(values, ndt)
-    shared, base = _filled_table(values, ndt) if decode == "smem" else ({}, 0)
+    shared, base = _filled_table(values, ndt) if decode == "lut" else ({}, 0)
     for trial in range(2):
         # 8 blocks of 32 bytes: every byte value once over the 256 bytes, shuffled
         blocks = rng.permutation(256).astype(np.uint8).reshape(8, 32)

@@ -12,7 +12,7 @@ dot's left operand, ``orient="wx"``); from there, a band of W's rows at a time d
 ``dequant_4bit`` and multiplied by XLA's dot. Launch parameters
 live in ``GPU_CONFIG`` so a benchmark can sweep them (best of sweeps on an H100,
 benchmarks/KERNEL_NOTES.md); the decode is inline PTX: one read a byte of a shared-memory table
-of decoded pairs ("lut"/"smem": the one-row GEMV and the GEMM) or byte permutes of the table
+of decoded pairs ("lut": the one-row GEMV and the GEMM) or byte permutes of the table
 in registers ("prmt": the split-K GEMV, the backward and the band decode); fp32 activations
 fall back to the exact select tree inside the kernels.
 """
