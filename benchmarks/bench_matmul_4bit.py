@@ -339,6 +339,27 @@ def lut_dot_plan():
     return plan
 
 
+def lut_copies_plan():
+    """M=1 (one-row GEMV) and M=64 (GEMM): the table's copies (``_4bit_common.LUT_COPIES``: 32
+    conflict-free, 16 / 8 a smaller table and fill for some bank conflicts), interleaved twice;
+    then the GEMV without Triton's pipelining (1 stage)."""
+    gemm = dict(block_m=128, block_n=128, block_h=64, decode="lut", orient="wx", num_warps=8, num_stages=4)
+    plan = [(1, None, {}, {"c4.LUT_COPIES": c}) for _ in range(2) for c in (32, 16, 8)]
+    plan += [(64, "gemm", gemm, {"c4.LUT_COPIES": c, "TILED_MIN_M": 10 ** 9}) for c in (32, 8)]
+    gemv = dict(block_n=16, blocks_per_iter=16, splits=1, prefetch=False, num_warps=4, num_stages=1, engine="mma")
+    return plan + [(1, "gemv", gemv, {})]
+
+
+def gemm128_plan():
+    """M=128 with the byte-table GEMM (forced past the band crossover) at tile shapes the prmt
+    sweeps did not cover: 112 programs of 128 x 128 leave 20 of 132 SMs idle."""
+    gemm = dict(block_m=128, block_n=128, block_h=64, decode="lut", orient="wx", num_warps=8, num_stages=4)
+    force = dict(TILED_MIN_M=10 ** 9)
+    kws = [{}, dict(block_n=64), dict(block_n=64, num_warps=4), dict(block_n=64, num_stages=3),
+           dict(block_h=128, num_stages=2), dict(orient="xw"), dict(block_n=64, block_h=128, num_stages=3)]
+    return [(128, None, {}, {})] + [(128, "gemm", dict(gemm, **kw), force) for kw in kws] + [(128, None, {}, {})]
+
+
 def lut_gemm_plan():
     """The fused GEMM (forced past the band crossover) at M=64 and M=128: prmt vs the byte-table
     decode, interleaved twice (the GEMM's run-to-run spread was 58-67 us at M=128)."""
@@ -423,9 +444,9 @@ def main():
     ap.add_argument("--check-variants", action="store_true", help="--check also runs every sweep variant")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-ms", default="1,16")
-    ap.add_argument("--plan", default="launch", choices=("launch", "bands", "decode", "m16", "lut_dot", "lut_gemm"),
+    ap.add_argument("--plan", default="launch", choices=("launch", "bands", "decode", "m16", "lut_dot", "lut_gemm", "lut_copies", "gemm128"),
                     help="--sweep plan: GEMV/GEMM launch shapes, the large-M band path, the one-row GEMV's "
-                         "decode, the M=16 dot GEMV's launch, or the dot kernels' decode (lut_dot, lut_gemm)")
+                         "decode, the M=16 dot GEMV's launch, or the table decode (lut_dot, lut_gemm, lut_copies, gemm128)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-seconds", type=float, default=240)
     ap.add_argument("--ncu", action="store_true")
@@ -452,7 +473,8 @@ def main():
     R["copy_TBps"] = copy_bandwidth_tbps()
     print("copy bandwidth TB/s", R["copy_TBps"], R["config_overrides"], flush=True)
     plan = {"launch": sweep_plan, "bands": bands_plan, "decode": decode_plan, "m16": m16_plan,
-            "lut_dot": lut_dot_plan, "lut_gemm": lut_gemm_plan}[a.plan]()
+            "lut_dot": lut_dot_plan, "lut_gemm": lut_gemm_plan,
+            "lut_copies": lut_copies_plan, "gemm128": gemm128_plan}[a.plan]()
     steps = [("check", (lambda: check(plan + SMALL_N_PLAN if a.check_variants else [])) if a.check else None),
              ("profile", (lambda: profile([int(v) for v in a.profile_ms.split(",")], 14336)) if a.profile else None),
              ("sweep_N14336", (lambda: sweep(plan, 14336, a.sweep_seconds)) if a.sweep else None),

@@ -39,6 +39,23 @@ for mode in "$@"; do
       OUT="$OUT/final_table" timeout 400 python3 benchmarks/bench_matmul_4bit.py --ms 1,16,128,4096 --ns 14336 \
         > "$OUT/final_table.log" 2>&1
       echo "table rc=$?"; sed -n '/^==== per-matmul/,$p' "$OUT/final_table.log" | cut -c1-250 ;;
+    copies)  # the table's copies (GPU self-check of each first, then the sweep)
+      mkdir -p "$OUT/copies"
+      for c in 32 16 8; do LUT_COPIES=$c timeout 100 python3 -c "
+import os, jax.numpy as jnp
+from pallas_kernels import _4bit_common as c4
+c4.LUT_COPIES = int(os.environ['LUT_COPIES'])
+from lowbit_jax.ops import _matmul_4bit_kernels as kern
+cfg = dict(kern.GPU_CONFIG['gemv'])
+print('copies', c4.LUT_COPIES, 'self-check', kern._run_mma_check(jnp.bfloat16, cfg))" 2>&1 | grep copies; done
+      OUT="$OUT/copies" timeout 200 python3 benchmarks/bench_matmul_4bit.py --sweep --plan lut_copies --ms "" --ns 14336 \
+        --no-bnb > "$OUT/lut_copies_sweep.log" 2>&1
+      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/lut_copies_sweep.log" | cut -c1-240 ;;
+    gemm128)  # M=128: the byte-table GEMM's tile shapes against the bands
+      mkdir -p "$OUT/gemm128"
+      OUT="$OUT/gemm128" timeout 200 python3 benchmarks/bench_matmul_4bit.py --sweep --plan gemm128 --ms "" --ns 14336 \
+        --no-bnb > "$OUT/gemm128_sweep.log" 2>&1
+      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/gemm128_sweep.log" | cut -c1-240 ;;
     check)  # kernels vs the jnp reference on the GPU (forward and grad), default dispatch
       mkdir -p "$OUT/check"
       OUT="$OUT/check" timeout 300 python3 benchmarks/bench_matmul_4bit.py --check --ms "" > "$OUT/check.log" 2>&1

@@ -201,9 +201,18 @@ MMA_DECODE = "lut"
 
 # The byte table: entry b (a packed byte) is the 32-bit pair (value of b's high nibble, value
 # of its low nibble) in x's 16-bit dtype, i.e. exactly the B-fragment register of that byte.
-# Each entry is stored LUT_COPIES times side by side (128 bytes an entry) and lane l reads copy
-# l, so a warp's 32 reads hit 32 different banks whatever bytes it decodes: no bank conflicts.
-LUT_ENTRIES, LUT_COPIES = 256, 32
+# Each entry is stored LUT_COPIES times side by side (4 * LUT_COPIES bytes an entry) and lane l
+# reads copy l % LUT_COPIES: with 32 copies a warp's 32 reads hit 32 different banks whatever
+# bytes it decodes (no conflicts, 32 KB a program); fewer copies trade conflicts for a smaller
+# table and a shorter fill.
+LUT_ENTRIES = 256
+LUT_COPIES = 32
+
+
+def _lut_entry_bytes() -> int:
+    if LUT_COPIES not in (4, 8, 16, 32):
+        raise ValueError(f"LUT_COPIES must be 4, 8, 16 or 32, got {LUT_COPIES}")
+    return 4 * LUT_COPIES
 
 
 def lut_fill_asm(values, dtype, num_threads: int) -> str:
@@ -216,11 +225,14 @@ def lut_fill_asm(values, dtype, num_threads: int) -> str:
     permutes over the L/H half-tables). The stores must not conflict: a first version let each
     thread write its own entry's 128 bytes, so a warp's lanes, 128 bytes apart, all hit the same
     4 banks (32-way conflicts: the fill cost more than the decode saved). Here each store
-    instruction writes 4 whole entries, 512 contiguous bytes a warp: lane l stores 16 bytes of
-    entry ``4 i + l // 8`` of its warp's 32, fetched from that entry's lane with a shuffle.
+    instruction writes 512 contiguous bytes a warp (whole entries): lane l stores 16 bytes of
+    the entry ``i * (32 / lanes_per_entry) + l // lanes_per_entry`` of its warp's 32, fetched
+    from that entry's lane with a shuffle.
     """
     if num_threads < 32 or LUT_ENTRIES % num_threads:
         raise ValueError(f"the table fill needs 32..{LUT_ENTRIES} threads dividing {LUT_ENTRIES}, got {num_threads}")
+    entry = _lut_entry_bytes()
+    lpe = entry // 16  # lanes storing one entry
     body = ""
     for s in range(LUT_ENTRIES // num_threads):
         body += f" add.u32 e, tid, {s * num_threads};\n shr.b32 ch, e, 4;\n and.b32 cl, e, 15;\n"
@@ -231,16 +243,17 @@ def lut_fill_asm(values, dtype, num_threads: int) -> str:
                      f" prmt.b32 {v}, lob, hib, 0x0040;\n")
         # the high nibble's value in the low half (x's even element), the low nibble's above it
         body += " prmt.b32 pr, vh, vl, 0x5410;\n"
-        for i in range(8):  # entries 4i..4i+3 of the warp's 32: 512 contiguous bytes
-            body += (f" add.u32 sl, lq, {4 * i};\n shfl.sync.idx.b32 v, pr, sl, 31, -1;\n"
-                     f" st.shared.v4.b32 [wb+{s * num_threads * 128 + 512 * i}], {{v, v, v, v}};\n")
-    return ("{\n .shared .align 16 .b8 lowbit_lut[" + str(LUT_ENTRIES * LUT_COPIES * 4) + "];\n"
+        for i in range(lpe):  # entries i * 32/lpe .. of the warp's 32: 512 contiguous bytes a store
+            body += (f" add.u32 sl, lq, {i * (32 // lpe)};\n shfl.sync.idx.b32 v, pr, sl, 31, -1;\n"
+                     f" st.shared.v4.b32 [wb+{s * num_threads * entry + 512 * i}], {{v, v, v, v}};\n")
+    return ("{\n .shared .align 16 .b8 lowbit_lut[" + str(LUT_ENTRIES * entry) + "];\n"
             " .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, tid, e, ch, cl, s, a, b, lob, hib, vh, vl, pr, v;\n"
             " .reg .b32 base, ln, lq, sl, wb;\n"
             " .reg .pred q;\n" + _table_consts_ptx(values, dtype) +
-            " mov.u32 base, lowbit_lut;\n mov.u32 tid, %tid.x;\n mov.u32 ln, %laneid;\n shr.b32 lq, ln, 3;\n"
-            # this thread's store address: its warp's 32 entries (4096 bytes), 16 bytes a lane
-            " shr.b32 wb, tid, 5;\n mad.lo.u32 wb, wb, 4096, base;\n mad.lo.u32 wb, ln, 16, wb;\n" + body +
+            f" mov.u32 base, lowbit_lut;\n mov.u32 tid, %tid.x;\n mov.u32 ln, %laneid;\n"
+            f" shr.b32 lq, ln, {lpe.bit_length() - 1};\n"
+            # this thread's store address: its warp's 32 entries, 16 bytes a lane
+            f" shr.b32 wb, tid, 5;\n mad.lo.u32 wb, wb, {32 * entry}, base;\n mad.lo.u32 wb, ln, 16, wb;\n" + body +
             " bar.sync 0;\n mov.b32 $0, base;\n}")
 
 
@@ -259,15 +272,17 @@ def lut_base(values, dtype, num_threads: int, interpret: bool = False):
 
 
 def _lut_lane_ptx(base: str) -> str:
-    """PTX setting ``lb`` = this lane's copy of the table (``base`` + 4 * lane)."""
-    return f" mov.u32 ln, %laneid;\n mad.lo.u32 lb, ln, 4, {base};\n"
+    """PTX setting ``lb`` = this lane's copy of the table (``base`` + 4 * (lane % LUT_COPIES))."""
+    wrap = f" and.b32 ln, ln, {LUT_COPIES - 1};\n" if LUT_COPIES < 32 else ""
+    return f" mov.u32 ln, %laneid;\n{wrap} mad.lo.u32 lb, ln, 4, {base};\n"
 
 
 def _lut_read_ptx(w: str, j: int, dst: str) -> str:
     """PTX reading byte ``j`` of word ``w``'s table entry into ``dst``: a byte permute puts the
     byte in the low byte, one multiply-add makes it this lane's copy (``lb``), one shared-memory
     read (1 integer-ALU instruction; the FMA pipe takes the address, the load unit the read)."""
-    return f" prmt.b32 t, {w}, 0, 0x444{j};\n mad.lo.u32 t, t, 128, lb;\n ld.shared.u32 {dst}, [t];\n"
+    return (f" prmt.b32 t, {w}, 0, 0x444{j};\n mad.lo.u32 t, t, {_lut_entry_bytes()}, lb;\n"
+            f" ld.shared.u32 {dst}, [t];\n")
 
 
 def lut_scaled_pairs_asm(dtype) -> str:

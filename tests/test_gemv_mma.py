@@ -57,10 +57,12 @@ def _filled_table(values, ndt, num_threads=128):
     return shared, threads[0]["$0"]
 
 
+@pytest.mark.parametrize("copies", [32, 8])
 @pytest.mark.parametrize("num_threads", [32, 128, 256])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_lut_fill_writes_every_byte_pair_32_times(quant_type, dtype, num_threads):
+def test_lut_fill_writes_every_byte_pair_in_every_copy(quant_type, dtype, num_threads, copies, monkeypatch):
+    monkeypatch.setattr(c4, "LUT_COPIES", copies)
     ndt = jnp.dtype(dtype)
     values = c4.table(quant_type)
     bits = np.asarray(np.asarray(values, np.float32).astype(ndt).view(np.uint16), np.int64)
@@ -68,7 +70,7 @@ def test_lut_fill_writes_every_byte_pair_32_times(quant_type, dtype, num_threads
     assert len(shared) == c4.LUT_ENTRIES * c4.LUT_COPIES
     for byte in range(256):
         want = int(bits[byte >> 4] | (bits[byte & 15] << 16))  # (high nibble, low nibble): x's order
-        got = {shared[base + 128 * byte + 4 * copy] for copy in range(c4.LUT_COPIES)}
+        got = {shared[base + 4 * copies * byte + 4 * copy] for copy in range(copies)}
         assert got == {want}, (byte, got, want)
 
 
@@ -100,11 +102,12 @@ def test_lut_fill_rejects_thread_counts_that_do_not_divide_the_table():
         c4.lut_fill_asm(c4.NF4, jnp.bfloat16, 96)
 
 
-@pytest.mark.parametrize("decode", ["lut", "prmt"])
+@pytest.mark.parametrize("decode,copies", [("lut", 32), ("lut", 8), ("prmt", 32)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_mma_asm_block_sums(quant_type, dtype, decode, monkeypatch):
+def test_mma_asm_block_sums(quant_type, dtype, decode, copies, monkeypatch):
     monkeypatch.setattr(c4, "MMA_DECODE", decode)
+    monkeypatch.setattr(c4, "LUT_COPIES", copies)
     rng = np.random.default_rng(7)
     ndt = jnp.dtype(dtype)
     values = c4.table(quant_type)

@@ -229,7 +229,7 @@ def mma_engine_checked(dtype, cfg) -> bool:
     wrong, not slow. So the first call of each launch shape runs both engines once, eagerly,
     on a small random weight; a mismatch or an error warns and keeps the row-sum engine.
     """
-    key = (jnp.dtype(dtype).name, *(cfg[k] for k in _LAUNCH), gemv_4bit.c4.MMA_DECODE)
+    key = (jnp.dtype(dtype).name, *(cfg[k] for k in _LAUNCH), gemv_4bit.c4.MMA_DECODE, gemv_4bit.c4.LUT_COPIES)
     if key not in _MMA_CHECKS:
         try:
             ok, detail = _run_mma_check(dtype, cfg)
