@@ -56,8 +56,10 @@ print('copies', c4.LUT_COPIES, 'self-check', kern._run_mma_check(jnp.bfloat16, c
       OUT="$OUT/gemm128" timeout 200 python3 benchmarks/bench_matmul_4bit.py --sweep --plan gemm128 --ms "" --ns 14336 \
         --no-bnb > "$OUT/gemm128_sweep.log" 2>&1
       echo "sweep rc=$?"; grep -E "^sweep" "$OUT/gemm128_sweep.log" | cut -c1-240 ;;
-    check)  # kernels vs the jnp reference on the GPU (forward and grad), default dispatch
+    check)  # kernels vs the jnp reference on the GPU (forward and grad), default dispatch; the GEMV self-checks
       mkdir -p "$OUT/check"
+      timeout 150 python3 benchmarks/check_gemv_engine.py > "$OUT/engine.log" 2>&1
+      echo "engine rc=$?"; grep -E "self-check|engine check|MISMATCH" "$OUT/engine.log"
       OUT="$OUT/check" timeout 300 python3 benchmarks/bench_matmul_4bit.py --check --ms "" > "$OUT/check.log" 2>&1
       echo "check rc=$?"; grep -E "^check" "$OUT/check.log" | cut -c1-200 ;;
     ncu_lut)  # Nsight Compute on the M=1 GEMV with the table decode (details + SASS; the first 2 launches are the self-check)
