@@ -39,15 +39,7 @@ for mode in "$@"; do
         > "$OUT/int8_final_table.log" 2>&1
       echo "table rc=$?"; grep -E "^\|" "$OUT/int8_final_table.log" | cut -c1-250 ;;
     nibble)
-      mkdir -p "$OUT/nibble_sweep" "$OUT/nibble_table"
-      timeout 120 python3 benchmarks/check_gemv_engine.py > "$OUT/nibble_engine.log" 2>&1
-      echo "engine rc=$?"; grep -vE "^\s*$" "$OUT/nibble_engine.log" | grep -vE "constant|folding|bug|XLA_FLAGS|gather" | cut -c1-250
-      OUT="$OUT/nibble_sweep" timeout 150 python3 benchmarks/bench_matmul_4bit.py --sweep --plan decode --ms "" --ns 14336 \
-        --no-bnb > "$OUT/nibble_sweep.log" 2>&1
-      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/nibble_sweep.log" | cut -c1-200
-      OUT="$OUT/nibble_table" timeout 240 python3 benchmarks/bench_matmul_4bit.py --ms 1,16 --ns 14336 \
-        > "$OUT/nibble_table.log" 2>&1
-      echo "table rc=$?"; sed -n '/^==== per-matmul/,$p' "$OUT/nibble_table.log" | cut -c1-250 ;;
+      engine_check nibble 120; sweep_4bit nibble_sweep decode 150; table_4bit nibble 1,16 240 ;;
     m16)
       mkdir -p "$OUT/m16"
       OUT="$OUT/m16" timeout 120 python3 benchmarks/bench_matmul_4bit.py --profile --profile-ms 16 --ms "" --no-bnb \

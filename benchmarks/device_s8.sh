@@ -5,6 +5,8 @@
 #   bash benchmarks/device_s8.sh lut_sweep # the A/B and launch shapes alone
 #   bash benchmarks/device_s8.sh lut_dot  # M=16 / M=128: the byte-table decode in the dot kernels vs prmt
 #   bash benchmarks/device_s8.sh final    # the GEMM's decode A/B (M=64, 128), then the M=1,16,128,4096 table with bnb
+#   bash benchmarks/device_s8.sh gemm128  # M=128: the table GEMM's tile shapes against the bands
+#   bash benchmarks/device_s8.sh copies   # the table's copies (32/16/8): GPU self-check of each, then the sweep
 #   bash benchmarks/device_s8.sh check    # every path vs the jnp reference on the GPU (the GEMM's table decode)
 #   bash benchmarks/device_s8.sh ncu_lut  # Nsight Compute on the table-decode GEMV (NCU_GEMV_CFG: --config overrides)
 #   bash benchmarks/device_s8.sh decode   # batch-1 decode, Llama-3-8B shape, 32 layers
@@ -12,35 +14,16 @@
 for mode in "$@"; do
   case "$mode" in
     lut)
-      mkdir -p "$OUT/lut_sweep" "$OUT/lut_table"
-      timeout 150 python3 benchmarks/check_gemv_engine.py > "$OUT/lut_engine.log" 2>&1
-      echo "engine rc=$?"; grep -vE "^\s*$" "$OUT/lut_engine.log" | grep -vE "constant|folding|bug|XLA_FLAGS|gather" | cut -c1-300
-      OUT="$OUT/lut_sweep" timeout 200 python3 benchmarks/bench_matmul_4bit.py --sweep --plan decode --ms "" --ns 14336 \
-        --no-bnb > "$OUT/lut_sweep.log" 2>&1
-      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/lut_sweep.log" | cut -c1-220
-      OUT="$OUT/lut_table" timeout 200 python3 benchmarks/bench_matmul_4bit.py --ms 1,16 --ns 14336 \
-        > "$OUT/lut_table.log" 2>&1
-      echo "table rc=$?"; sed -n '/^==== per-matmul/,$p' "$OUT/lut_table.log" | cut -c1-250 ;;
+      engine_check lut 150; sweep_4bit lut decode 200; table_4bit lut 1,16 200 ;;
     lut_sweep)
-      mkdir -p "$OUT/lut_sweep"
-      OUT="$OUT/lut_sweep" timeout 200 python3 benchmarks/bench_matmul_4bit.py --sweep --plan decode --ms "" --ns 14336 \
-        --no-bnb > "$OUT/lut_sweep.log" 2>&1
-      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/lut_sweep.log" | cut -c1-220 ;;
+      sweep_4bit lut decode 200 ;;
     lut_dot)
-      mkdir -p "$OUT/lut_dot"
-      OUT="$OUT/lut_dot" timeout 300 python3 benchmarks/bench_matmul_4bit.py --sweep --plan lut_dot --ms "" --ns 14336 \
-        --no-bnb > "$OUT/lut_dot_sweep.log" 2>&1
-      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/lut_dot_sweep.log" | cut -c1-240 ;;
+      sweep_4bit lut_dot lut_dot 300 ;;
     final)
-      mkdir -p "$OUT/gemm_ab" "$OUT/final_table"
-      OUT="$OUT/gemm_ab" timeout 150 python3 benchmarks/bench_matmul_4bit.py --sweep --plan lut_gemm --ms "" --ns 14336 \
-        --no-bnb > "$OUT/lut_gemm_sweep.log" 2>&1
-      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/lut_gemm_sweep.log" | cut -c1-240
-      OUT="$OUT/final_table" timeout 400 python3 benchmarks/bench_matmul_4bit.py --ms 1,16,128,4096 --ns 14336 \
-        > "$OUT/final_table.log" 2>&1
-      echo "table rc=$?"; sed -n '/^==== per-matmul/,$p' "$OUT/final_table.log" | cut -c1-250 ;;
+      sweep_4bit gemm_ab lut_gemm 150; table_4bit final 1,16,128,4096 400 ;;
+    gemm128)  # M=128: the byte-table GEMM's tile shapes against the bands
+      sweep_4bit gemm128 gemm128 200 ;;
     copies)  # the table's copies (GPU self-check of each first, then the sweep)
-      mkdir -p "$OUT/copies"
       for c in 32 16 8; do LUT_COPIES=$c timeout 100 python3 -c "
 import os, jax.numpy as jnp
 from pallas_kernels import _4bit_common as c4
@@ -48,18 +31,10 @@ c4.LUT_COPIES = int(os.environ['LUT_COPIES'])
 from lowbit_jax.ops import _matmul_4bit_kernels as kern
 cfg = dict(kern.GPU_CONFIG['gemv'])
 print('copies', c4.LUT_COPIES, 'self-check', kern._run_mma_check(jnp.bfloat16, cfg))" 2>&1 | grep copies; done
-      OUT="$OUT/copies" timeout 200 python3 benchmarks/bench_matmul_4bit.py --sweep --plan lut_copies --ms "" --ns 14336 \
-        --no-bnb > "$OUT/lut_copies_sweep.log" 2>&1
-      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/lut_copies_sweep.log" | cut -c1-240 ;;
-    gemm128)  # M=128: the byte-table GEMM's tile shapes against the bands
-      mkdir -p "$OUT/gemm128"
-      OUT="$OUT/gemm128" timeout 200 python3 benchmarks/bench_matmul_4bit.py --sweep --plan gemm128 --ms "" --ns 14336 \
-        --no-bnb > "$OUT/gemm128_sweep.log" 2>&1
-      echo "sweep rc=$?"; grep -E "^sweep" "$OUT/gemm128_sweep.log" | cut -c1-240 ;;
+      sweep_4bit copies lut_copies 200 ;;
     check)  # kernels vs the jnp reference on the GPU (forward and grad), default dispatch; the GEMV self-checks
       mkdir -p "$OUT/check"
-      timeout 150 python3 benchmarks/check_gemv_engine.py > "$OUT/engine.log" 2>&1
-      echo "engine rc=$?"; grep -E "self-check|engine check|MISMATCH" "$OUT/engine.log"
+      engine_check check 150
       OUT="$OUT/check" timeout 300 python3 benchmarks/bench_matmul_4bit.py --check --ms "" > "$OUT/check.log" 2>&1
       echo "check rc=$?"; grep -E "^check" "$OUT/check.log" | cut -c1-200 ;;
     ncu_lut)  # Nsight Compute on the M=1 GEMV with the table decode (details + SASS; the first 2 launches are the self-check)

@@ -153,6 +153,15 @@ def scale_tile(w, a, half_block: int):
     return (w.reshape(rows, nb, half_block) * a[:, :, None]).reshape(rows, h)
 
 
+def byte_scales(a, shape, half_block: int):
+    """Each byte's block absmax for a ``shape`` [R, H] byte tile, from ``a`` [R, nb]."""
+    rows, h = shape
+    nb = a.shape[1]
+    if nb == 1:
+        return jnp.broadcast_to(a, shape)
+    return jnp.broadcast_to(a[:, :, None], (rows, nb, half_block)).reshape(rows, h)
+
+
 def absmax_tile(a_ref, rows, cols, nested):
     """fp32 absmax ``a_ref[rows, cols]``, undoing double quantization in-kernel when ``nested``.
 
@@ -209,6 +218,11 @@ LUT_ENTRIES = 256
 LUT_COPIES = 32
 
 
+def _ptx_half(dtype) -> str:
+    """PTX's name of x's 16-bit dtype (mma and packed-arithmetic suffixes)."""
+    return {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
+
+
 def _lut_entry_bytes() -> int:
     if LUT_COPIES not in (4, 8, 16, 32):
         raise ValueError(f"LUT_COPIES must be 4, 8, 16 or 32, got {LUT_COPIES}")
@@ -257,18 +271,18 @@ def lut_fill_asm(values, dtype, num_threads: int) -> str:
             " bar.sync 0;\n mov.b32 $0, base;\n}")
 
 
-def lut_base(values, dtype, num_threads: int, interpret: bool = False):
-    """int32 ``[1]``: the shared-memory address of the filled byte table (0 in the interpreter,
-    whose decode does not read it)."""
+def lut_base(values, dtype, num_threads: int, shape, interpret: bool = False):
+    """int32 of the decode's tile ``shape``: the shared-memory address of the filled byte table
+    (0 in the interpreter, whose decode does not read it). Call once, before the kernel's loop."""
     zero = jnp.zeros((1,), jnp.int32)
     if interpret:
-        return zero
+        return jnp.zeros(shape, jnp.int32)
     from jax.experimental.pallas import triton as pltriton
 
     (base,) = pltriton.elementwise_inline_asm(lut_fill_asm(values, dtype, num_threads), args=[zero],
                                               constraints="=r,r", pack=1,
                                               result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)])
-    return base
+    return jnp.broadcast_to(base.reshape((1,) * len(shape)), shape)
 
 
 def _lut_lane_ptx(base: str) -> str:
@@ -295,7 +309,7 @@ def lut_scaled_pairs_asm(dtype) -> str:
     product is rounded twice (code, then product) where the reference rounds once, within one
     unit in the last place of the 16-bit result.
     """
-    ty = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
+    ty = _ptx_half(dtype)
     body = "".join(_lut_read_ptx("$4", j, "v") + f" fma.rn.{ty}x2 ${j}, v, sp, nz;\n" for j in range(4))
     return ("{\n .reg .b32 t, v, lb, ln, sp, nz;\n .reg .f32 sc;\n" + _lut_lane_ptx("$9") + " mov.b32 sc, $5;\n"
             f" cvt.rn.{ty}x2.f32 sp, sc, sc;\n mov.b32 nz, 0x80008000;\n" + body + "}")
@@ -306,7 +320,7 @@ def decode_scaled(p, scale, base, values, dtype, interpret: bool = False):
     each byte's block absmax), rounded to x's 16-bit ``dtype`` and returned as fp32 (exact).
 
     On the GPU one shared-memory table read a byte (``lut_scaled_pairs_asm``; ``base`` is
-    ``lut_base``'s address broadcast to p's shape); the interpreter rounds the same way: the
+    ``lut_base``'s address tile); the interpreter rounds the same way: the
     code to ``dtype``, the scale to ``dtype``, their product to ``dtype``.
     """
     if not interpret:
@@ -358,11 +372,11 @@ def mma_rowsum_asm(values, dtype) -> str:
 
     Operands (32-bit): $0..$7 the new accumulator values; $8, $9 the chunk's bytes 0-3 and 4-7;
     $10..$17 x's pairs for bytes 0..7; $18..$25 the block's scale (fp32 bits, 8 copies);
-    $26..$33 the accumulator values; $34..$41 the byte table's address (``lut_base``, 8 copies;
+    $26..$33 the accumulator values; $34..$41 the byte table's address (``lut_base``'s tile, 8 copies;
     read by the "lut" decode only). Four mma, one fma; the other accumulator values pass
     through (ptxas drops those copies)."""
     consts = _table_consts_ptx(values, dtype) if MMA_DECODE == "prmt" else ""
-    ty = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(dtype)]
+    ty = _ptx_half(dtype)
     mma = f" mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 "
     body = _lut_lane_ptx("$34") if MMA_DECODE == "lut" else ""
     for i, w in enumerate(("$8", "$9")):

@@ -62,14 +62,13 @@ def forward_body(xe_ref, xo_ref, p_ref, a_ref, *rest, bh, half_block, n_ktiles, 
     col_base = pl.program_id(2) * kchunk_blocks
     bm = xe_ref.shape[0]
     # "lut": the shared-memory byte table, filled once a program before the loop
-    base = c4.lut_base(values, cdt, num_threads, interpret) if decode == "lut" else None
+    base = c4.lut_base(values, cdt, num_threads, (block_n, bh), interpret) if decode == "lut" else None
 
     def weights(kb):
         p = p_ref[:, pl.ds(kb * bh, bh)]
         a = _tile_absmax(a_ref, kb, bh, half_block, nested_args, row0, col_base)
         if decode == "lut":  # scaled in the decode, already rounded to x's dtype
-            scale = c4.scale_tile(jnp.ones(p.shape, jnp.float32), a, half_block)
-            return c4.decode_scaled(p, scale, jnp.broadcast_to(base.reshape(1, 1), p.shape), values, cdt, interpret)
+            return c4.decode_scaled(p, c4.byte_scales(a, p.shape, half_block), base, values, cdt, interpret)
         hi, lo = c4.decode_nibbles(p, values, lut_ref, decode, interpret)
         return c4.scale_tile(hi, a, half_block), c4.scale_tile(lo, a, half_block)
 

@@ -82,8 +82,7 @@ def _gemv_body(x_ref, p_ref, a_ref, *rest, bn, tb, n_iters, values, nested, has_
     first = load(0) if prefetch else None  # issued before the table fill: the fill hides their latency
     lut = None
     if mma and c4.MMA_DECODE == "lut":  # the byte table, filled once a program before the loop
-        lut = jnp.broadcast_to(c4.lut_base(values, xdtype, num_threads, interpret).reshape(1, 1, 1, 1),
-                               (bn, tb, 4, c4.MMA_CHUNK))
+        lut = c4.lut_base(values, xdtype, num_threads, (bn, tb, 4, c4.MMA_CHUNK), interpret)
 
     def compute(tiles, it, acc):
         if mma:  # acc: int32 bits of fp32 partial sums, [bn, tb, 4, 8]
