@@ -1,0 +1,237 @@
+"""4-bit (NF4/FP4) GEMM on Hopper's wgmma through Mosaic GPU: ``y.T = W @ x.T``, W never in HBM.
+
+Why a second GEMM beside the Triton one (``gemm_4bit``): wgmma can take its left operand from
+registers, so a weight tile decoded in registers feeds the tensor cores without a trip through
+shared memory, while x's tile (the right operand) arrives by TMA; a separate warpgroup issues
+the copies (warp specialization), so loads overlap the decode and the math. Triton's lowering
+gives no control over which thread holds which decoded value; Mosaic GPU does, and that is
+what makes the decode free of layout shuffles:
+
+* wgmma's register operand gives thread (group g, lane-in-quad t) of a warp rows g and g+8 and,
+  in every 8-column tile c, the column pair (8c + 2t, 8c + 2t + 1). A thread loads 16
+  contiguous bytes of each of its rows (``WGMMA_LAYOUT_8BIT`` on the codes viewed as int32:
+  one 16-byte shared-memory read a row, a warp reads 512 contiguous bytes) and the pair from its
+  byte p becomes its register for column tile p. The byte's two codes are physical columns
+  ``32t + 2p, 32t + 2p + 1`` of the 128-column chunk, the register's logical columns are
+  ``8p + 2t, 8p + 2t + 1``: the product is the same if x's columns are put in the same order,
+  which :func:`permute_x` does once outside the kernel (x is small next to W at the sizes this
+  kernel serves; at large M it is one copy of x).
+* A thread's 16 bytes lie in one quantization block of 64 (32t..32t+31 of the chunk), so one
+  scale per row and chunk: the decoded pairs are multiplied by it in the decode PTX (one packed
+  fma a pair) before the mma; the accumulator then sums over all of K in fp32.
+
+The decode itself is ``_4bit_common``'s byte-permute PTX (22 integer instructions per 8 codes);
+the scales (double quantization undone by XLA, a few MB) come transposed, ``[K/64, N]``, so a
+tile of them is one TMA box. The result is ``y.T`` (the tile's rows are weight rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _4bit_common as c4
+
+CHUNK = 128  # K columns of a thread's 16-byte row piece (4 threads x 16 bytes x 2 codes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Launch shape: ``tile_m`` weight rows per compute warpgroup (two per CTA), ``tile_n`` rows
+    of x, ``tile_k`` columns a pipeline step, ``stages`` steps in flight."""
+    tile_m: int = 64
+    tile_n: int = 128
+    tile_k: int = 128
+    stages: int = 4
+    grid_minor_n: bool = True
+    grid_tile_width: int = 1
+
+
+def permute_x(x):
+    """x's columns in the kernel's K order: column ``128q + 8p + 2t + e`` holds ``128q + 32t + 2p + e``."""
+    *lead, k = x.shape
+    if k % CHUNK:
+        raise ValueError(f"x: K={k} must be a multiple of {CHUNK}")
+    return x.reshape(*lead, k // CHUNK, 4, 16, 2).swapaxes(-3, -2).reshape(*lead, k)
+
+
+def decode_asm(values, dtype) -> str:
+    """PTX: ``$4`` = one 32-bit word of packed codes, ``$5`` = the block's scale (16-bit, x's
+    dtype) -> ``$0..$3`` = byte j's (high-nibble, low-nibble) values times the scale."""
+    ty = c4._ptx_half(dtype)
+    return ("{\n .reg .b32 v, s23, i01, i23, m01, m23, a, b, lo, hi, q0, q1, q2, q3, sp, nz;\n"
+            " .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3;\n" + c4._table_consts_ptx(values, dtype)
+            + " mov.b32 sp, {$5, $5};\n mov.b32 nz, 0x80008000;\n"
+            + c4._decode_pairs_ptx("$4", ("q0", "q1", "q2", "q3"), method="prmt")
+            + "".join(f" fma.rn.{ty}x2 ${j}, q{j}, sp, nz;\n" for j in range(4)) + "}")
+
+
+def _decode_fn(values, dtype, rows: int, tile_k: int):
+    """The Mosaic GPU body (for ``plgpu.inline_mgpu``) decoding one warpgroup's ``[rows, tile_k]``
+    weight tile from its codes (int32 ``[rows, tile_k / 8]`` in shared memory) and scales
+    (``[tile_k / 64, rows]``) into wgmma's register layout."""
+    asm = decode_asm(values, dtype)
+
+    def fn(_ctx, codes_ref, scales_ref):
+        import jax.experimental.mosaic.gpu as mgpu
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+        from jax.experimental.mosaic.gpu import fragmented_array as fa
+        from jax.experimental.mosaic.gpu import utils as mu
+
+        i32 = ir.IntegerType.get_signless(32)
+        i16 = ir.IntegerType.get_signless(16)
+        index = ir.IndexType.get()
+        c = lambda v: arith.constant(i32, v)
+        words = mgpu.FragmentedArray.load_untiled(codes_ref, layout=fa.WGMMA_LAYOUT_8BIT, is_signed=False,
+                                                  optimized=False)
+        wshape = words.registers.shape
+        if wshape != (1, tile_k // CHUNK, 1, 1, 2, 1, 1, 1, 1):
+            raise NotImplementedError(f"unexpected code register shape {wshape}")
+        oshape = fa.WGMMA_LAYOUT.registers_shape((rows, tile_k))
+        if oshape != (1, tile_k // 8, 1, 1, 2, 1, 1, 1, 1):
+            raise NotImplementedError(f"unexpected wgmma register shape {oshape}")
+        tid = mu.thread_idx()
+        lane = arith.remui(tid, c(32))
+        warp = arith.remui(arith.divui(tid, c(32)), c(4))
+        g, t = arith.divui(lane, c(4)), arith.remui(lane, c(4))
+        row0 = arith.addi(arith.muli(warp, c(16)), g)
+        half_t = arith.divui(t, c(2))
+        st = llvm.StructType.get_literal([i32] * 4)
+        pair_ty = ir.VectorType.get((2,), mu.dtype_to_ir_type(jnp.dtype(dtype)))
+        regs = np.empty(oshape, dtype=object)
+        for u in range(tile_k // CHUNK):
+            blk = arith.index_cast(index, arith.addi(half_t, c(2 * u)))
+            for h in range(2):
+                row = arith.index_cast(index, arith.addi(row0, c(8 * h)))
+                s16 = mu.bitcast(memref.load(scales_ref, [blk, row]), i16)
+                vec = words.registers[0, u, 0, 0, h, 0, 0, 0, 0]
+                for j in range(4):
+                    w = vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
+                    res = llvm.inline_asm(st, [w, s16], asm, "=r,=r,=r,=r,r,h")
+                    for b in range(4):
+                        r = llvm.extractvalue(i32, res, [b])
+                        regs[0, 16 * u + 4 * j + b, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(r, pair_ty)
+        return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return fn
+
+
+def matmul_t(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int | None = None):
+    """``y.T`` [N, M] = decode(W) @ x.T.
+
+    codes: int32 [N, K/8] (the canonical packed bytes viewed 4 to a word); scales_t: [K/64, N]
+    in x's dtype (each block's absmax, double quantization undone); xp: [M, K] x's rows in the
+    kernel's K order (:func:`permute_x`), 16-bit. N must be a multiple of 2 * tile_m, M of
+    tile_n, K of tile_k (the caller pads).
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    n, kw = codes.shape
+    m, k = xp.shape
+    dtype = xp.dtype
+    if codes.dtype != jnp.int32 or kw * 8 != k:
+        raise ValueError(f"codes: expected int32 [N, {k // 8}], got {codes.dtype} {codes.shape}")
+    if scales_t.shape != (k // 64, n) or scales_t.dtype != dtype:
+        raise ValueError(f"scales_t: expected {dtype} {(k // 64, n)}, got {scales_t.dtype} {scales_t.shape}")
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    cta_m = 2 * tm
+    if n % cta_m or m % tn or k % tk or tk % CHUNK:
+        raise ValueError(f"shape N={n}, M={m}, K={k} does not tile by ({cta_m}, {tn}, {tk})")
+    if num_sms is None:
+        num_sms = jax.devices()[0].core_count if jax.default_backend() == "gpu" else 132
+    m_iters, n_iters, k_iters = n // cta_m, m // tn, k // tk
+    bits = jnp.dtype(dtype).itemsize * 8
+    x_swizzle = plgpu.find_swizzle(tk * bits, "rhs")
+    x_transforms = (plgpu.TilingTransform((8, x_swizzle * 8 // bits)), plgpu.SwizzleTransform(x_swizzle))
+    epi_n = min(64, tn)
+    epi_m = 64
+    out_swizzle = plgpu.find_swizzle(epi_n * bits, "out")
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle * 8 // bits)), plgpu.SwizzleTransform(out_swizzle))
+    decode = plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(), plgpu.RefType()),
+        return_type=plgpu.ShapeDtypeStruct((tm, tk), dtype, layout=plgpu.Layout.WGMMA),
+    )(_decode_fn(values, dtype, tm, tk))
+
+    def kernel(codes_gmem, scales_gmem, x_gmem, out_gmem, out_smem):
+        def get_pipeline(body, compute_context):
+            return plgpu.emit_pipeline_warp_specialized(
+                body,
+                grid=(k_iters,),
+                memory_registers=40,
+                in_specs=[
+                    plgpu.BlockSpec((cta_m, tk // 8), lambda kk: (0, kk), memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((tk // 64, cta_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=x_transforms,
+                                    memory_space=plgpu.SMEM),
+                ],
+                wg_axis="wg",
+                num_compute_wgs=2,
+                max_concurrent_steps=cfg.stages,
+                compute_context=compute_context,
+            )
+
+        ignore = lambda *_, **__: None
+
+        @functools.partial(pl.run_scoped,
+                           pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(codes_gmem, scales_gmem, x_gmem),
+                           collective_axes="wg")
+        def _scope(pipeline_allocs):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+            def _tiles(info):
+                (lin,) = info.index
+                mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_n else 0,
+                                            cfg.grid_tile_width)
+                m_sl = pl.ds(mi * cta_m, cta_m)
+                n_sl = pl.ds(ni * tn, tn)
+                wg_sl = pl.ds(wg * tm, tm)
+
+                def compute_context(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+                    def _acc(acc_ref):
+                        eval_pipeline(acc_ref)
+                        acc = acc_ref[...].astype(dtype)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        for ei in range(tm // epi_m):
+                            for ej in range(tn // epi_n):
+                                esl_m = slice(ei * epi_m, (ei + 1) * epi_m)
+                                esl_n = slice(ej * epi_n, (ej + 1) * epi_n)
+                                slot = (ei * (tn // epi_n) + ej) % 2
+                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                                out_smem[wg, slot] = acc[esl_m, esl_n]
+                                plgpu.commit_smem()
+                                plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
+                                                        out_gmem.at[m_sl, n_sl].at[wg_sl, slice(None)].at[esl_m, esl_n])
+
+                def mma_body(_, codes_smem, scales_smem, x_smem, acc_ref):
+                    a = decode(codes_smem.at[wg_sl], scales_smem.at[:, wg_sl])
+                    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                get_pipeline(mma_body, compute_context)(
+                    codes_gmem.at[m_sl, :], scales_gmem.at[:, m_sl], x_gmem.at[n_sl, :],
+                    allocations=pipeline_allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    slots = min(2, (tm * tn) // (epi_m * epi_n))
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((n, m), dtype),
+        grid=(num_sms,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        scratch_types=dict(out_smem=plgpu.SMEM((2, slots, epi_m, epi_n), dtype, transforms=out_transforms)),
+    )
+    return f(codes, scales_t, xp)
