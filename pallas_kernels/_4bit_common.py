@@ -337,7 +337,7 @@ def decode_scaled(p, scale, base, values, dtype, interpret: bool = False):
                  for v in (c >> 4, c & 15))
 
 
-def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:
+def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str], method: str | None = None) -> str:
     """PTX decoding the 4 bytes of word ``w`` into 4 registers of 16-bit pairs (x's order).
 
     Register ``out[j]`` = (value of byte j's high nibble, value of its low nibble): elements
@@ -349,7 +349,7 @@ def _decode_pairs_ptx(w: str, out: tuple[str, str, str, str]) -> str:
     merges the two 8-entry half-tables, and the two final prmt interleave low and high bytes and
     put each byte's high-nibble value first: 22 integer-ALU instructions for 8 codes.
     """
-    if MMA_DECODE == "lut":
+    if (method or MMA_DECODE) == "lut":
         return "".join(_lut_read_ptx(w, j, out[j]) for j in range(4))
     head = f""" shl.b32 v, {w}, 4;
  shr.b32 s23, {w}, 16;

@@ -44,11 +44,14 @@ CHUNK = 128  # K columns of a thread's 16-byte row piece (4 threads x 16 bytes x
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Launch shape: ``tile_m`` weight rows per compute warpgroup (two per CTA), ``tile_n`` rows
-    of x, ``tile_k`` columns a pipeline step, ``stages`` steps in flight."""
+    of x, ``tile_k`` columns a pipeline step, ``stages`` steps in flight. ``kpar=2`` doubles the
+    warps that decode (latency hiding where the tile of x is small): a second pair of warpgroups
+    takes every other K step of the same rows and hands its accumulator over at the end."""
     tile_m: int = 64
     tile_n: int = 128
     tile_k: int = 128
     stages: int = 4
+    kpar: int = 1  # 2: four compute warpgroups, the two of a row slab take alternate K steps
     grid_minor_n: bool = True
     grid_tile_width: int = 1
 
@@ -123,8 +126,67 @@ def _decode_fn(values, dtype, rows: int, tile_k: int):
     return fn
 
 
-def matmul_t(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int | None = None):
-    """``y.T`` [N, M] = decode(W) @ x.T.
+def _store_t_fn(rows: int):
+    """Mosaic GPU body writing a warpgroup's ``[rows, cols]`` result tile (wgmma layout) into a
+    ``[cols, rows]`` shared-memory tile, i.e. transposed: the output is ``y``, not ``y.T``."""
+
+    def fn(_ctx, arr, ref):
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, memref, vector
+        from jax.experimental.mosaic.gpu import utils as mu
+
+        i32 = ir.IntegerType.get_signless(32)
+        index = ir.IndexType.get()
+        c = lambda v: arith.constant(i32, v)
+        tid = mu.thread_idx()
+        lane = arith.remui(tid, c(32))
+        warp = arith.remui(arith.divui(tid, c(32)), c(4))
+        g, t = arith.divui(lane, c(4)), arith.remui(lane, c(4))
+        row0 = arith.addi(arith.muli(warp, c(16)), g)
+        col0 = arith.muli(t, c(2))
+        for idx, reg in np.ndenumerate(arr.registers):
+            ct, h = idx[1], idx[4]
+            row = arith.index_cast(index, arith.addi(row0, c(8 * h)))
+            for e in range(2):
+                v = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
+                col = arith.index_cast(index, arith.addi(col0, c(8 * ct + e)))
+                memref.store(v, ref, [col, row])
+
+    return fn
+
+
+def _partial_fn(op: str):
+    """Mosaic GPU bodies for the kpar=2 hand-over: "put" stores a warpgroup's fp32 accumulator
+    into shared memory, "add" returns an accumulator plus the stored one (same layout)."""
+
+    def put(_ctx, arr, ref):
+        arr.store_untiled(ref, optimized=False)
+
+    def add(_ctx, arr, ref):
+        import jax.experimental.mosaic.gpu as mgpu
+
+        return arr + mgpu.FragmentedArray.load_untiled(ref, layout=arr.layout, is_signed=None, optimized=False)
+
+    return put if op == "put" else add
+
+
+def _named_barrier(plgpu, bar_id: int, threads: int):
+    """``bar.sync bar_id, threads`` for the warpgroups that call it (ids above Mosaic's own:
+    it uses 0 and 1 + warpgroup index)."""
+
+    @plgpu.inline_mgpu()
+    def sync(_ctx):
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import llvm
+
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], f"bar.sync {bar_id}, {threads};", "",
+                        has_side_effects=True)
+
+    sync()
+
+
+def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int | None = None):
+    """``y`` [M, N] = x @ decode(W).T, computed as decode(W) @ x.T and stored transposed.
 
     codes: int32 [N, K/8] (the canonical packed bytes viewed 4 to a word); scales_t: [K/64, N]
     in x's dtype (each block's absmax, double quantization undone); xp: [M, K] x's rows in the
@@ -141,6 +203,10 @@ def matmul_t(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: in
     if scales_t.shape != (k // 64, n) or scales_t.dtype != dtype:
         raise ValueError(f"scales_t: expected {dtype} {(k // 64, n)}, got {scales_t.dtype} {scales_t.shape}")
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    if tm != 64:
+        raise ValueError("tile_m must be 64 (one wgmma row block a warpgroup)")
+    if cfg.kpar not in (1, 2):
+        raise ValueError(f"kpar must be 1 or 2, got {cfg.kpar}")
     cta_m = 2 * tm
     if n % cta_m or m % tn or k % tk or tk % CHUNK:
         raise ValueError(f"shape N={n}, M={m}, K={k} does not tile by ({cta_m}, {tn}, {tk})")
@@ -151,15 +217,18 @@ def matmul_t(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: in
     x_swizzle = plgpu.find_swizzle(tk * bits, "rhs")
     x_transforms = (plgpu.TilingTransform((8, x_swizzle * 8 // bits)), plgpu.SwizzleTransform(x_swizzle))
     epi_n = min(64, tn)
-    epi_m = 64
-    out_swizzle = plgpu.find_swizzle(epi_n * bits, "out")
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle * 8 // bits)), plgpu.SwizzleTransform(out_swizzle))
+    kpar = cfg.kpar
     decode = plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(), plgpu.RefType()),
         return_type=plgpu.ShapeDtypeStruct((tm, tk), dtype, layout=plgpu.Layout.WGMMA),
     )(_decode_fn(values, dtype, tm, tk))
+    store_t = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(_store_t_fn(tm))
+    put = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(_partial_fn("put"))
+    add = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+                            return_type=plgpu.ShapeDtypeStruct((tm, tn), jnp.float32, layout=plgpu.Layout.WGMMA),
+                            )(_partial_fn("add"))
 
-    def kernel(codes_gmem, scales_gmem, x_gmem, out_gmem, out_smem):
+    def kernel(codes_gmem, scales_gmem, x_gmem, out_gmem, out_smem, red_smem):
         def get_pipeline(body, compute_context):
             return plgpu.emit_pipeline_warp_specialized(
                 body,
@@ -172,7 +241,7 @@ def matmul_t(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: in
                                     memory_space=plgpu.SMEM),
                 ],
                 wg_axis="wg",
-                num_compute_wgs=2,
+                num_compute_wgs=2 * kpar,
                 max_concurrent_steps=cfg.stages,
                 compute_context=compute_context,
             )
@@ -192,29 +261,55 @@ def matmul_t(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: in
                                             cfg.grid_tile_width)
                 m_sl = pl.ds(mi * cta_m, cta_m)
                 n_sl = pl.ds(ni * tn, tn)
-                wg_sl = pl.ds(wg * tm, tm)
+                row_wg = wg % 2
+                wg_sl = pl.ds(row_wg * tm, tm)
+
+                def emit(acc, r):
+                    """The row slab r's result: cast, transposed into shared memory, TMA to y."""
+                    out = acc.astype(dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for ej in range(tn // epi_n):
+                        slot = ej % 2
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                        store_t(out[:, ej * epi_n:(ej + 1) * epi_n], out_smem.at[r, slot])
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[r, slot],
+                            out_gmem.at[n_sl, m_sl].at[pl.ds(ej * epi_n, epi_n), pl.ds(r * tm, tm)])
 
                 def compute_context(eval_pipeline):
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
                     def _acc(acc_ref):
                         eval_pipeline(acc_ref)
-                        acc = acc_ref[...].astype(dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for ei in range(tm // epi_m):
-                            for ej in range(tn // epi_n):
-                                esl_m = slice(ei * epi_m, (ei + 1) * epi_m)
-                                esl_n = slice(ej * epi_n, (ej + 1) * epi_n)
-                                slot = (ei * (tn // epi_n) + ej) % 2
-                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                                out_smem[wg, slot] = acc[esl_m, esl_n]
-                                plgpu.commit_smem()
-                                plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
-                                                        out_gmem.at[m_sl, n_sl].at[wg_sl, slice(None)].at[esl_m, esl_n])
+                        acc = acc_ref[...]
+                        for r in range(2):
+                            if kpar == 1:
+                                pl.when(wg == r)(functools.partial(emit, acc, r))
+                                continue
 
-                def mma_body(_, codes_smem, scales_smem, x_smem, acc_ref):
-                    a = decode(codes_smem.at[wg_sl], scales_smem.at[:, wg_sl])
-                    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
-                    plgpu.wgmma_wait(0)
+                            @pl.when(wg == 2 + r)
+                            def _partner():
+                                put(acc, red_smem.at[r])
+                                _named_barrier(plgpu, 8 + r, 256)
+                                _named_barrier(plgpu, 8 + r, 256)
+
+                            @pl.when(wg == r)
+                            def _owner():
+                                _named_barrier(plgpu, 8 + r, 256)
+                                total = add(acc, red_smem.at[r])
+                                _named_barrier(plgpu, 8 + r, 256)
+                                emit(total, r)
+
+                def mma_body(idxs, codes_smem, scales_smem, x_smem, acc_ref):
+                    def work():
+                        a = decode(codes_smem.at[wg_sl], scales_smem.at[:, wg_sl])
+                        plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+                        plgpu.wgmma_wait(0)
+
+                    if kpar == 1:
+                        work()
+                    else:
+                        pl.when(idxs[0] % kpar == wg // 2)(work)
                     return acc_ref
 
                 get_pipeline(mma_body, compute_context)(
@@ -223,15 +318,16 @@ def matmul_t(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: in
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    slots = min(2, (tm * tn) // (epi_m * epi_n))
+    slots = min(2, tn // epi_n)
     f = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((n, m), dtype),
+        out_type=jax.ShapeDtypeStruct((m, n), dtype),
         grid=(num_sms,),
         grid_names=("sm",),
-        num_threads=3,
+        num_threads=2 * kpar + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        scratch_types=dict(out_smem=plgpu.SMEM((2, slots, epi_m, epi_n), dtype, transforms=out_transforms)),
+        scratch_types=dict(out_smem=plgpu.SMEM((2, slots, epi_n, tm), dtype),
+                           red_smem=plgpu.SMEM((2, tm, tn) if kpar == 2 else (1, 8, 8), jnp.float32)),
     )
     return f(codes, scales_t, xp)
