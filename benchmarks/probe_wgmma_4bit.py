@@ -1,12 +1,13 @@
 """GPU probe of the Mosaic GPU 4-bit GEMM (``pallas_kernels.gemm_4bit_wgmma``): correctness against
 the jnp reference, then kernel time (CUPTI, Mosaic GPU's profiler) against XLA's bf16 dot and the
-current ``ops.matmul_4bit`` path, same process. K=4096, N=14336, NF4 + double quant, bf16 x.
+Triton path of ``ops.matmul_4bit`` (wgmma dispatch off), and the whole op with the wgmma dispatch on
+(x permutation and scales included), same process. All times are the sum of the GPU kernels of one
+call (so XLA's small preparation kernels count; host dispatch does not). K=4096, N=14336, NF4 + double quant, bf16 x.
 
     PYTHONPATH=. python3 benchmarks/probe_wgmma_4bit.py --ms 16,128,4096
 """
 import argparse
 import statistics
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +32,22 @@ def operands(q, dtype):
 
 def configs(m):
     if m <= 16:
-        return [gw.Config(tile_n=16, tile_k=tk, stages=s, kpar=kp) for kp in (1, 2) for tk in (128, 256)
-                for s in (4, 8)]
+        return [gw.Config(tile_n=16, tile_k=256, stages=8), gw.Config(tile_n=16, tile_k=128, stages=4)]
     if m <= 128:
-        return [gw.Config(tile_n=tn, tile_k=tk, stages=4) for tn in (m, 64) for tk in (128, 256) if m % tn == 0]
-    return [gw.Config(tile_n=tn, tile_k=128, stages=s, grid_tile_width=w) for tn, s in ((128, 4), (256, 2))
-            for w in (1, 8)]
+        return [gw.Config(tile_n=min(m, 128), tile_k=128, stages=4)]
+    return [gw.Config(tile_n=128, tile_k=128, stages=4, grid_tile_width=w) for w in (1, 8)]
+
+
+def op_us(x, q, wgmma: bool):
+    """ops.matmul_4bit with the wgmma dispatch on or off (a fresh jit: dispatch happens at trace)."""
+    from lowbit_jax.ops import _matmul_4bit_kernels as kern
+
+    saved = kern.WGMMA_MAX_M
+    kern.WGMMA_MAX_M = 1 << 30 if wgmma else 0
+    try:
+        return kernel_us(jax.jit(lambda x, q: ops.matmul_4bit(x, q)), x, q)
+    finally:
+        kern.WGMMA_MAX_M = saved
 
 
 def main():
@@ -56,28 +67,22 @@ def main():
         ref = jnp.dot(x.astype(jnp.float32), wd.astype(jnp.float32).T)
         scale = float(jnp.max(jnp.abs(ref)))
         _, t_bf16 = kernel_us(jax.jit(lambda x, wd: jnp.dot(x, wd.T)), x, wd)
-        y_cur, t_cur = kernel_us(jax.jit(ops.matmul_4bit), x, q)
+        y_cur, t_cur = op_us(x, q, wgmma=False)
         e_cur = float(jnp.max(jnp.abs(y_cur.astype(jnp.float32) - ref))) / scale
-        print(f"M={m}: xla bf16 {t_bf16:.1f} us | current path {t_cur:.1f} us (err {e_cur:.1e})", flush=True)
+        y_op, t_op = op_us(x, q, wgmma=True)
+        e_op = float(jnp.max(jnp.abs(y_op.astype(jnp.float32) - ref))) / scale
+        print(f"M={m}: xla bf16 {t_bf16:.1f} us | Triton path {t_cur:.1f} us (err {e_cur:.1e}) | "
+              f"ops.matmul_4bit with wgmma {t_op:.1f} us (err {e_op:.1e})", flush=True)
         xp = gw.permute_x(x)
         for cfg in configs(m):
             try:
                 f = jax.jit(lambda c, s, xp, cfg=cfg: gw.matmul(c, s, xp, values=c4.NF4, cfg=cfg))
                 yt, t = kernel_us(f, codes, scales_t, xp)
                 err = float(jnp.max(jnp.abs(yt.astype(jnp.float32) - ref))) / scale
-                print(f"M={m} {cfg}: {t:.1f} us = {t / t_bf16:.2f}x bf16, {t / t_cur:.2f}x current; err {err:.1e}",
+                print(f"M={m} {cfg}: {t:.1f} us = {t / t_bf16:.2f}x bf16, {t / t_cur:.2f}x Triton path; err {err:.1e}",
                       flush=True)
             except Exception as e:  # noqa: BLE001 - a probe: report and go on
                 print(f"M={m} {cfg}: FAILED {type(e).__name__}: {str(e)[:3000]}", flush=True)
-                pass
-        # the whole op: x permutation + kernel
-        cfg = configs(m)[0]
-        full = jax.jit(lambda x, c, s: gw.matmul(c, s, gw.permute_x(x), values=c4.NF4, cfg=cfg))
-        try:
-            _, t_full = kernel_us(full, x, codes, scales_t)
-            print(f"M={m} whole op (permute + kernel, {cfg}): {t_full:.1f} us", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"M={m} whole op FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,25 @@ def eager():
     except ImportError:  # pragma: no cover - a JAX without it
         return jax.ensure_compile_time_eval()
     return eval_context()
+
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the first GPU, None off the GPU or where the backend does not say.
+
+    The Mosaic GPU (wgmma) kernels need Hopper (9.x) and the Mosaic GPU Pallas API of the GPU
+    image's JAX (0.11); on other GPUs the Triton kernels serve every shape.
+    """
+    if not on_gpu():
+        return None
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        major, minor = str(cc).split(".")[:2]
+        return int(major), int(minor)
+    except (ValueError, TypeError):
+        return None
+
+
+def has_wgmma_kernels() -> bool:
+    """Whether the Hopper-only Mosaic GPU kernels can run here (sm_90 and JAX >= 0.11)."""
+    cc = gpu_compute_capability()
+    return cc is not None and cc[0] == 9 and JAX_VERSION >= (0, 11)

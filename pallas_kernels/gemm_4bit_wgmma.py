@@ -19,10 +19,12 @@ what makes the decode free of layout shuffles:
 * A thread's 16 bytes lie in one quantization block of 64 (32t..32t+31 of the chunk), so one
   scale per row and chunk: the decoded pairs are multiplied by it in the decode PTX (one packed
   fma a pair) before the mma; the accumulator then sums over all of K in fp32.
+* The epilogue writes each warpgroup's tile transposed into shared memory and copies it to
+  ``y [M, N]`` by TMA, so the caller gets ``x @ W.T`` directly.
 
 The decode itself is ``_4bit_common``'s byte-permute PTX (22 integer instructions per 8 codes);
 the scales (double quantization undone by XLA, a few MB) come transposed, ``[K/64, N]``, so a
-tile of them is one TMA box. The result is ``y.T`` (the tile's rows are weight rows).
+tile of them is one TMA box.
 """
 
 from __future__ import annotations
@@ -44,14 +46,15 @@ CHUNK = 128  # K columns of a thread's 16-byte row piece (4 threads x 16 bytes x
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Launch shape: ``tile_m`` weight rows per compute warpgroup (two per CTA), ``tile_n`` rows
-    of x, ``tile_k`` columns a pipeline step, ``stages`` steps in flight. ``kpar=2`` doubles the
-    warps that decode (latency hiding where the tile of x is small): a second pair of warpgroups
-    takes every other K step of the same rows and hands its accumulator over at the end."""
+    of x, ``tile_k`` columns a pipeline step, ``stages`` steps in flight.
+
+    Tried and removed: four compute warpgroups, two a row slab taking alternate K steps and
+    handing one accumulator to the other through shared memory (more warps to hide the decode's
+    latency at small M): it hung on the H100 (probe 2026-11-24, not debugged)."""
     tile_m: int = 64
     tile_n: int = 128
     tile_k: int = 128
     stages: int = 4
-    kpar: int = 1  # 2: four compute warpgroups, the two of a row slab take alternate K steps
     grid_minor_n: bool = True
     grid_tile_width: int = 1
 
@@ -65,14 +68,16 @@ def permute_x(x):
 
 
 def decode_asm(values, dtype) -> str:
-    """PTX: ``$4`` = one 32-bit word of packed codes, ``$5`` = the block's scale (16-bit, x's
-    dtype) -> ``$0..$3`` = byte j's (high-nibble, low-nibble) values times the scale."""
+    """PTX: ``$4`` = one 32-bit word of packed codes, ``$5`` = the block's scale in x's 16-bit
+    dtype in both halves -> ``$0..$3`` = byte j's (high-nibble, low-nibble) values times the
+    scale (one packed fma with -0.0 a pair: the code value and the product each rounded to the
+    dtype, as ``_4bit_common.lut_scaled_pairs_asm``)."""
     ty = c4._ptx_half(dtype)
-    return ("{\n .reg .b32 v, s23, i01, i23, m01, m23, a, b, lo, hi, q0, q1, q2, q3, sp, nz;\n"
+    return ("{\n .reg .b32 v, s23, i01, i23, m01, m23, a, b, lo, hi, q0, q1, q2, q3, nz;\n"
             " .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3;\n" + c4._table_consts_ptx(values, dtype)
-            + " mov.b32 sp, {$5, $5};\n mov.b32 nz, 0x80008000;\n"
+            + " mov.b32 nz, 0x80008000;\n"
             + c4._decode_pairs_ptx("$4", ("q0", "q1", "q2", "q3"), method="prmt")
-            + "".join(f" fma.rn.{ty}x2 ${j}, q{j}, sp, nz;\n" for j in range(4)) + "}")
+            + "".join(f" fma.rn.{ty}x2 ${j}, q{j}, $5, nz;\n" for j in range(4)) + "}")
 
 
 def _decode_fn(values, dtype, rows: int, tile_k: int):
@@ -113,11 +118,12 @@ def _decode_fn(values, dtype, rows: int, tile_k: int):
             blk = arith.index_cast(index, arith.addi(half_t, c(2 * u)))
             for h in range(2):
                 row = arith.index_cast(index, arith.addi(row0, c(8 * h)))
-                s16 = mu.bitcast(memref.load(scales_ref, [blk, row]), i16)
+                s16 = arith.extui(i32, mu.bitcast(memref.load(scales_ref, [blk, row]), i16))
+                pair = arith.ori(s16, arith.shli(s16, c(16)))
                 vec = words.registers[0, u, 0, 0, h, 0, 0, 0, 0]
                 for j in range(4):
                     w = vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
-                    res = llvm.inline_asm(st, [w, s16], asm, "=r,=r,=r,=r,r,h")
+                    res = llvm.inline_asm(st, [w, pair], asm, "=r,=r,=r,=r,r,r")
                     for b in range(4):
                         r = llvm.extractvalue(i32, res, [b])
                         regs[0, 16 * u + 4 * j + b, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(r, pair_ty)
@@ -155,36 +161,6 @@ def _store_t_fn(rows: int):
     return fn
 
 
-def _partial_fn(op: str):
-    """Mosaic GPU bodies for the kpar=2 hand-over: "put" stores a warpgroup's fp32 accumulator
-    into shared memory, "add" returns an accumulator plus the stored one (same layout)."""
-
-    def put(_ctx, arr, ref):
-        arr.store_untiled(ref, optimized=False)
-
-    def add(_ctx, arr, ref):
-        import jax.experimental.mosaic.gpu as mgpu
-
-        return arr + mgpu.FragmentedArray.load_untiled(ref, layout=arr.layout, is_signed=None, optimized=False)
-
-    return put if op == "put" else add
-
-
-def _named_barrier(plgpu, bar_id: int, threads: int):
-    """``bar.sync bar_id, threads`` for the warpgroups that call it (ids above Mosaic's own:
-    it uses 0 and 1 + warpgroup index)."""
-
-    @plgpu.inline_mgpu()
-    def sync(_ctx):
-        from jax._src.lib.mlir import ir
-        from jax._src.lib.mlir.dialects import llvm
-
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], f"bar.sync {bar_id}, {threads};", "",
-                        has_side_effects=True)
-
-    sync()
-
-
 def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int | None = None):
     """``y`` [M, N] = x @ decode(W).T, computed as decode(W) @ x.T and stored transposed.
 
@@ -205,8 +181,6 @@ def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int 
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     if tm != 64:
         raise ValueError("tile_m must be 64 (one wgmma row block a warpgroup)")
-    if cfg.kpar not in (1, 2):
-        raise ValueError(f"kpar must be 1 or 2, got {cfg.kpar}")
     cta_m = 2 * tm
     if n % cta_m or m % tn or k % tk or tk % CHUNK:
         raise ValueError(f"shape N={n}, M={m}, K={k} does not tile by ({cta_m}, {tn}, {tk})")
@@ -217,18 +191,13 @@ def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int 
     x_swizzle = plgpu.find_swizzle(tk * bits, "rhs")
     x_transforms = (plgpu.TilingTransform((8, x_swizzle * 8 // bits)), plgpu.SwizzleTransform(x_swizzle))
     epi_n = min(64, tn)
-    kpar = cfg.kpar
     decode = plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(), plgpu.RefType()),
         return_type=plgpu.ShapeDtypeStruct((tm, tk), dtype, layout=plgpu.Layout.WGMMA),
     )(_decode_fn(values, dtype, tm, tk))
     store_t = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(_store_t_fn(tm))
-    put = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(_partial_fn("put"))
-    add = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
-                            return_type=plgpu.ShapeDtypeStruct((tm, tn), jnp.float32, layout=plgpu.Layout.WGMMA),
-                            )(_partial_fn("add"))
 
-    def kernel(codes_gmem, scales_gmem, x_gmem, out_gmem, out_smem, red_smem):
+    def kernel(codes_gmem, scales_gmem, x_gmem, out_gmem, out_smem):
         def get_pipeline(body, compute_context):
             return plgpu.emit_pipeline_warp_specialized(
                 body,
@@ -241,7 +210,7 @@ def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int 
                                     memory_space=plgpu.SMEM),
                 ],
                 wg_axis="wg",
-                num_compute_wgs=2 * kpar,
+                num_compute_wgs=2,
                 max_concurrent_steps=cfg.stages,
                 compute_context=compute_context,
             )
@@ -261,8 +230,7 @@ def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int 
                                             cfg.grid_tile_width)
                 m_sl = pl.ds(mi * cta_m, cta_m)
                 n_sl = pl.ds(ni * tn, tn)
-                row_wg = wg % 2
-                wg_sl = pl.ds(row_wg * tm, tm)
+                wg_sl = pl.ds(wg * tm, tm)
 
                 def emit(acc, r):
                     """The row slab r's result: cast, transposed into shared memory, TMA to y."""
@@ -283,33 +251,12 @@ def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int 
                         eval_pipeline(acc_ref)
                         acc = acc_ref[...]
                         for r in range(2):
-                            if kpar == 1:
-                                pl.when(wg == r)(functools.partial(emit, acc, r))
-                                continue
+                            pl.when(wg == r)(functools.partial(emit, acc, r))
 
-                            @pl.when(wg == 2 + r)
-                            def _partner():
-                                put(acc, red_smem.at[r])
-                                _named_barrier(plgpu, 8 + r, 256)
-                                _named_barrier(plgpu, 8 + r, 256)
-
-                            @pl.when(wg == r)
-                            def _owner():
-                                _named_barrier(plgpu, 8 + r, 256)
-                                total = add(acc, red_smem.at[r])
-                                _named_barrier(plgpu, 8 + r, 256)
-                                emit(total, r)
-
-                def mma_body(idxs, codes_smem, scales_smem, x_smem, acc_ref):
-                    def work():
-                        a = decode(codes_smem.at[wg_sl], scales_smem.at[:, wg_sl])
-                        plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
-                        plgpu.wgmma_wait(0)
-
-                    if kpar == 1:
-                        work()
-                    else:
-                        pl.when(idxs[0] % kpar == wg // 2)(work)
+                def mma_body(_, codes_smem, scales_smem, x_smem, acc_ref):
+                    a = decode(codes_smem.at[wg_sl], scales_smem.at[:, wg_sl])
+                    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+                    plgpu.wgmma_wait(0)
                     return acc_ref
 
                 get_pipeline(mma_body, compute_context)(
@@ -324,10 +271,9 @@ def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int 
         out_type=jax.ShapeDtypeStruct((m, n), dtype),
         grid=(num_sms,),
         grid_names=("sm",),
-        num_threads=2 * kpar + 1,
+        num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        scratch_types=dict(out_smem=plgpu.SMEM((2, slots, epi_n, tm), dtype),
-                           red_smem=plgpu.SMEM((2, tm, tn) if kpar == 2 else (1, 8, 8), jnp.float32)),
+        scratch_types=dict(out_smem=plgpu.SMEM((2, slots, epi_n, tm), dtype)),
     )
     return f(codes, scales_t, xp)

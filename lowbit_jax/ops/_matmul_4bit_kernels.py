@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lowbit_jax import _compat, quant
-from pallas_kernels import dequant_4bit, gemm_4bit, gemv_4bit
+from pallas_kernels import dequant_4bit, gemm_4bit, gemm_4bit_wgmma, gemv_4bit
 
 GPU_CONFIG = {
     # one row of 16-bit x: row sums over whole cache lines (pallas_kernels.gemv_4bit)
@@ -71,6 +71,13 @@ BAND_MIN_M = 64
 GEMM_MIN_PROGRAMS = 64
 # 7168: two bands at N=14336 (4096-row bands: 909 vs 820 us at M=4096, H100)
 TILE_ROWS = 7168
+# Hopper: rows of x served by the Mosaic GPU wgmma GEMM (``gemm_4bit_wgmma``: the weight decoded in
+# registers as wgmma's left operand). H100, N=14336, kernel time (CUPTI): M=16 21.0-22.8 us (split-K
+# GEMV 32.1), M=128 30.3 (the Triton GEMM / bands ~50 in the 8-layer table)
+WGMMA_MIN_M = 2
+WGMMA_MAX_M = 512
+WGMMA_CONFIG = dict(tile_k=256, stages=8)  # M <= 16 (x tile 16 rows): 21.0 vs 22.4-23.0 us
+WGMMA_CONFIG_WIDE = dict(tile_k=128, stages=4)  # 64/128-row x tiles (shared memory bounds the stages)
 
 
 def supported(q: quant.Packed4bit) -> bool:
@@ -162,7 +169,8 @@ def use_bands(m: int, n: int) -> bool:
 
 
 def forward(x, q, bias=None, *, interpret=False, layer=None):
-    """``x @ W.T (+ bias)``: GEMV (M <= GEMV_MAX_M), GEMM, or band decode + XLA dot (large M).
+    """``x @ W.T (+ bias)``: on Hopper the wgmma GEMM for WGMMA_MIN_M..WGMMA_MAX_M rows; else GEMV
+    (M <= GEMV_MAX_M), GEMM, or band decode + XLA dot (large M).
     ``layer``: ``q`` is stacked over layers; multiply with that one (see :func:`reads_stacked`)."""
     if layer is not None:
         if not reads_stacked(x, q):
@@ -174,6 +182,8 @@ def forward(x, q, bias=None, *, interpret=False, layer=None):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    if use_wgmma(m, x.dtype, q, interpret):
+        return _wgmma_forward(x2, q, bias).reshape(*lead, n)
     if use_bands(m, n):
         return tiled_forward(x2, q, bias, interpret=interpret).reshape(*lead, n)
     ops = operands(q)
@@ -194,6 +204,39 @@ def forward(x, q, bias=None, *, interpret=False, layer=None):
                                     **_rest(ops), bias=b, block_m=bm, block_n=bn, block_h=bh,
                                     interpret=interpret, **cfg)
     return y[:m, :n].reshape(*lead, n)
+
+
+def use_wgmma(m: int, dtype, q: quant.Packed4bit, interpret: bool = False) -> bool:
+    """Whether ``m`` rows of ``dtype`` x take the Hopper wgmma GEMM (see WGMMA_MIN_M)."""
+    n, k = q.shape
+    return (not interpret and WGMMA_MIN_M <= m <= WGMMA_MAX_M and _half(dtype) and q.blocksize == 64
+            and k % gemm_4bit_wgmma.CHUNK == 0 and n % 128 == 0 and _compat.has_wgmma_kernels())
+
+
+def _wgmma_tile_n(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+
+
+def wgmma_operands(q: quant.Packed4bit, dtype):
+    """The wgmma GEMM's views: codes as int32 words [N, K/8] (a bitcast) and the block scales
+    transposed to [K/64, N] in x's dtype (double quantization undone; ~2 MB for an 8B model's
+    largest layer, recomputed per call by one XLA fusion)."""
+    n, k = q.shape
+    packed = q.packed if q.packed.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(q.packed, jnp.uint8)
+    codes = jax.lax.bitcast_convert_type(packed.reshape(n, k // 8, 4), jnp.int32)
+    scales_t = quant.absmax_4bit(q).reshape(n, k // q.blocksize).T.astype(dtype)
+    return codes, scales_t
+
+
+def _wgmma_forward(x2, q, bias):
+    m = x2.shape[0]
+    tn = _wgmma_tile_n(m)
+    cfg = gemm_4bit_wgmma.Config(tile_n=tn, **(WGMMA_CONFIG if tn == 16 else WGMMA_CONFIG_WIDE))
+    codes, scales_t = wgmma_operands(q, x2.dtype)
+    xp = gemm_4bit_wgmma.permute_x(_pad_rows(x2, tn))
+    y = gemm_4bit_wgmma.matmul(codes, scales_t, xp, values=gemm_4bit_wgmma.c4.table(q.quant_type), cfg=cfg)[:m]
+    # the bias after the 16-bit rounding of the product (the Triton kernels add it in fp32)
+    return y if bias is None else (y + bias.astype(y.dtype))
 
 
 def _gemv(x2, ops, bias, interpret, layer=None):

@@ -1,0 +1,21 @@
+#!/bin/bash
+# Ninth session's device calls (H100): the Mosaic GPU wgmma 4-bit GEMM. bitsandbytes' wheel in .whl/.
+#   bash benchmarks/device_s9.sh probe   # wgmma kernel vs the Triton path vs XLA bf16 (CUPTI), M=16..4096
+#   bash benchmarks/device_s9.sh check   # every path vs the jnp reference on the GPU (wgmma dispatch on)
+#   bash benchmarks/device_s9.sh table   # the M=1,16,128,4096 table with bitsandbytes beside it
+. "$(dirname "$0")/_device_env.sh"
+for mode in "$@"; do
+  case "$mode" in
+    probe)
+      for m in 16 128 256 512 1024 4096; do
+        timeout 150 python3 benchmarks/probe_wgmma_4bit.py --ms $m >> "$OUT/probe.log" 2>&1; echo "probe M=$m rc=$?"
+      done
+      grep -E "^M=" "$OUT/probe.log" | cut -c1-260 ;;
+    check)
+      mkdir -p "$OUT/check"
+      OUT="$OUT/check" timeout 300 python3 benchmarks/bench_matmul_4bit.py --check --ms "" > "$OUT/check.log" 2>&1
+      echo "check rc=$?"; grep -E "^check" "$OUT/check.log" | cut -c1-200 ;;
+    table)
+      table_4bit table 1,16,128,4096 400 ;;
+  esac
+done
