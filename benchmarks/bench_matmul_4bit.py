@@ -139,7 +139,9 @@ def check(variants):
              (64, 4096, 4096, "nf4", True, "bfloat16", True), (40, 4096, 1024, "fp4", False, "float16", False),
              (128, 4096, 14336, "nf4", True, "bfloat16", False), (128, 4096, 4096, "fp4", False, "float16", False),
              (1024, 4096, 4096, "nf4", True, "bfloat16", True), (600, 4160, 300, "nf4", True, "float16", False),
-             (512, 1024, 512, "nf4", True, "float32", False)]
+             (512, 1024, 512, "nf4", True, "float32", False),
+             # Hopper's wgmma GEMM: M=2 (16-row tile), M=300 (three 128-row tiles, padded)
+             (2, 4096, 4096, "nf4", True, "bfloat16", True), (300, 4096, 4096, "fp4", True, "float16", False)]
     runs = [(c, None) for c in cases]
     # every launch variant the sweep will time (forward only; N=4096, one weight per M)
     for m, section, cfg, attrs in variants:
