@@ -72,10 +72,11 @@ GEMM_MIN_PROGRAMS = 64
 # 7168: two bands at N=14336 (4096-row bands: 909 vs 820 us at M=4096, H100)
 TILE_ROWS = 7168
 # Hopper: rows of x served by the Mosaic GPU wgmma GEMM (``gemm_4bit_wgmma``: the weight decoded in
-# registers as wgmma's left operand). H100, N=14336, kernel time (CUPTI): M=16 21.0-22.8 us (split-K
-# GEMV 32.1), M=128 30.3 (the Triton GEMM / bands ~50 in the 8-layer table)
+# registers as wgmma's left operand). H100, N=14336, the kernels of one call (CUPTI, ninth session):
+# M=16 27.3 us (Triton split-K GEMV 32.2), M=128 40.4, M=256 71.7, M=512 136, M=1024 232 (Triton /
+# bands 119-246); M=4096 899 vs bands 709: bands from 1025 rows
 WGMMA_MIN_M = 2
-WGMMA_MAX_M = 512
+WGMMA_MAX_M = 1024
 WGMMA_CONFIG = dict(tile_k=256, stages=8)  # M <= 16 (x tile 16 rows): 21.0 vs 22.4-23.0 us
 WGMMA_CONFIG_WIDE = dict(tile_k=128, stages=4)  # 64/128-row x tiles (shared memory bounds the stages)
 
