@@ -472,6 +472,9 @@ def main():
     from lowbit_jax.ops import _matmul_4bit_kernels as kern
 
     R["config_overrides"] = apply_config(kern.GPU_CONFIG, a.config)
+    if os.environ.get("BENCH_NO_WGMMA"):  # the Triton paths on Hopper too, to time them side by side
+        kern.WGMMA_MAX_M = 0
+        R["config_overrides"]["WGMMA_MAX_M"] = 0
     R["copy_TBps"] = copy_bandwidth_tbps()
     print("copy bandwidth TB/s", R["copy_TBps"], R["config_overrides"], flush=True)
     plan = {"launch": sweep_plan, "bands": bands_plan, "decode": decode_plan, "m16": m16_plan,

@@ -16,6 +16,16 @@ for mode in "$@"; do
       OUT="$OUT/check" timeout 300 python3 benchmarks/bench_matmul_4bit.py --check --ms "" > "$OUT/check.log" 2>&1
       echo "check rc=$?"; grep -E "^check" "$OUT/check.log" | cut -c1-200 ;;
     table)
-      table_4bit table 1,16,128,4096 400 ;;
+      table_4bit table 1,16,128,4096 330 ;;
+    triton)  # the same rows with the wgmma dispatch off (the Triton paths), no bitsandbytes
+      mkdir -p "$OUT/triton"
+      BENCH_NO_WGMMA=1 OUT="$OUT/triton" timeout 200 python3 benchmarks/bench_matmul_4bit.py --ms 16,128 --ns 14336 --no-bnb \
+        > "$OUT/triton_table.log" 2>&1
+      echo "triton rc=$?"; sed -n '/^==== per-matmul/,$p' "$OUT/triton_table.log" | cut -c1-250 ;;
+    profile)
+      mkdir -p "$OUT/profile"
+      OUT="$OUT/profile" timeout 150 python3 benchmarks/bench_matmul_4bit.py --profile --profile-ms 16,128 --ms "" \
+        > "$OUT/profile.log" 2>&1
+      echo "profile rc=$?"; grep -vE "^\s*$" "$OUT/profile.log" | grep -E "M16|M128|us" | head -40 | cut -c1-200 ;;
   esac
 done
