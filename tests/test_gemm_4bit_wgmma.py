@@ -116,3 +116,18 @@ def test_operands_views_match_the_canonical_arrays():
 def test_dispatch_stays_off_the_cpu():
     q = quant.quantize_4bit(jnp.ones((128, 256), jnp.float32))
     assert not kern.use_wgmma(16, jnp.bfloat16, q)
+
+
+def test_dispatch_rules_on_hopper(monkeypatch):
+    """Which shapes take the wgmma GEMM where it can run (the measured crossovers)."""
+    from lowbit_jax import _compat
+
+    monkeypatch.setattr(_compat, "has_wgmma_kernels", lambda: True)
+    wide = quant.quantize_4bit(jnp.ones((kern.WGMMA_MIN_N, 256), jnp.float32))
+    narrow = quant.quantize_4bit(jnp.ones((4096, 256), jnp.float32))
+    assert kern.use_wgmma(16, jnp.bfloat16, wide) and kern.use_wgmma(kern.WGMMA_MAX_M, jnp.float16, wide)
+    assert not kern.use_wgmma(1, jnp.bfloat16, wide)  # the one-row GEMV
+    assert not kern.use_wgmma(kern.WGMMA_MAX_M + 1, jnp.bfloat16, wide)  # the bands
+    assert not kern.use_wgmma(16, jnp.float32, wide)
+    assert not kern.use_wgmma(16, jnp.bfloat16, narrow)  # too few 128-row tiles for the SMs
+    assert not kern.use_wgmma(16, jnp.bfloat16, wide, interpret=True)

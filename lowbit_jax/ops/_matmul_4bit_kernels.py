@@ -77,6 +77,10 @@ TILE_ROWS = 7168
 # bands 119-246); M=4096 899 vs bands 709: bands from 1025 rows
 WGMMA_MIN_M = 2
 WGMMA_MAX_M = 1024
+# ... and only for layers of at least WGMMA_MIN_N rows: each CTA owns 128 of them, so N=4096 gives
+# 32 tiles at M <= 128 for 132 SMs (M=16, N=4096: 24.3 us vs 16.1 for the Triton split-K GEMV, same
+# H100; N=14336: 112 tiles, 25.4 vs 30.3). Between 4096 and 14336 not measured.
+WGMMA_MIN_N = 8192
 WGMMA_CONFIG = dict(tile_k=256, stages=8)  # M <= 16 (x tile 16 rows): 21.0 vs 22.4-23.0 us
 WGMMA_CONFIG_WIDE = dict(tile_k=128, stages=4)  # 64/128-row x tiles (shared memory bounds the stages)
 
@@ -210,7 +214,8 @@ def forward(x, q, bias=None, *, interpret=False, layer=None):
 def use_wgmma(m: int, dtype, q: quant.Packed4bit, interpret: bool = False) -> bool:
     """Whether ``m`` rows of ``dtype`` x take the Hopper wgmma GEMM (see WGMMA_MIN_M)."""
     n, k = q.shape
-    return (not interpret and WGMMA_MIN_M <= m <= WGMMA_MAX_M and _half(dtype) and q.blocksize == 64
+    return (not interpret and WGMMA_MIN_M <= m <= WGMMA_MAX_M and n >= WGMMA_MIN_N and _half(dtype)
+            and q.blocksize == 64
             and k % gemm_4bit_wgmma.CHUNK == 0 and n % 128 == 0 and _compat.has_wgmma_kernels())
 
 
