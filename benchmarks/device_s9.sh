@@ -10,7 +10,7 @@
 for mode in "$@"; do
   case "$mode" in
     probe)
-      for m in 16 128 256 512 1024 4096; do
+      for m in ${PROBE_MS:-16 128 256 512 1024 4096}; do
         timeout 150 python3 benchmarks/probe_wgmma_4bit.py --ms $m >> "$OUT/probe.log" 2>&1; echo "probe M=$m rc=$?"
       done
       grep -E "^M=" "$OUT/probe.log" | cut -c1-260 ;;

@@ -23,13 +23,6 @@ def kernel_us(f, *args):
     return out, 1e3 * statistics.median(ms)
 
 
-def operands(q, dtype):
-    n, k = q.shape
-    codes = jax.lax.bitcast_convert_type(q.packed.reshape(n, k // 8, 4), jnp.int32)
-    scales_t = quant.absmax_4bit(q).reshape(n, k // 64).T.astype(dtype)
-    return codes, scales_t
-
-
 def configs(m):
     if m <= 16:
         return [gw.Config(tile_n=16, tile_k=256, stages=8), gw.Config(tile_n=16, tile_k=128, stages=4)]
@@ -61,7 +54,9 @@ def main():
     q = quant.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     del w
     wd = quant.dequantize_4bit(q, jnp.bfloat16)
-    codes, scales_t = jax.jit(operands, static_argnums=1)(q, jnp.bfloat16)
+    from lowbit_jax.ops import _matmul_4bit_kernels as kern
+
+    codes, scales = jax.jit(kern.wgmma_operands)(q)
     for m in [int(s) for s in a.ms.split(",")]:
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
         ref = jnp.dot(x.astype(jnp.float32), wd.astype(jnp.float32).T)
@@ -77,7 +72,7 @@ def main():
         for cfg in configs(m):
             try:
                 f = jax.jit(lambda c, s, xp, cfg=cfg: gw.matmul(c, s, xp, values=c4.NF4, cfg=cfg))
-                yt, t = kernel_us(f, codes, scales_t, xp)
+                yt, t = kernel_us(f, codes, scales, xp)
                 err = float(jnp.max(jnp.abs(yt.astype(jnp.float32) - ref))) / scale
                 print(f"M={m} {cfg}: {t:.1f} us = {t / t_bf16:.2f}x bf16, {t / t_cur:.2f}x Triton path; err {err:.1e}",
                       flush=True)

@@ -68,22 +68,22 @@ def permute_x(x):
 
 
 def decode_asm(values, dtype) -> str:
-    """PTX: ``$4`` = one 32-bit word of packed codes, ``$5`` = the block's scale in x's 16-bit
-    dtype in both halves -> ``$0..$3`` = byte j's (high-nibble, low-nibble) values times the
-    scale (one packed fma with -0.0 a pair: the code value and the product each rounded to the
-    dtype, as ``_4bit_common.lut_scaled_pairs_asm``)."""
+    """PTX: ``$4`` = one 32-bit word of packed codes, ``$5`` = the block's scale (fp32 bits) ->
+    ``$0..$3`` = byte j's (high-nibble, low-nibble) values times the scale in x's 16-bit dtype
+    (the scale rounded to the dtype, then one packed fma with -0.0 a pair: the code value and the
+    product each rounded to the dtype, as ``_4bit_common.lut_scaled_pairs_asm``)."""
     ty = c4._ptx_half(dtype)
-    return ("{\n .reg .b32 v, s23, i01, i23, m01, m23, a, b, lo, hi, q0, q1, q2, q3, nz;\n"
-            " .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3;\n" + c4._table_consts_ptx(values, dtype)
-            + " mov.b32 nz, 0x80008000;\n"
+    return ("{\n .reg .b32 v, s23, i01, i23, m01, m23, a, b, lo, hi, q0, q1, q2, q3, nz, sp;\n"
+            " .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3;\n .reg .f32 sf;\n" + c4._table_consts_ptx(values, dtype)
+            + f" mov.b32 nz, 0x80008000;\n mov.b32 sf, $5;\n cvt.rn.{ty}x2.f32 sp, sf, sf;\n"
             + c4._decode_pairs_ptx("$4", ("q0", "q1", "q2", "q3"), method="prmt")
-            + "".join(f" fma.rn.{ty}x2 ${j}, q{j}, $5, nz;\n" for j in range(4)) + "}")
+            + "".join(f" fma.rn.{ty}x2 ${j}, q{j}, sp, nz;\n" for j in range(4)) + "}")
 
 
 def _decode_fn(values, dtype, rows: int, tile_k: int):
     """The Mosaic GPU body (for ``plgpu.inline_mgpu``) decoding one warpgroup's ``[rows, tile_k]``
-    weight tile from its codes (int32 ``[rows, tile_k / 8]`` in shared memory) and scales
-    (``[tile_k / 64, rows]``) into wgmma's register layout."""
+    weight tile from its codes (int32 ``[rows, tile_k / 8]`` in shared memory) and fp32 scales
+    (``[rows, tile_k / 64]``) into wgmma's register layout."""
     asm = decode_asm(values, dtype)
 
     def fn(_ctx, codes_ref, scales_ref):
@@ -94,7 +94,6 @@ def _decode_fn(values, dtype, rows: int, tile_k: int):
         from jax.experimental.mosaic.gpu import utils as mu
 
         i32 = ir.IntegerType.get_signless(32)
-        i16 = ir.IntegerType.get_signless(16)
         index = ir.IndexType.get()
         c = lambda v: arith.constant(i32, v)
         words = mgpu.FragmentedArray.load_untiled(codes_ref, layout=fa.WGMMA_LAYOUT_8BIT, is_signed=False,
@@ -118,12 +117,11 @@ def _decode_fn(values, dtype, rows: int, tile_k: int):
             blk = arith.index_cast(index, arith.addi(half_t, c(2 * u)))
             for h in range(2):
                 row = arith.index_cast(index, arith.addi(row0, c(8 * h)))
-                s16 = arith.extui(i32, mu.bitcast(memref.load(scales_ref, [blk, row]), i16))
-                pair = arith.ori(s16, arith.shli(s16, c(16)))
+                sbits = mu.bitcast(memref.load(scales_ref, [row, blk]), i32)
                 vec = words.registers[0, u, 0, 0, h, 0, 0, 0, 0]
                 for j in range(4):
                     w = vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
-                    res = llvm.inline_asm(st, [w, pair], asm, "=r,=r,=r,=r,r,r")
+                    res = llvm.inline_asm(st, [w, sbits], asm, "=r,=r,=r,=r,r,r")
                     for b in range(4):
                         r = llvm.extractvalue(i32, res, [b])
                         regs[0, 16 * u + 4 * j + b, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(r, pair_ty)
@@ -132,9 +130,15 @@ def _decode_fn(values, dtype, rows: int, tile_k: int):
     return fn
 
 
-def _store_t_fn(rows: int):
-    """Mosaic GPU body writing a warpgroup's ``[rows, cols]`` result tile (wgmma layout) into a
-    ``[cols, rows]`` shared-memory tile, i.e. transposed: the output is ``y``, not ``y.T``."""
+OUT_SWIZZLE = 128  # bytes: one 64-row line of the transposed output tile (16-bit y)
+
+
+def _store_t_fn():
+    """Mosaic GPU body writing a warpgroup's ``[64, cols]`` result tile (wgmma layout) transposed
+    into a ``[cols, 64]`` shared-memory tile that is tiled (8, 64) and 128-byte swizzled, which the
+    TMA copy to ``y`` un-swizzles. Why swizzled: the 64 weight rows of one x row are a 128-byte
+    line, so unswizzled the 4 lines a warp's store touches start on the same bank (4-way
+    conflicts); with 16-byte chunk ``c`` of line ``r`` stored at ``c ^ (r % 8)`` they do not."""
 
     def fn(_ctx, arr, ref):
         from jax._src.lib.mlir import ir
@@ -144,30 +148,32 @@ def _store_t_fn(rows: int):
         i32 = ir.IntegerType.get_signless(32)
         index = ir.IndexType.get()
         c = lambda v: arith.constant(i32, v)
+        ix = lambda v: arith.index_cast(index, v)
         tid = mu.thread_idx()
         lane = arith.remui(tid, c(32))
         warp = arith.remui(arith.divui(tid, c(32)), c(4))
         g, t = arith.divui(lane, c(4)), arith.remui(lane, c(4))
-        row0 = arith.addi(arith.muli(warp, c(16)), g)
-        col0 = arith.muli(t, c(2))
+        zero = ix(c(0))
         for idx, reg in np.ndenumerate(arr.registers):
             ct, h = idx[1], idx[4]
-            row = arith.index_cast(index, arith.addi(row0, c(8 * h)))
+            chunk = arith.addi(arith.muli(warp, c(2)), c(h))  # (16 warp + 8 h + g) // 8
             for e in range(2):
                 v = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
-                col = arith.index_cast(index, arith.addi(col0, c(8 * ct + e)))
-                memref.store(v, ref, [col, row])
+                line = arith.addi(arith.muli(t, c(2)), c(e))  # x row 8 ct + 2t + e, mod 8
+                col = arith.addi(arith.muli(arith.xori(chunk, line), c(8)), g)
+                memref.store(v, ref, [ix(c(ct)), zero, ix(line), ix(col)])
 
     return fn
 
 
-def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int | None = None):
+def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | None = None):
     """``y`` [M, N] = x @ decode(W).T, computed as decode(W) @ x.T and stored transposed.
 
-    codes: int32 [N, K/8] (the canonical packed bytes viewed 4 to a word); scales_t: [K/64, N]
-    in x's dtype (each block's absmax, double quantization undone); xp: [M, K] x's rows in the
-    kernel's K order (:func:`permute_x`), 16-bit. N must be a multiple of 2 * tile_m, M of
-    tile_n, K of tile_k (the caller pads).
+    codes: int32 [N, K/8] (the canonical packed bytes viewed 4 to a word); scales: fp32
+    [N, K/256, 4] (each block's absmax, double quantization undone: the canonical [N, K/64] viewed
+    so that a tile's scales are 16-byte TMA rows); xp: [M, K] x's rows in the kernel's K order
+    (:func:`permute_x`), 16-bit. N must be a multiple of 2 * tile_m, M of tile_n, K of tile_k
+    (the caller pads); tile_k 128 or 256.
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -176,13 +182,18 @@ def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int 
     dtype = xp.dtype
     if codes.dtype != jnp.int32 or kw * 8 != k:
         raise ValueError(f"codes: expected int32 [N, {k // 8}], got {codes.dtype} {codes.shape}")
-    if scales_t.shape != (k // 64, n) or scales_t.dtype != dtype:
-        raise ValueError(f"scales_t: expected {dtype} {(k // 64, n)}, got {scales_t.dtype} {scales_t.shape}")
+    if k % 256 or scales.shape != (n, k // 256, 4) or scales.dtype != jnp.float32:
+        raise ValueError(f"scales: expected float32 {(n, k // 256, 4)} (K a multiple of 256), "
+                         f"got {scales.dtype} {scales.shape}")
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     if tm != 64:
         raise ValueError("tile_m must be 64 (one wgmma row block a warpgroup)")
+    if jnp.dtype(dtype).itemsize != 2:
+        raise ValueError(f"xp: expected 16-bit x, got {dtype}")
     cta_m = 2 * tm
-    if n % cta_m or m % tn or k % tk or tk % CHUNK:
+    if tk not in (128, 256):
+        raise ValueError(f"tile_k must be 128 or 256, got {tk}")
+    if n % cta_m or m % tn or k % tk:
         raise ValueError(f"shape N={n}, M={m}, K={k} does not tile by ({cta_m}, {tn}, {tk})")
     if num_sms is None:
         num_sms = jax.devices()[0].core_count if jax.default_backend() == "gpu" else 132
@@ -195,7 +206,8 @@ def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int 
         arg_types=(plgpu.RefType(), plgpu.RefType()),
         return_type=plgpu.ShapeDtypeStruct((tm, tk), dtype, layout=plgpu.Layout.WGMMA),
     )(_decode_fn(values, dtype, tm, tk))
-    store_t = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(_store_t_fn(tm))
+    out_transforms = (plgpu.TilingTransform((8, OUT_SWIZZLE * 8 // bits)), plgpu.SwizzleTransform(OUT_SWIZZLE))
+    store_t = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(transforms=out_transforms)))(_store_t_fn())
 
     def kernel(codes_gmem, scales_gmem, x_gmem, out_gmem, out_smem):
         def get_pipeline(body, compute_context):
@@ -205,7 +217,7 @@ def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int 
                 memory_registers=40,
                 in_specs=[
                     plgpu.BlockSpec((cta_m, tk // 8), lambda kk: (0, kk), memory_space=plgpu.SMEM),
-                    plgpu.BlockSpec((tk // 64, cta_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((cta_m, 1, 4), lambda kk: (0, kk * tk // 256, 0), memory_space=plgpu.SMEM),
                     plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=x_transforms,
                                     memory_space=plgpu.SMEM),
                 ],
@@ -253,14 +265,16 @@ def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int 
                         for r in range(2):
                             pl.when(wg == r)(functools.partial(emit, acc, r))
 
-                def mma_body(_, codes_smem, scales_smem, x_smem, acc_ref):
-                    a = decode(codes_smem.at[wg_sl], scales_smem.at[:, wg_sl])
+                def mma_body(idxs, codes_smem, scales_smem, x_smem, acc_ref):
+                    # this step's tk / 64 scales of the 4 in the tile's 16-byte row
+                    first = (idxs[0] % 2) * 2 if tk == 128 else 0
+                    a = decode(codes_smem.at[wg_sl], scales_smem.at[wg_sl, 0, pl.ds(first, tk // 64)])
                     plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
                     plgpu.wgmma_wait(0)
                     return acc_ref
 
                 get_pipeline(mma_body, compute_context)(
-                    codes_gmem.at[m_sl, :], scales_gmem.at[:, m_sl], x_gmem.at[n_sl, :],
+                    codes_gmem.at[m_sl, :], scales_gmem.at[m_sl], x_gmem.at[n_sl, :],
                     allocations=pipeline_allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -274,6 +288,6 @@ def matmul(codes, scales_t, xp, *, values, cfg: Config = Config(), num_sms: int 
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        scratch_types=dict(out_smem=plgpu.SMEM((2, slots, epi_n, tm), dtype)),
+        scratch_types=dict(out_smem=plgpu.SMEM((2, slots, epi_n, tm), dtype, transforms=out_transforms)),
     )
-    return f(codes, scales_t, xp)
+    return f(codes, scales, xp)

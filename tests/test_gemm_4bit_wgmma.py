@@ -66,9 +66,9 @@ def test_decode_asm_every_byte(dtype, quant_type):
     rng = np.random.default_rng(1)
     byts = np.arange(256, dtype=np.uint8)
     words = byts.view("<u4")
-    scales = rng.uniform(0.01, 3.0, size=words.shape[0]).astype(ndt)
-    sbits = scales.view(np.uint16).astype(np.uint32)
-    lanes = [{"$4": int(wd), "$5": int(sb | (sb << 16))} for wd, sb in zip(words, sbits)]
+    scales32 = rng.uniform(0.01, 3.0, size=words.shape[0]).astype(np.float32)
+    scales = scales32.astype(ndt)  # the PTX rounds the fp32 scale to x's dtype
+    lanes = [{"$4": int(wd), "$5": int(np.float32(sc).view(np.uint32))} for wd, sc in zip(words, scales32)]
     out = run_warp(gw.decode_asm(values, dtype), lanes, half_dtype=ndt)
     vals = np.asarray(values, np.float32).astype(ndt).astype(np.float32)
     for i, regs in enumerate(out):
@@ -80,37 +80,37 @@ def test_decode_asm_every_byte(dtype, quant_type):
             np.testing.assert_array_equal(got, want, err_msg=f"byte {byte:#04x}")
 
 
-@pytest.mark.parametrize("tile_n", [16, 128])
-def test_kernel_lowers_for_cuda(tile_n):
+@pytest.mark.parametrize("tile_n,tile_k", [(16, 256), (128, 128)])
+def test_kernel_lowers_for_cuda(tile_n, tile_k):
     n, k = 256, 512
-    cfg = gw.Config(tile_n=tile_n, **(kern.WGMMA_CONFIG if tile_n == 16 else kern.WGMMA_CONFIG_WIDE))
+    cfg = gw.Config(tile_n=tile_n, tile_k=tile_k, stages=4)
     f = jax.jit(lambda c, s, x: gw.matmul(c, s, x, values=c4.NF4, cfg=cfg, num_sms=132))
-    lowered = f.trace(jax.ShapeDtypeStruct((n, k // 8), jnp.int32), jax.ShapeDtypeStruct((k // 64, n), jnp.bfloat16),
+    lowered = f.trace(jax.ShapeDtypeStruct((n, k // 8), jnp.int32), jax.ShapeDtypeStruct((n, k // 256, 4), jnp.float32),
                       jax.ShapeDtypeStruct((tile_n, k), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
 def test_operand_checks():
     codes = jnp.zeros((256, 64), jnp.int32)
+    scales = jnp.ones((256, 2, 4), jnp.float32)
     x = jnp.zeros((16, 512), jnp.bfloat16)
-    with pytest.raises(ValueError, match="scales_t"):
-        gw.matmul(codes, jnp.zeros((8, 256), jnp.float32), x, values=c4.NF4, num_sms=132)
+    with pytest.raises(ValueError, match="scales"):
+        gw.matmul(codes, scales.astype(jnp.bfloat16), x, values=c4.NF4, num_sms=132)
     with pytest.raises(ValueError, match="codes"):
-        gw.matmul(codes.astype(jnp.uint32), jnp.zeros((8, 256), jnp.bfloat16), x, values=c4.NF4, num_sms=132)
+        gw.matmul(codes.astype(jnp.uint32), scales, x, values=c4.NF4, num_sms=132)
     with pytest.raises(ValueError, match="does not tile"):
-        gw.matmul(codes, jnp.zeros((8, 256), jnp.bfloat16), x[:5], values=c4.NF4, num_sms=132,
-                  cfg=gw.Config(tile_n=16))
+        gw.matmul(codes, scales, x[:5], values=c4.NF4, num_sms=132, cfg=gw.Config(tile_n=16))
+    with pytest.raises(ValueError, match="tile_k"):
+        gw.matmul(codes, scales, x, values=c4.NF4, num_sms=132, cfg=gw.Config(tile_n=16, tile_k=512))
 
 
 def test_operands_views_match_the_canonical_arrays():
     w = jax.random.normal(jax.random.key(3), (128, 256), jnp.float32)
     q = quant.quantize_4bit(w, compress_statistics=True)
-    codes, scales_t = kern.wgmma_operands(q, jnp.bfloat16)
+    codes, scales = kern.wgmma_operands(q)
     packed = np.asarray(q.packed).reshape(128, 128)
     np.testing.assert_array_equal(np.asarray(codes).view(np.uint8).reshape(128, 128), packed)
-    np.testing.assert_array_equal(np.asarray(scales_t.astype(jnp.float32)),
-                                  np.asarray(quant.absmax_4bit(q).reshape(128, 4).T.astype(jnp.bfloat16)
-                                             .astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(scales).reshape(128, 4), np.asarray(quant.absmax_4bit(q)).reshape(128, 4))
 
 
 def test_dispatch_stays_off_the_cpu():
