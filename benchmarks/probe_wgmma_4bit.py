@@ -24,11 +24,14 @@ def kernel_us(f, *args):
 
 
 def configs(m):
+    """The byte-table decode ("lut", the default) against the byte-permute one, same launch otherwise."""
     if m <= 16:
-        return [gw.Config(tile_n=16, tile_k=256, stages=8), gw.Config(tile_n=16, tile_k=128, stages=4)]
-    if m <= 128:
-        return [gw.Config(tile_n=min(m, 128), tile_k=128, stages=4)]
-    return [gw.Config(tile_n=128, tile_k=128, stages=4, grid_tile_width=w) for w in (1, 8)]
+        return [gw.Config(tile_n=16, tile_k=256, stages=4, decode="lut"),
+                gw.Config(tile_n=16, tile_k=128, stages=6, decode="lut"),
+                gw.Config(tile_n=16, tile_k=256, stages=8, decode="prmt")]
+    tn = min(m, 128)
+    return [gw.Config(tile_n=tn, tile_k=128, stages=3, decode="lut"),
+            gw.Config(tile_n=tn, tile_k=128, stages=4, decode="prmt")]
 
 
 def op_us(x, q, wgmma: bool):

@@ -229,7 +229,7 @@ def _lut_entry_bytes() -> int:
     return 4 * LUT_COPIES
 
 
-def lut_fill_asm(values, dtype, num_threads: int) -> str:
+def lut_fill_asm(values, dtype, num_threads: int, *, base: str | None = None, tid: str | None = None) -> str:
     """PTX that declares the program's byte table in shared memory, fills it and waits for all
     threads: ``$0`` = the table's shared-memory address, ``$1`` an unused input.
 
@@ -242,6 +242,11 @@ def lut_fill_asm(values, dtype, num_threads: int) -> str:
     instruction writes 512 contiguous bytes a warp (whole entries): lane l stores 16 bytes of
     the entry ``i * (32 / lanes_per_entry) + l // lanes_per_entry`` of its warp's 32, fetched
     from that entry's lane with a shuffle.
+
+    With ``base`` and ``tid`` (PTX operands: the address of a table the caller allocated, and the
+    thread's index among the ``num_threads`` that fill it) the PTX declares no array, returns
+    nothing and ends without a barrier: the caller synchronizes its fillers (the Mosaic GPU
+    kernel, whose barriers are its own).
     """
     if num_threads < 32 or LUT_ENTRIES % num_threads:
         raise ValueError(f"the table fill needs 32..{LUT_ENTRIES} threads dividing {LUT_ENTRIES}, got {num_threads}")
@@ -260,15 +265,18 @@ def lut_fill_asm(values, dtype, num_threads: int) -> str:
         for i in range(lpe):  # entries i * 32/lpe .. of the warp's 32: 512 contiguous bytes a store
             body += (f" add.u32 sl, lq, {i * (32 // lpe)};\n shfl.sync.idx.b32 v, pr, sl, 31, -1;\n"
                      f" st.shared.v4.b32 [wb+{s * num_threads * entry + 512 * i}], {{v, v, v, v}};\n")
-    return ("{\n .shared .align 16 .b8 lowbit_lut[" + str(LUT_ENTRIES * entry) + "];\n"
+    own = base is None
+    decl = (" .shared .align 16 .b8 lowbit_lut[" + str(LUT_ENTRIES * entry) + "];\n") if own else ""
+    return ("{\n" + decl +
             " .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3, tid, e, ch, cl, s, a, b, lob, hib, vh, vl, pr, v;\n"
             " .reg .b32 base, ln, lq, sl, wb;\n"
             " .reg .pred q;\n" + _table_consts_ptx(values, dtype) +
-            f" mov.u32 base, lowbit_lut;\n mov.u32 tid, %tid.x;\n mov.u32 ln, %laneid;\n"
+            (" mov.u32 base, lowbit_lut;\n mov.u32 tid, %tid.x;\n" if own else f" mov.u32 base, {base};\n mov.u32 tid, {tid};\n") +
+            " mov.u32 ln, %laneid;\n"
             f" shr.b32 lq, ln, {lpe.bit_length() - 1};\n"
             # this thread's store address: its warp's 32 entries, 16 bytes a lane
             f" shr.b32 wb, tid, 5;\n mad.lo.u32 wb, wb, {32 * entry}, base;\n mad.lo.u32 wb, ln, 16, wb;\n" + body +
-            " bar.sync 0;\n mov.b32 $0, base;\n}")
+            (" bar.sync 0;\n mov.b32 $0, base;\n}" if own else "}"))
 
 
 def lut_base(values, dtype, num_threads: int, shape, interpret: bool = False):

@@ -22,9 +22,12 @@ what makes the decode free of layout shuffles:
 * The epilogue writes each warpgroup's tile transposed into shared memory and copies it to
   ``y [M, N]`` by TMA, so the caller gets ``x @ W.T`` directly.
 
-The decode itself is ``_4bit_common``'s byte-permute PTX (22 integer instructions per 8 codes);
-the scales (double quantization undone by XLA, a few MB) come transposed, ``[K/64, N]``, so a
-tile of them is one TMA box.
+The decode reads ``_4bit_common``'s byte table (entry b = byte b's two code values as one pair,
+32 copies so a warp's reads never conflict): each compute warpgroup fills its own 32 KB table in
+shared memory once per kernel (``decode="prmt"``: the byte-permute PTX instead, 22 integer
+instructions per 8 codes). The scales are the canonical fp32 absmax ``[N, K/64]`` (double
+quantization undone by XLA: one elementwise fusion) viewed ``[N, K/256, 4]``, so a tile's are
+16-byte rows, one TMA box a step.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Config:
     tile_n: int = 128
     tile_k: int = 128
     stages: int = 4
+    decode: str = "lut"  # "lut": a byte table in shared memory (one per compute warpgroup); "prmt"
     grid_minor_n: bool = True
     grid_tile_width: int = 1
 
@@ -67,26 +71,60 @@ def permute_x(x):
     return x.reshape(*lead, k // CHUNK, 4, 16, 2).swapaxes(-3, -2).reshape(*lead, k)
 
 
-def decode_asm(values, dtype) -> str:
+def decode_asm(values, dtype, method: str = "lut") -> str:
     """PTX: ``$4`` = one 32-bit word of packed codes, ``$5`` = the block's scale (fp32 bits) ->
     ``$0..$3`` = byte j's (high-nibble, low-nibble) values times the scale in x's 16-bit dtype
     (the scale rounded to the dtype, then one packed fma with -0.0 a pair: the code value and the
-    product each rounded to the dtype, as ``_4bit_common.lut_scaled_pairs_asm``)."""
+    product each rounded to the dtype, as ``_4bit_common.lut_scaled_pairs_asm``).
+
+    ``method="lut"``: ``$6`` = this lane's copy of the byte table (``_4bit_common``'s 256
+    entries x 32 copies: base + 4 * lane), one prmt + mad + shared-memory read a byte (4 integer
+    instructions per 8 codes); "prmt": the table in registers, 22 (``_decode_pairs_ptx``)."""
     ty = c4._ptx_half(dtype)
-    return ("{\n .reg .b32 v, s23, i01, i23, m01, m23, a, b, lo, hi, q0, q1, q2, q3, nz, sp;\n"
-            " .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3;\n .reg .f32 sf;\n" + c4._table_consts_ptx(values, dtype)
-            + f" mov.b32 nz, 0x80008000;\n mov.b32 sf, $5;\n cvt.rn.{ty}x2.f32 sp, sf, sf;\n"
-            + c4._decode_pairs_ptx("$4", ("q0", "q1", "q2", "q3"), method="prmt")
+    if method == "lut":
+        regs = " .reg .b32 t, lb, q0, q1, q2, q3, nz, sp;\n .reg .f32 sf;\n mov.b32 lb, $6;\n"
+    elif method == "prmt":
+        regs = (" .reg .b32 v, s23, i01, i23, m01, m23, a, b, lo, hi, q0, q1, q2, q3, nz, sp;\n"
+                " .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3;\n .reg .f32 sf;\n" + c4._table_consts_ptx(values, dtype))
+    else:
+        raise ValueError(f"decode must be 'lut' or 'prmt', got {method!r}")
+    return ("{\n" + regs + f" mov.b32 nz, 0x80008000;\n mov.b32 sf, $5;\n cvt.rn.{ty}x2.f32 sp, sf, sf;\n"
+            + c4._decode_pairs_ptx("$4", ("q0", "q1", "q2", "q3"), method=method)
             + "".join(f" fma.rn.{ty}x2 ${j}, q{j}, sp, nz;\n" for j in range(4)) + "}")
 
 
-def _decode_fn(values, dtype, rows: int, tile_k: int):
+LUT_WORDS = c4.LUT_ENTRIES * 32  # one compute warpgroup's byte table (32 copies: conflict-free reads)
+
+
+def _lut_fill_fn(values, dtype):
+    """Mosaic GPU body filling a warpgroup's byte table (int32 ``[LUT_WORDS]`` in shared memory)
+    with ``_4bit_common.lut_fill_asm`` (128 fillers, conflict-free stores), then the warpgroup's
+    barrier: each compute warpgroup fills and reads its own table, so no cross-warpgroup sync."""
+    if c4.LUT_COPIES != 32:
+        raise ValueError("the wgmma GEMM's table has 32 copies")
+    asm = c4.lut_fill_asm(values, dtype, 128, base="$0", tid="$1")
+
+    def fn(_ctx, lut_ref):
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith, llvm
+        from jax.experimental.mosaic.gpu import utils as mu
+
+        i32 = ir.IntegerType.get_signless(32)
+        base = llvm.ptrtoint(i32, mu.memref_ptr(lut_ref))
+        tid = arith.remui(mu.thread_idx(), arith.constant(i32, 128))
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [base, tid], asm, "r,r", has_side_effects=True)
+        mu.warpgroup_barrier()
+
+    return fn
+
+
+def _decode_fn(values, dtype, rows: int, tile_k: int, method: str):
     """The Mosaic GPU body (for ``plgpu.inline_mgpu``) decoding one warpgroup's ``[rows, tile_k]``
     weight tile from its codes (int32 ``[rows, tile_k / 8]`` in shared memory) and fp32 scales
     (``[rows, tile_k / 64]``) into wgmma's register layout."""
-    asm = decode_asm(values, dtype)
+    asm = decode_asm(values, dtype, method)
 
-    def fn(_ctx, codes_ref, scales_ref):
+    def fn(_ctx, codes_ref, scales_ref, lut_ref=None):
         import jax.experimental.mosaic.gpu as mgpu
         from jax._src.lib.mlir import ir
         from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
@@ -111,6 +149,10 @@ def _decode_fn(values, dtype, rows: int, tile_k: int):
         row0 = arith.addi(arith.muli(warp, c(16)), g)
         half_t = arith.divui(t, c(2))
         st = llvm.StructType.get_literal([i32] * 4)
+        extra, cons = [], "=r,=r,=r,=r,r,r"
+        if method == "lut":  # this lane's copy: base + 4 * lane
+            extra = [arith.addi(llvm.ptrtoint(i32, mu.memref_ptr(lut_ref)), arith.muli(lane, c(4)))]
+            cons += ",r"
         pair_ty = ir.VectorType.get((2,), mu.dtype_to_ir_type(jnp.dtype(dtype)))
         regs = np.empty(oshape, dtype=object)
         for u in range(tile_k // CHUNK):
@@ -121,7 +163,7 @@ def _decode_fn(values, dtype, rows: int, tile_k: int):
                 vec = words.registers[0, u, 0, 0, h, 0, 0, 0, 0]
                 for j in range(4):
                     w = vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
-                    res = llvm.inline_asm(st, [w, sbits], asm, "=r,=r,=r,=r,r,r")
+                    res = llvm.inline_asm(st, [w, sbits, *extra], asm, cons)
                     for b in range(4):
                         r = llvm.extractvalue(i32, res, [b])
                         regs[0, 16 * u + 4 * j + b, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(r, pair_ty)
@@ -202,14 +244,16 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
     x_swizzle = plgpu.find_swizzle(tk * bits, "rhs")
     x_transforms = (plgpu.TilingTransform((8, x_swizzle * 8 // bits)), plgpu.SwizzleTransform(x_swizzle))
     epi_n = min(64, tn)
+    lut = cfg.decode == "lut"
     decode = plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(), plgpu.RefType()),
+        arg_types=(plgpu.RefType(),) * (3 if lut else 2),
         return_type=plgpu.ShapeDtypeStruct((tm, tk), dtype, layout=plgpu.Layout.WGMMA),
-    )(_decode_fn(values, dtype, tm, tk))
+    )(_decode_fn(values, dtype, tm, tk, cfg.decode))
+    fill = plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))(_lut_fill_fn(values, dtype))
     out_transforms = (plgpu.TilingTransform((8, OUT_SWIZZLE * 8 // bits)), plgpu.SwizzleTransform(OUT_SWIZZLE))
     store_t = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(transforms=out_transforms)))(_store_t_fn())
 
-    def kernel(codes_gmem, scales_gmem, x_gmem, out_gmem, out_smem):
+    def kernel(codes_gmem, scales_gmem, x_gmem, out_gmem, out_smem, lut_smem):
         def get_pipeline(body, compute_context):
             return plgpu.emit_pipeline_warp_specialized(
                 body,
@@ -234,6 +278,9 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
                            collective_axes="wg")
         def _scope(pipeline_allocs):
             wg = lax.axis_index("wg")
+            if lut:
+                for r in range(2):  # the compute warpgroups (the copies run in the last one)
+                    pl.when(wg == r)(lambda r=r: fill(lut_smem.at[r]))
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
             def _tiles(info):
@@ -268,7 +315,8 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
                 def mma_body(idxs, codes_smem, scales_smem, x_smem, acc_ref):
                     # this step's tk / 64 scales of the 4 in the tile's 16-byte row
                     first = (idxs[0] % 2) * 2 if tk == 128 else 0
-                    a = decode(codes_smem.at[wg_sl], scales_smem.at[wg_sl, 0, pl.ds(first, tk // 64)])
+                    refs = (codes_smem.at[wg_sl], scales_smem.at[wg_sl, 0, pl.ds(first, tk // 64)])
+                    a = decode(*refs, lut_smem.at[wg]) if lut else decode(*refs)
                     plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
                     plgpu.wgmma_wait(0)
                     return acc_ref
@@ -288,6 +336,7 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        scratch_types=dict(out_smem=plgpu.SMEM((2, slots, epi_n, tm), dtype, transforms=out_transforms)),
+        scratch_types=dict(out_smem=plgpu.SMEM((2, slots, epi_n, tm), dtype, transforms=out_transforms),
+                           lut_smem=plgpu.SMEM((2, LUT_WORDS) if lut else (1, 4), jnp.int32)),
     )
     return f(codes, scales, xp)

@@ -58,9 +58,10 @@ def test_permute_x_rejects_ragged_k():
         gw.permute_x(jnp.zeros((2, 192), jnp.bfloat16))
 
 
+@pytest.mark.parametrize("method", ["lut", "prmt"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_decode_asm_every_byte(dtype, quant_type):
+def test_decode_asm_every_byte(dtype, quant_type, method):
     values = c4.table(quant_type)
     ndt = np.dtype(jnp.dtype(dtype))
     rng = np.random.default_rng(1)
@@ -68,8 +69,14 @@ def test_decode_asm_every_byte(dtype, quant_type):
     words = byts.view("<u4")
     scales32 = rng.uniform(0.01, 3.0, size=words.shape[0]).astype(np.float32)
     scales = scales32.astype(ndt)  # the PTX rounds the fp32 scale to x's dtype
-    lanes = [{"$4": int(wd), "$5": int(np.float32(sc).view(np.uint32))} for wd, sc in zip(words, scales32)]
-    out = run_warp(gw.decode_asm(values, dtype), lanes, half_dtype=ndt)
+    shared: dict = {}
+    if method == "lut":  # a warpgroup's 128 threads fill the table the kernel gives them (at address 0)
+        run_warp(c4.lut_fill_asm(values, ndt, 128, base="$0", tid="$1"), [{"$0": 0, "$1": i} for i in range(128)],
+                 shared=shared)
+        assert len(shared) == gw.LUT_WORDS
+    lanes = [{"$4": int(wd), "$5": int(np.float32(sc).view(np.uint32)), "$6": 4 * (i % 32)}
+             for i, (wd, sc) in enumerate(zip(words, scales32))]
+    out = run_warp(gw.decode_asm(values, dtype, method), lanes, half_dtype=ndt, shared=shared)
     vals = np.asarray(values, np.float32).astype(ndt).astype(np.float32)
     for i, regs in enumerate(out):
         s = np.float32(scales[i])
@@ -80,10 +87,10 @@ def test_decode_asm_every_byte(dtype, quant_type):
             np.testing.assert_array_equal(got, want, err_msg=f"byte {byte:#04x}")
 
 
-@pytest.mark.parametrize("tile_n,tile_k", [(16, 256), (128, 128)])
-def test_kernel_lowers_for_cuda(tile_n, tile_k):
+@pytest.mark.parametrize("tile_n,tile_k,decode", [(16, 256, "lut"), (128, 128, "lut"), (16, 128, "prmt")])
+def test_kernel_lowers_for_cuda(tile_n, tile_k, decode):
     n, k = 256, 512
-    cfg = gw.Config(tile_n=tile_n, tile_k=tile_k, stages=4)
+    cfg = gw.Config(tile_n=tile_n, tile_k=tile_k, stages=3, decode=decode)
     f = jax.jit(lambda c, s, x: gw.matmul(c, s, x, values=c4.NF4, cfg=cfg, num_sms=132))
     lowered = f.trace(jax.ShapeDtypeStruct((n, k // 8), jnp.int32), jax.ShapeDtypeStruct((n, k // 256, 4), jnp.float32),
                       jax.ShapeDtypeStruct((tile_n, k), jnp.bfloat16)).lower(lowering_platforms=("cuda",))

@@ -81,8 +81,8 @@ WGMMA_MAX_M = 1024
 # 32 tiles at M <= 128 for 132 SMs (M=16, N=4096: 24.3 us vs 16.1 for the Triton split-K GEMV, same
 # H100; N=14336: 112 tiles, 25.4 vs 30.3). Between 4096 and 14336 not measured.
 WGMMA_MIN_N = 8192
-WGMMA_CONFIG = dict(tile_k=256, stages=8)  # M <= 16 (x tile 16 rows): 21.0 vs 22.4-23.0 us
-WGMMA_CONFIG_WIDE = dict(tile_k=128, stages=4)  # 64/128-row x tiles (shared memory bounds the stages)
+WGMMA_CONFIG = dict(tile_k=256, stages=4, decode="lut")  # M <= 16 (x tile 16 rows)
+WGMMA_CONFIG_WIDE = dict(tile_k=128, stages=3, decode="lut")  # 64/128-row x tiles (shared memory bounds the stages)
 
 
 def supported(q: quant.Packed4bit) -> bool:
