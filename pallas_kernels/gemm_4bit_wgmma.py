@@ -320,10 +320,12 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
                 body,
                 grid=(k_iters,),
                 memory_registers=40,
+                # x's swizzled tile first: 128-byte swizzling needs 1024-byte aligned buffers, and
+                # the small scale buffers after it would misalign it (a misaligned-address fault)
                 in_specs=[
+                    plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=x_transforms, memory_space=smem),
                     plgpu.BlockSpec((cta_m, tk // 8), lambda kk: (0, kk), memory_space=smem),
                     *scale_specs,
-                    plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=x_transforms, memory_space=smem),
                 ],
                 wg_axis="wg",
                 num_compute_wgs=2,
@@ -334,7 +336,7 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
         ignore = lambda *_, **__: None
 
         @functools.partial(pl.run_scoped,
-                           pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(codes_gmem, *scale_gmems, x_gmem),
+                           pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, codes_gmem, *scale_gmems),
                            collective_axes="wg")
         def _scope(pipeline_allocs):
             wg = lax.axis_index("wg")
@@ -372,8 +374,8 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
                         for r in range(2):
                             pl.when(wg == r)(functools.partial(emit, acc, r))
 
-                def mma_body(idxs, codes_smem, *rest):
-                    *scale_smems, x_smem, acc_ref = rest
+                def mma_body(idxs, x_smem, codes_smem, *rest):
+                    *scale_smems, acc_ref = rest
                     if dq is None:  # this step's tk / 64 scales of the 4 in the tile's 16-byte row
                         first = (idxs[0] % 2) * 2 if tk == 128 else 0
                         scale_refs = (scale_smems[0].at[wg_sl, 0, pl.ds(first, tk // 64)],)
@@ -392,7 +394,7 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
                 else:
                     scale_args = (scale_gmems[0].at[m_sl], scale_gmems[1].at[pl.ds(mi * nwin, nwin)], *scale_gmems[2:])
                 get_pipeline(mma_body, compute_context)(
-                    codes_gmem.at[m_sl, :], *scale_args, x_gmem.at[n_sl, :], allocations=pipeline_allocs)
+                    x_gmem.at[n_sl, :], codes_gmem.at[m_sl, :], *scale_args, allocations=pipeline_allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
