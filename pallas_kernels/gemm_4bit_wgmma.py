@@ -283,10 +283,16 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
     if num_sms is None:
         num_sms = jax.devices()[0].core_count if jax.default_backend() == "gpu" else 132
     m_iters, n_iters, k_iters = n // cta_m, m // tn, k // tk
-    nwin = cta_m * kb // 256  # nested absmax values of a CTA's rows
-    if dq is not None and nwin > 256:
-        raise ValueError(f"K={k} too large for the in-kernel double quantization (nested window {nwin} > 256)")
-    steps = jnp.broadcast_to((jnp.arange(k_iters, dtype=jnp.int32) * (tk // 64))[:, None], (k_iters, 4))
+    # Every per-step TMA buffer must start 128-byte aligned in shared memory, and the stages of one
+    # input sit back to back, so each box is a multiple of 128 bytes (16-byte boxes faulted with a
+    # misaligned address on the H100): the nested window (a CTA's nested absmax values) is
+    # rounded up to 32 values (the excess belongs to the next CTA, or is TMA's zero fill past
+    # the end) and the step index is a 32-int row.
+    nwin = cta_m * kb // 256
+    nbox = -(-nwin // 32) * 32
+    if dq is not None and nbox > 256:
+        raise ValueError(f"K={k} too large for the in-kernel double quantization (nested window {nbox} > 256)")
+    steps = jnp.broadcast_to((jnp.arange(k_iters, dtype=jnp.int32) * (tk // 64))[:, None], (k_iters, 32))
     bits = jnp.dtype(dtype).itemsize * 8
     x_swizzle = plgpu.find_swizzle(tk * bits, "rhs")
     x_transforms = (plgpu.TilingTransform((8, x_swizzle * 8 // bits)), plgpu.SwizzleTransform(x_swizzle))
@@ -308,9 +314,9 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
         # the warp-specialized pipeline takes only step-indexed inputs: the nested window and the
         # constants (128 B - 2 KB) are fetched again every step through an index that "uses" kk
         scale_specs = [plgpu.BlockSpec((cta_m, 1, 16), lambda kk: (0, kk * tk // 1024, 0), memory_space=smem),
-                       plgpu.BlockSpec((nwin,), lambda kk: (kk * 0,), memory_space=smem),
+                       plgpu.BlockSpec((nbox,), lambda kk: (kk * 0,), memory_space=smem),
                        plgpu.BlockSpec((2, 256), lambda kk: (kk * 0, 0), memory_space=smem),
-                       plgpu.BlockSpec((1, 4), lambda kk: (kk, 0), memory_space=smem)]
+                       plgpu.BlockSpec((1, 32), lambda kk: (kk, 0), memory_space=smem)]
 
     def kernel(codes_gmem, *rest, out_smem, lut_smem):
         *scale_gmems, x_gmem, out_gmem = rest
@@ -392,7 +398,7 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
                 if dq is None:
                     scale_args = (scale_gmems[0].at[m_sl],)
                 else:
-                    scale_args = (scale_gmems[0].at[m_sl], scale_gmems[1].at[pl.ds(mi * nwin, nwin)], *scale_gmems[2:])
+                    scale_args = (scale_gmems[0].at[m_sl], scale_gmems[1].at[pl.ds(mi * nwin, nbox)], *scale_gmems[2:])
                 get_pipeline(mma_body, compute_context)(
                     x_gmem.at[n_sl, :], codes_gmem.at[m_sl, :], *scale_args, allocations=pipeline_allocs)
 
@@ -400,7 +406,7 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
 
     # two output staging slots (the next slice's stores overlap the last one's TMA) unless shared
     # memory is short: the pipeline's stages come first
-    scale_bytes = cta_m * 16 + (0 if dq is None else nwin * 4 + 2 * 256 * 4 + 16)
+    scale_bytes = cta_m * 16 + (0 if dq is None else nbox * 4 + 2 * 256 * 4 + 128)
     stage_bytes = cta_m * tk // 2 + tn * tk * 2 + scale_bytes
     fixed = (2 * LUT_WORDS * 4 if lut else 0) + 4096  # tables, barriers and slack
     slots = min(2, tn // epi_n)
