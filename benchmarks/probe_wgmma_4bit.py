@@ -59,8 +59,7 @@ def main():
     wd = quant.dequantize_4bit(q, jnp.bfloat16)
     from lowbit_jax.ops import _matmul_4bit_kernels as kern
 
-    codes, scales, dq = jax.jit(kern.wgmma_operands)(q)  # in-kernel double quantization (K=4096)
-    scales_f32 = jax.jit(lambda q: quant.absmax_4bit(q).reshape(n, k // 256, 4))(q)
+    codes, scales = jax.jit(kern.wgmma_operands)(q)
     for m in [int(s) for s in a.ms.split(",")]:
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
         ref = jnp.dot(x.astype(jnp.float32), wd.astype(jnp.float32).T)
@@ -73,18 +72,10 @@ def main():
         print(f"M={m}: xla bf16 {t_bf16:.1f} us | Triton path {t_cur:.1f} us (err {e_cur:.1e}) | "
               f"ops.matmul_4bit with wgmma {t_op:.1f} us (err {e_op:.1e})", flush=True)
         xp = gw.permute_x(x)
-        try:  # the same kernel with the fp32 scales (double quantization undone by XLA beforehand)
-            cfg = configs(m)[0]
-            f = jax.jit(lambda c, s, xp, cfg=cfg: gw.matmul(c, s, xp, values=c4.NF4, cfg=cfg))
-            y32, t32 = kernel_us(f, codes, scales_f32, xp)
-            err = float(jnp.max(jnp.abs(y32.astype(jnp.float32) - ref))) / scale
-            print(f"M={m} {cfg} fp32 scales: {t32:.1f} us; err {err:.1e}", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"M={m} fp32 scales: FAILED {type(e).__name__}: {str(e)[:2000]}", flush=True)
         for cfg in configs(m):
             try:
-                f = jax.jit(lambda c, d, xp, cfg=cfg: gw.matmul(c, None, xp, values=c4.NF4, cfg=cfg, dq=d))
-                yt, t = kernel_us(f, codes, dq, xp)
+                f = jax.jit(lambda c, s, xp, cfg=cfg: gw.matmul(c, s, xp, values=c4.NF4, cfg=cfg))
+                yt, t = kernel_us(f, codes, scales, xp)
                 err = float(jnp.max(jnp.abs(yt.astype(jnp.float32) - ref))) / scale
                 print(f"M={m} {cfg}: {t:.1f} us = {t / t_bf16:.2f}x bf16, {t / t_cur:.2f}x Triton path; err {err:.1e}",
                       flush=True)

@@ -118,19 +118,13 @@ def _lut_fill_fn(values, dtype):
     return fn
 
 
-DQ_SCALE_PTX = "mul.rn.f32 $0, $1, $2;\n add.rn.f32 $0, $0, $3;"  # code * nested absmax (rounded) + offset
-
-
-def _decode_fn(values, dtype, rows: int, tile_k: int, method: str, kb: int | None = None):
+def _decode_fn(values, dtype, rows: int, tile_k: int, method: str):
     """The Mosaic GPU body (for ``plgpu.inline_mgpu``) decoding one warpgroup's ``[rows, tile_k]``
-    weight tile from its codes (int32 ``[rows, tile_k / 8]`` in shared memory) into wgmma's
-    register layout. Scales: fp32 ``[rows, tile_k / 64]`` (``kb`` None), or with ``kb`` (blocks a
-    row) double quantization undone here: the absmax codes ``[rows, 1, 16]`` (the step's 16-byte
-    group), the warpgroup's nested absmax window, ``[2, 256]`` (code table; offset) and the
-    step's first block index."""
+    weight tile from its codes (int32 ``[rows, tile_k / 8]`` in shared memory) and fp32 scales
+    (``[rows, tile_k / 64]``) into wgmma's register layout."""
     asm = decode_asm(values, dtype, method)
 
-    def fn(_ctx, codes_ref, *refs):
+    def fn(_ctx, codes_ref, scales_ref, lut_ref=None):
         import jax.experimental.mosaic.gpu as mgpu
         from jax._src.lib.mlir import ir
         from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
@@ -155,36 +149,17 @@ def _decode_fn(values, dtype, rows: int, tile_k: int, method: str, kb: int | Non
         row0 = arith.addi(arith.muli(warp, c(16)), g)
         half_t = arith.divui(t, c(2))
         st = llvm.StructType.get_literal([i32] * 4)
-        f32 = ir.F32Type.get()
         extra, cons = [], "=r,=r,=r,=r,r,r"
         if method == "lut":  # this lane's copy: base + 4 * lane
-            lut_ref = refs[-1]
             extra = [arith.addi(llvm.ptrtoint(i32, mu.memref_ptr(lut_ref)), arith.muli(lane, c(4)))]
             cons += ",r"
-        if kb is None:
-            scales_ref = refs[0]
-
-            def scale_bits(row, u):
-                return mu.bitcast(memref.load(scales_ref, [row, arith.index_cast(index, arith.addi(half_t, c(2 * u)))]), i32)
-        else:
-            acodes_ref, nested_ref, consts_ref, steps_ref = refs[:4]
-            zero = arith.index_cast(index, c(0))
-            offset = memref.load(consts_ref, [arith.index_cast(index, c(1)), zero])
-            first = memref.load(steps_ref, [zero, zero])
-
-            def scale_bits(row, u):
-                blk = arith.addi(first, arith.addi(half_t, c(2 * u)))  # global block index along K
-                code = arith.extui(i32, memref.load(acodes_ref, [row, zero, arith.index_cast(index, arith.remui(blk, c(16)))]))
-                v = memref.load(consts_ref, [zero, arith.index_cast(index, code)])
-                nested = arith.divui(arith.addi(arith.muli(arith.index_cast(i32, row), c(kb)), blk), c(256))
-                na = memref.load(nested_ref, [arith.index_cast(index, nested)])
-                return mu.bitcast(llvm.inline_asm(f32, [v, na, offset], DQ_SCALE_PTX, "=f,f,f,f"), i32)
         pair_ty = ir.VectorType.get((2,), mu.dtype_to_ir_type(jnp.dtype(dtype)))
         regs = np.empty(oshape, dtype=object)
         for u in range(tile_k // CHUNK):
+            blk = arith.index_cast(index, arith.addi(half_t, c(2 * u)))
             for h in range(2):
                 row = arith.index_cast(index, arith.addi(row0, c(8 * h)))
-                sbits = scale_bits(row, u)
+                sbits = mu.bitcast(memref.load(scales_ref, [row, blk]), i32)
                 vec = words.registers[0, u, 0, 0, h, 0, 0, 0, 0]
                 for j in range(4):
                     w = vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
@@ -233,7 +208,7 @@ def _store_t_fn():
     return fn
 
 
-def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | None = None, dq=None):
+def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | None = None):
     """``y`` [M, N] = x @ decode(W).T, computed as decode(W) @ x.T and stored transposed.
 
     codes: int32 [N, K/8] (the canonical packed bytes viewed 4 to a word); scales: fp32
@@ -241,12 +216,6 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
     so that a tile's scales are 16-byte TMA rows); xp: [M, K] x's rows in the kernel's K order
     (:func:`permute_x`), 16-bit. N must be a multiple of 2 * tile_m, M of tile_n, K of tile_k
     (the caller pads); tile_k 128 or 256.
-
-    ``dq`` (with ``scales=None``): double quantization undone in the kernel from
-    ``(absmax codes uint8 [N, K/1024, 16], nested absmax fp32 [N*K/64/256], consts fp32 [2, 256])``
-    (consts: the nested code table, then the offset in every column): 1 byte a block read
-    instead of 4 and no XLA pass over the scales. Needs K a multiple of 1024 and nested blocks of
-    256 (bitsandbytes' default).
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -255,19 +224,7 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
     dtype = xp.dtype
     if codes.dtype != jnp.int32 or kw * 8 != k:
         raise ValueError(f"codes: expected int32 [N, {k // 8}], got {codes.dtype} {codes.shape}")
-    kb = k // 64
-    if dq is not None:
-        acodes, nested, consts = dq
-        if scales is not None:
-            raise ValueError("pass scales=None with dq")
-        if k % 1024 or acodes.shape != (n, k // 1024, 16) or acodes.dtype != jnp.uint8:
-            raise ValueError(f"dq absmax codes: expected uint8 {(n, k // 1024, 16)} (K a multiple of 1024), "
-                             f"got {acodes.dtype} {acodes.shape}")
-        if nested.shape != (n * kb // 256,) or nested.dtype != jnp.float32:
-            raise ValueError(f"dq nested absmax: expected float32 {(n * kb // 256,)}, got {nested.dtype} {nested.shape}")
-        if consts.shape != (2, 256) or consts.dtype != jnp.float32:
-            raise ValueError(f"dq consts: expected float32 (2, 256), got {consts.dtype} {consts.shape}")
-    elif k % 256 or scales.shape != (n, k // 256, 4) or scales.dtype != jnp.float32:
+    if k % 256 or scales.shape != (n, k // 256, 4) or scales.dtype != jnp.float32:
         raise ValueError(f"scales: expected float32 {(n, k // 256, 4)} (K a multiple of 256), "
                          f"got {scales.dtype} {scales.shape}")
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
@@ -283,55 +240,30 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
     if num_sms is None:
         num_sms = jax.devices()[0].core_count if jax.default_backend() == "gpu" else 132
     m_iters, n_iters, k_iters = n // cta_m, m // tn, k // tk
-    # Every per-step TMA buffer must start 128-byte aligned in shared memory, and the stages of one
-    # input sit back to back, so each box is a multiple of 128 bytes (16-byte boxes faulted with a
-    # misaligned address on the H100): the nested window (a CTA's nested absmax values) is
-    # rounded up to 32 values (the excess belongs to the next CTA, or is TMA's zero fill past
-    # the end) and the step index is a 32-int row.
-    nwin = cta_m * kb // 256
-    nbox = -(-nwin // 32) * 32
-    if dq is not None and nbox > 256:
-        raise ValueError(f"K={k} too large for the in-kernel double quantization (nested window {nbox} > 256)")
-    steps = jnp.broadcast_to((jnp.arange(k_iters, dtype=jnp.int32) * (tk // 64))[:, None], (k_iters, 32))
     bits = jnp.dtype(dtype).itemsize * 8
     x_swizzle = plgpu.find_swizzle(tk * bits, "rhs")
     x_transforms = (plgpu.TilingTransform((8, x_swizzle * 8 // bits)), plgpu.SwizzleTransform(x_swizzle))
     epi_n = min(64, tn)
     lut = cfg.decode == "lut"
-    n_refs = 1 + (4 if dq is not None else 1) + lut
     decode = plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(),) * n_refs,
+        arg_types=(plgpu.RefType(),) * (3 if lut else 2),
         return_type=plgpu.ShapeDtypeStruct((tm, tk), dtype, layout=plgpu.Layout.WGMMA),
-    )(_decode_fn(values, dtype, tm, tk, cfg.decode, kb if dq is not None else None))
+    )(_decode_fn(values, dtype, tm, tk, cfg.decode))
     fill = plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))(_lut_fill_fn(values, dtype))
     out_transforms = (plgpu.TilingTransform((8, OUT_SWIZZLE * 8 // bits)), plgpu.SwizzleTransform(OUT_SWIZZLE))
     store_t = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(transforms=out_transforms)))(_store_t_fn())
 
-    smem = plgpu.SMEM
-    if dq is None:
-        scale_specs = [plgpu.BlockSpec((cta_m, 1, 4), lambda kk: (0, kk * tk // 256, 0), memory_space=smem)]
-    else:
-        # the warp-specialized pipeline takes only step-indexed inputs: the nested window and the
-        # constants (128 B - 2 KB) are fetched again every step through an index that "uses" kk
-        scale_specs = [plgpu.BlockSpec((cta_m, 1, 16), lambda kk: (0, kk * tk // 1024, 0), memory_space=smem),
-                       plgpu.BlockSpec((nbox,), lambda kk: (kk * 0,), memory_space=smem),
-                       plgpu.BlockSpec((2, 256), lambda kk: (kk * 0, 0), memory_space=smem),
-                       plgpu.BlockSpec((1, 32), lambda kk: (kk, 0), memory_space=smem)]
-
-    def kernel(codes_gmem, *rest, out_smem, lut_smem):
-        *scale_gmems, x_gmem, out_gmem = rest
-
+    def kernel(codes_gmem, scales_gmem, x_gmem, out_gmem, out_smem, lut_smem):
         def get_pipeline(body, compute_context):
             return plgpu.emit_pipeline_warp_specialized(
                 body,
                 grid=(k_iters,),
                 memory_registers=40,
-                # x's swizzled tile first: 128-byte swizzling needs 1024-byte aligned buffers, and
-                # the small scale buffers after it would misalign it (a misaligned-address fault)
                 in_specs=[
-                    plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=x_transforms, memory_space=smem),
-                    plgpu.BlockSpec((cta_m, tk // 8), lambda kk: (0, kk), memory_space=smem),
-                    *scale_specs,
+                    plgpu.BlockSpec((cta_m, tk // 8), lambda kk: (0, kk), memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((cta_m, 1, 4), lambda kk: (0, kk * tk // 256, 0), memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=x_transforms,
+                                    memory_space=plgpu.SMEM),
                 ],
                 wg_axis="wg",
                 num_compute_wgs=2,
@@ -342,7 +274,7 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
         ignore = lambda *_, **__: None
 
         @functools.partial(pl.run_scoped,
-                           pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, codes_gmem, *scale_gmems),
+                           pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(codes_gmem, scales_gmem, x_gmem),
                            collective_axes="wg")
         def _scope(pipeline_allocs):
             wg = lax.axis_index("wg")
@@ -380,38 +312,22 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
                         for r in range(2):
                             pl.when(wg == r)(functools.partial(emit, acc, r))
 
-                def mma_body(idxs, x_smem, codes_smem, *rest):
-                    *scale_smems, acc_ref = rest
-                    if dq is None:  # this step's tk / 64 scales of the 4 in the tile's 16-byte row
-                        first = (idxs[0] % 2) * 2 if tk == 128 else 0
-                        scale_refs = (scale_smems[0].at[wg_sl, 0, pl.ds(first, tk // 64)],)
-                    else:
-                        acodes_smem, nested_smem, consts_smem, steps_smem = scale_smems
-                        scale_refs = (acodes_smem.at[wg_sl], nested_smem.at[pl.ds(wg * (nwin // 2), nwin // 2)],
-                                      consts_smem, steps_smem)
-                    refs = (codes_smem.at[wg_sl], *scale_refs)
+                def mma_body(idxs, codes_smem, scales_smem, x_smem, acc_ref):
+                    # this step's tk / 64 scales of the 4 in the tile's 16-byte row
+                    first = (idxs[0] % 2) * 2 if tk == 128 else 0
+                    refs = (codes_smem.at[wg_sl], scales_smem.at[wg_sl, 0, pl.ds(first, tk // 64)])
                     a = decode(*refs, lut_smem.at[wg]) if lut else decode(*refs)
                     plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
                     plgpu.wgmma_wait(0)
                     return acc_ref
 
-                if dq is None:
-                    scale_args = (scale_gmems[0].at[m_sl],)
-                else:
-                    scale_args = (scale_gmems[0].at[m_sl], scale_gmems[1].at[pl.ds(mi * nwin, nbox)], *scale_gmems[2:])
                 get_pipeline(mma_body, compute_context)(
-                    x_gmem.at[n_sl, :], codes_gmem.at[m_sl, :], *scale_args, allocations=pipeline_allocs)
+                    codes_gmem.at[m_sl, :], scales_gmem.at[m_sl], x_gmem.at[n_sl, :],
+                    allocations=pipeline_allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    # two output staging slots (the next slice's stores overlap the last one's TMA) unless shared
-    # memory is short: the pipeline's stages come first
-    scale_bytes = cta_m * 16 + (0 if dq is None else nbox * 4 + 2 * 256 * 4 + 128)
-    stage_bytes = cta_m * tk // 2 + tn * tk * 2 + scale_bytes
-    fixed = (2 * LUT_WORDS * 4 if lut else 0) + 4096  # tables, barriers and slack
     slots = min(2, tn // epi_n)
-    if cfg.stages * stage_bytes + fixed + 2 * slots * epi_n * tm * 2 > 232448:
-        slots = 1
     f = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((m, n), dtype),
@@ -423,5 +339,4 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
         scratch_types=dict(out_smem=plgpu.SMEM((2, slots, epi_n, tm), dtype, transforms=out_transforms),
                            lut_smem=plgpu.SMEM((2, LUT_WORDS) if lut else (1, 4), jnp.int32)),
     )
-    scale_ops = (scales,) if dq is None else (*dq, steps)
-    return f(codes, *scale_ops, xp)
+    return f(codes, scales, xp)

@@ -224,32 +224,22 @@ def _wgmma_tile_n(m: int) -> int:
 
 
 def wgmma_operands(q: quant.Packed4bit):
-    """The wgmma GEMM's operands ``(codes, scales, dq)``: codes as int32 words [N, K/8]; with
-    double quantization (K a multiple of 1024, nested blocks of 256) ``dq`` = the absmax codes
-    [N, K/1024, 16], the nested absmax and a [2, 256] table (nested code; offset), undone in the
-    kernel, and ``scales`` None; otherwise ``scales`` = the fp32 absmax [N, K/256, 4] (double
-    quantization undone by one XLA fusion) and ``dq`` None. Reshapes and bitcasts of the
-    canonical arrays otherwise."""
+    """The wgmma GEMM's views: codes as int32 words [N, K/8] and the fp32 block absmax as
+    [N, K/256, 4] (reshapes and bitcasts; with double quantization one XLA fusion undoes it per
+    call, 3.7 MB for an 8B model's largest layer)."""
     n, k = q.shape
     packed = q.packed if q.packed.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(q.packed, jnp.uint8)
     codes = jax.lax.bitcast_convert_type(packed.reshape(n, k // 8, 4), jnp.int32)
-    kb = k // q.blocksize
-    if q.double_quant and k % 1024 == 0 and q.nested_blocksize == 256 and 128 * kb // 256 <= 256:
-        consts = jnp.stack([jnp.asarray(q.nested_code, jnp.float32),
-                            jnp.broadcast_to(jnp.asarray(q.offset, jnp.float32), (256,))])
-        dq = (q.absmax.reshape(n, k // 1024, 16), q.nested_absmax.reshape(-1).astype(jnp.float32), consts)
-        return codes, None, dq
-    return codes, quant.absmax_4bit(q).reshape(n, k // 256, 4), None
+    return codes, quant.absmax_4bit(q).reshape(n, k // 256, 4)
 
 
 def _wgmma_forward(x2, q, bias):
     m = x2.shape[0]
     tn = _wgmma_tile_n(m)
     cfg = gemm_4bit_wgmma.Config(tile_n=tn, **(WGMMA_CONFIG if tn == 16 else WGMMA_CONFIG_WIDE))
-    codes, scales, dq = wgmma_operands(q)
+    codes, scales = wgmma_operands(q)
     xp = gemm_4bit_wgmma.permute_x(_pad_rows(x2, tn))
-    y = gemm_4bit_wgmma.matmul(codes, scales, xp, values=gemm_4bit_wgmma.c4.table(q.quant_type), cfg=cfg,
-                               dq=dq)[:m]
+    y = gemm_4bit_wgmma.matmul(codes, scales, xp, values=gemm_4bit_wgmma.c4.table(q.quant_type), cfg=cfg)[:m]
     # the bias after the 16-bit rounding of the product (the Triton kernels add it in fp32)
     return y if bias is None else (y + bias.astype(y.dtype))
 
