@@ -27,6 +27,7 @@ def configs(m):
     """The byte-table decode ("lut", the default) against the byte-permute one, same launch otherwise."""
     if m <= 16:
         return [gw.Config(tile_n=16, tile_k=256, stages=4, decode="lut"),
+                gw.Config(tile_n=16, tile_k=256, stages=5, decode="lut"),
                 gw.Config(tile_n=16, tile_k=128, stages=6, decode="lut"),
                 gw.Config(tile_n=16, tile_k=256, stages=8, decode="prmt")]
     tn = min(m, 128)
