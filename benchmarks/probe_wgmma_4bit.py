@@ -27,9 +27,7 @@ def configs(m):
     """The byte-table decode ("lut", the default) against the byte-permute one, same launch otherwise."""
     if m <= 16:
         return [gw.Config(tile_n=16, tile_k=256, stages=4, decode="lut"),
-                gw.Config(tile_n=16, tile_k=256, stages=5, decode="lut"),
-                gw.Config(tile_n=16, tile_k=128, stages=6, decode="lut"),
-                gw.Config(tile_n=16, tile_k=256, stages=8, decode="prmt")]
+                gw.Config(tile_n=16, tile_k=128, stages=6, decode="lut")]
     tn = min(m, 128)
     return [gw.Config(tile_n=tn, tile_k=128, stages=3, decode="lut"),
             gw.Config(tile_n=tn, tile_k=128, stages=4, decode="prmt")]
@@ -60,7 +58,7 @@ def main():
     wd = quant.dequantize_4bit(q, jnp.bfloat16)
     from lowbit_jax.ops import _matmul_4bit_kernels as kern
 
-    codes, scales = jax.jit(kern.wgmma_operands)(q)
+    codes, scales = jax.jit(kern.wgmma_operands, static_argnums=1)(q, jnp.bfloat16)
     for m in [int(s) for s in a.ms.split(",")]:
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
         ref = jnp.dot(x.astype(jnp.float32), wd.astype(jnp.float32).T)

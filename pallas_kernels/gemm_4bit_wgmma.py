@@ -25,9 +25,11 @@ what makes the decode free of layout shuffles:
 The decode reads ``_4bit_common``'s byte table (entry b = byte b's two code values as one pair,
 32 copies so a warp's reads never conflict): each compute warpgroup fills its own 32 KB table in
 shared memory once per kernel (``decode="prmt"``: the byte-permute PTX instead, 22 integer
-instructions per 8 codes). The scales are the canonical fp32 absmax ``[N, K/64]`` (double
-quantization undone by XLA: one elementwise fusion) viewed ``[N, K/256, 4]``, so a tile's are
-16-byte rows, one TMA box a step.
+instructions per 8 codes). The scales are the absmax ``[N, K/64]`` in x's dtype (double
+quantization undone and rounded by XLA: one elementwise fusion, 1.8 MB for an 8B model's largest
+layer) viewed ``[N, K/512, 8]``, so a tile's are 16-byte rows, one TMA box a step. (Undoing the
+double quantization in the kernel instead, from the uint8 codes, was slower: 18.1 vs 16.1 us at
+M=16, see benchmarks/KERNEL_NOTES.md.)
 """
 
 from __future__ import annotations
@@ -72,25 +74,25 @@ def permute_x(x):
 
 
 def decode_asm(values, dtype, method: str = "lut") -> str:
-    """PTX: ``$4`` = one 32-bit word of packed codes, ``$5`` = the block's scale (fp32 bits) ->
-    ``$0..$3`` = byte j's (high-nibble, low-nibble) values times the scale in x's 16-bit dtype
-    (the scale rounded to the dtype, then one packed fma with -0.0 a pair: the code value and the
-    product each rounded to the dtype, as ``_4bit_common.lut_scaled_pairs_asm``).
+    """PTX: ``$4`` = one 32-bit word of packed codes, ``$5`` = the block's scale in x's 16-bit
+    dtype, in both halves -> ``$0..$3`` = byte j's (high-nibble, low-nibble) values times the
+    scale (one packed fma with -0.0 a pair: the code value and the product each rounded to the
+    dtype, as ``_4bit_common.lut_scaled_pairs_asm``).
 
     ``method="lut"``: ``$6`` = this lane's copy of the byte table (``_4bit_common``'s 256
     entries x 32 copies: base + 4 * lane), one prmt + mad + shared-memory read a byte (4 integer
     instructions per 8 codes); "prmt": the table in registers, 22 (``_decode_pairs_ptx``)."""
     ty = c4._ptx_half(dtype)
     if method == "lut":
-        regs = " .reg .b32 t, lb, q0, q1, q2, q3, nz, sp;\n .reg .f32 sf;\n mov.b32 lb, $6;\n"
+        regs = " .reg .b32 t, lb, q0, q1, q2, q3, nz;\n mov.b32 lb, $6;\n"
     elif method == "prmt":
-        regs = (" .reg .b32 v, s23, i01, i23, m01, m23, a, b, lo, hi, q0, q1, q2, q3, nz, sp;\n"
-                " .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3;\n .reg .f32 sf;\n" + c4._table_consts_ptx(values, dtype))
+        regs = (" .reg .b32 v, s23, i01, i23, m01, m23, a, b, lo, hi, q0, q1, q2, q3, nz;\n"
+                " .reg .b32 L0, L1, L2, L3, H0, H1, H2, H3;\n" + c4._table_consts_ptx(values, dtype))
     else:
         raise ValueError(f"decode must be 'lut' or 'prmt', got {method!r}")
-    return ("{\n" + regs + f" mov.b32 nz, 0x80008000;\n mov.b32 sf, $5;\n cvt.rn.{ty}x2.f32 sp, sf, sf;\n"
+    return ("{\n" + regs + " mov.b32 nz, 0x80008000;\n"
             + c4._decode_pairs_ptx("$4", ("q0", "q1", "q2", "q3"), method=method)
-            + "".join(f" fma.rn.{ty}x2 ${j}, q{j}, sp, nz;\n" for j in range(4)) + "}")
+            + "".join(f" fma.rn.{ty}x2 ${j}, q{j}, $5, nz;\n" for j in range(4)) + "}")
 
 
 LUT_WORDS = c4.LUT_ENTRIES * 32  # one compute warpgroup's byte table (32 copies: conflict-free reads)
@@ -120,8 +122,8 @@ def _lut_fill_fn(values, dtype):
 
 def _decode_fn(values, dtype, rows: int, tile_k: int, method: str):
     """The Mosaic GPU body (for ``plgpu.inline_mgpu``) decoding one warpgroup's ``[rows, tile_k]``
-    weight tile from its codes (int32 ``[rows, tile_k / 8]`` in shared memory) and fp32 scales
-    (``[rows, tile_k / 64]``) into wgmma's register layout."""
+    weight tile from its codes (int32 ``[rows, tile_k / 8]`` in shared memory) and scales in x's
+    dtype (``[rows, tile_k / 64]``) into wgmma's register layout."""
     asm = decode_asm(values, dtype, method)
 
     def fn(_ctx, codes_ref, scales_ref, lut_ref=None):
@@ -132,6 +134,7 @@ def _decode_fn(values, dtype, rows: int, tile_k: int, method: str):
         from jax.experimental.mosaic.gpu import utils as mu
 
         i32 = ir.IntegerType.get_signless(32)
+        i16 = ir.IntegerType.get_signless(16)
         index = ir.IndexType.get()
         c = lambda v: arith.constant(i32, v)
         words = mgpu.FragmentedArray.load_untiled(codes_ref, layout=fa.WGMMA_LAYOUT_8BIT, is_signed=False,
@@ -159,7 +162,8 @@ def _decode_fn(values, dtype, rows: int, tile_k: int, method: str):
             blk = arith.index_cast(index, arith.addi(half_t, c(2 * u)))
             for h in range(2):
                 row = arith.index_cast(index, arith.addi(row0, c(8 * h)))
-                sbits = mu.bitcast(memref.load(scales_ref, [row, blk]), i32)
+                s16 = arith.extui(i32, mu.bitcast(memref.load(scales_ref, [row, blk]), i16))
+                sbits = arith.ori(s16, arith.shli(s16, c(16)))  # the scale in both halves
                 vec = words.registers[0, u, 0, 0, h, 0, 0, 0, 0]
                 for j in range(4):
                     w = vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
@@ -211,10 +215,10 @@ def _store_t_fn():
 def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | None = None):
     """``y`` [M, N] = x @ decode(W).T, computed as decode(W) @ x.T and stored transposed.
 
-    codes: int32 [N, K/8] (the canonical packed bytes viewed 4 to a word); scales: fp32
-    [N, K/256, 4] (each block's absmax, double quantization undone: the canonical [N, K/64] viewed
-    so that a tile's scales are 16-byte TMA rows); xp: [M, K] x's rows in the kernel's K order
-    (:func:`permute_x`), 16-bit. N must be a multiple of 2 * tile_m, M of tile_n, K of tile_k
+    codes: int32 [N, K/8] (the canonical packed bytes viewed 4 to a word); scales: [N, K/512, 8]
+    in x's dtype (each block's absmax, double quantization undone, rounded to x's dtype: the
+    [N, K/64] layout viewed so that a tile's scales are 16-byte TMA rows); xp: [M, K] x's rows in
+    the kernel's K order (:func:`permute_x`), 16-bit. N must be a multiple of 2 * tile_m, M of tile_n, K of tile_k
     (the caller pads); tile_k 128 or 256.
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -224,8 +228,8 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
     dtype = xp.dtype
     if codes.dtype != jnp.int32 or kw * 8 != k:
         raise ValueError(f"codes: expected int32 [N, {k // 8}], got {codes.dtype} {codes.shape}")
-    if k % 256 or scales.shape != (n, k // 256, 4) or scales.dtype != jnp.float32:
-        raise ValueError(f"scales: expected float32 {(n, k // 256, 4)} (K a multiple of 256), "
+    if k % 512 or scales.shape != (n, k // 512, 8) or scales.dtype != dtype:
+        raise ValueError(f"scales: expected {jnp.dtype(dtype).name} {(n, k // 512, 8)} (K a multiple of 512), "
                          f"got {scales.dtype} {scales.shape}")
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     if tm != 64:
@@ -261,7 +265,7 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
                 memory_registers=40,
                 in_specs=[
                     plgpu.BlockSpec((cta_m, tk // 8), lambda kk: (0, kk), memory_space=plgpu.SMEM),
-                    plgpu.BlockSpec((cta_m, 1, 4), lambda kk: (0, kk * tk // 256, 0), memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((cta_m, 1, 8), lambda kk: (0, kk * tk // 512, 0), memory_space=plgpu.SMEM),
                     plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=x_transforms,
                                     memory_space=plgpu.SMEM),
                 ],
@@ -313,8 +317,8 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
                             pl.when(wg == r)(functools.partial(emit, acc, r))
 
                 def mma_body(idxs, codes_smem, scales_smem, x_smem, acc_ref):
-                    # this step's tk / 64 scales of the 4 in the tile's 16-byte row
-                    first = (idxs[0] % 2) * 2 if tk == 128 else 0
+                    # this step's tk / 64 scales of the 8 in the tile's 16-byte row
+                    first = (idxs[0] % (512 // tk)) * (tk // 64)
                     refs = (codes_smem.at[wg_sl], scales_smem.at[wg_sl, 0, pl.ds(first, tk // 64)])
                     a = decode(*refs, lut_smem.at[wg]) if lut else decode(*refs)
                     plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))

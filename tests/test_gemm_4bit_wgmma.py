@@ -68,14 +68,14 @@ def test_decode_asm_every_byte(dtype, quant_type, method):
     byts = np.arange(256, dtype=np.uint8)
     words = byts.view("<u4")
     scales32 = rng.uniform(0.01, 3.0, size=words.shape[0]).astype(np.float32)
-    scales = scales32.astype(ndt)  # the PTX rounds the fp32 scale to x's dtype
+    scales = scales32.astype(ndt)  # the kernel's scales are in x's dtype
     shared: dict = {}
     if method == "lut":  # a warpgroup's 128 threads fill the table the kernel gives them (at address 0)
         run_warp(c4.lut_fill_asm(values, ndt, 128, base="$0", tid="$1"), [{"$0": 0, "$1": i} for i in range(128)],
                  shared=shared)
         assert len(shared) == gw.LUT_WORDS
-    lanes = [{"$4": int(wd), "$5": int(np.float32(sc).view(np.uint32)), "$6": 4 * (i % 32)}
-             for i, (wd, sc) in enumerate(zip(words, scales32))]
+    sbits = scales.view(np.uint16).astype(np.uint32)
+    lanes = [{"$4": int(wd), "$5": int(sb | (sb << 16)), "$6": 4 * (i % 32)} for i, (wd, sb) in enumerate(zip(words, sbits))]
     out = run_warp(gw.decode_asm(values, dtype, method), lanes, half_dtype=ndt, shared=shared)
     vals = np.asarray(values, np.float32).astype(ndt).astype(np.float32)
     for i, regs in enumerate(out):
@@ -92,17 +92,17 @@ def test_kernel_lowers_for_cuda(tile_n, tile_k, decode):
     n, k = 256, 512
     cfg = gw.Config(tile_n=tile_n, tile_k=tile_k, stages=3, decode=decode)
     f = jax.jit(lambda c, s, x: gw.matmul(c, s, x, values=c4.NF4, cfg=cfg, num_sms=132))
-    lowered = f.trace(jax.ShapeDtypeStruct((n, k // 8), jnp.int32), jax.ShapeDtypeStruct((n, k // 256, 4), jnp.float32),
+    lowered = f.trace(jax.ShapeDtypeStruct((n, k // 8), jnp.int32), jax.ShapeDtypeStruct((n, k // 512, 8), jnp.bfloat16),
                       jax.ShapeDtypeStruct((tile_n, k), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
 def test_operand_checks():
     codes = jnp.zeros((256, 64), jnp.int32)
-    scales = jnp.ones((256, 2, 4), jnp.float32)
+    scales = jnp.ones((256, 1, 8), jnp.bfloat16)
     x = jnp.zeros((16, 512), jnp.bfloat16)
     with pytest.raises(ValueError, match="scales"):
-        gw.matmul(codes, scales.astype(jnp.bfloat16), x, values=c4.NF4, num_sms=132)
+        gw.matmul(codes, scales.astype(jnp.float32), x, values=c4.NF4, num_sms=132)
     with pytest.raises(ValueError, match="codes"):
         gw.matmul(codes.astype(jnp.uint32), scales, x, values=c4.NF4, num_sms=132)
     with pytest.raises(ValueError, match="does not tile"):
@@ -112,12 +112,13 @@ def test_operand_checks():
 
 
 def test_operands_views_match_the_canonical_arrays():
-    w = jax.random.normal(jax.random.key(3), (128, 256), jnp.float32)
+    w = jax.random.normal(jax.random.key(3), (128, 512), jnp.float32)
     q = quant.quantize_4bit(w, compress_statistics=True)
-    codes, scales = kern.wgmma_operands(q)
-    packed = np.asarray(q.packed).reshape(128, 128)
-    np.testing.assert_array_equal(np.asarray(codes).view(np.uint8).reshape(128, 128), packed)
-    np.testing.assert_array_equal(np.asarray(scales).reshape(128, 4), np.asarray(quant.absmax_4bit(q)).reshape(128, 4))
+    codes, scales = kern.wgmma_operands(q, jnp.bfloat16)
+    packed = np.asarray(q.packed).reshape(128, 256)
+    np.testing.assert_array_equal(np.asarray(codes).view(np.uint8).reshape(128, 256), packed)
+    want = np.asarray(quant.absmax_4bit(q).astype(jnp.bfloat16).astype(jnp.float32)).reshape(128, 8)
+    np.testing.assert_array_equal(np.asarray(scales.astype(jnp.float32)).reshape(128, 8), want)
 
 
 def test_dispatch_stays_off_the_cpu():
@@ -130,11 +131,19 @@ def test_dispatch_rules_on_hopper(monkeypatch):
     from lowbit_jax import _compat
 
     monkeypatch.setattr(_compat, "has_wgmma_kernels", lambda: True)
-    wide = quant.quantize_4bit(jnp.ones((kern.WGMMA_MIN_N, 256), jnp.float32))
-    narrow = quant.quantize_4bit(jnp.ones((4096, 256), jnp.float32))
+    wide = quant.quantize_4bit(jnp.ones((kern.WGMMA_MIN_N, 512), jnp.float32))
+    narrow = quant.quantize_4bit(jnp.ones((4096, 512), jnp.float32))
     assert kern.use_wgmma(16, jnp.bfloat16, wide) and kern.use_wgmma(kern.WGMMA_MAX_M, jnp.float16, wide)
     assert not kern.use_wgmma(1, jnp.bfloat16, wide)  # the one-row GEMV
     assert not kern.use_wgmma(kern.WGMMA_MAX_M + 1, jnp.bfloat16, wide)  # the bands
     assert not kern.use_wgmma(16, jnp.float32, wide)
     assert not kern.use_wgmma(16, jnp.bfloat16, narrow)  # too few 128-row tiles for the SMs
     assert not kern.use_wgmma(16, jnp.bfloat16, wide, interpret=True)
+
+
+def test_dispatch_needs_k_multiple_of_512(monkeypatch):
+    from lowbit_jax import _compat
+
+    monkeypatch.setattr(_compat, "has_wgmma_kernels", lambda: True)
+    q = quant.quantize_4bit(jnp.ones((kern.WGMMA_MIN_N, 768), jnp.float32))  # Llama-2-7B's 11008 is not either
+    assert not kern.use_wgmma(16, jnp.bfloat16, q)

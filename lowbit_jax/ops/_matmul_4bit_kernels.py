@@ -216,28 +216,29 @@ def use_wgmma(m: int, dtype, q: quant.Packed4bit, interpret: bool = False) -> bo
     n, k = q.shape
     return (not interpret and WGMMA_MIN_M <= m <= WGMMA_MAX_M and n >= WGMMA_MIN_N and _half(dtype)
             and q.blocksize == 64
-            and k % 256 == 0 and n % 128 == 0 and _compat.has_wgmma_kernels())
+            and k % 512 == 0 and n % 128 == 0 and _compat.has_wgmma_kernels())
 
 
 def _wgmma_tile_n(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
 
 
-def wgmma_operands(q: quant.Packed4bit):
-    """The wgmma GEMM's views: codes as int32 words [N, K/8] and the fp32 block absmax as
-    [N, K/256, 4] (reshapes and bitcasts; with double quantization one XLA fusion undoes it per
-    call, 3.7 MB for an 8B model's largest layer)."""
+def wgmma_operands(q: quant.Packed4bit, dtype):
+    """The wgmma GEMM's views: codes as int32 words [N, K/8] (a bitcast) and the block absmax in
+    x's dtype as [N, K/512, 8] (double quantization undone: one XLA fusion a call, 1.8 MB for an
+    8B model's largest layer). The kernel rounds the scale to x's dtype anyway (its packed fma),
+    so rounding here first gives the same products with half the bytes."""
     n, k = q.shape
     packed = q.packed if q.packed.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(q.packed, jnp.uint8)
     codes = jax.lax.bitcast_convert_type(packed.reshape(n, k // 8, 4), jnp.int32)
-    return codes, quant.absmax_4bit(q).reshape(n, k // 256, 4)
+    return codes, quant.absmax_4bit(q).astype(dtype).reshape(n, k // 512, 8)
 
 
 def _wgmma_forward(x2, q, bias):
     m = x2.shape[0]
     tn = _wgmma_tile_n(m)
     cfg = gemm_4bit_wgmma.Config(tile_n=tn, **(WGMMA_CONFIG if tn == 16 else WGMMA_CONFIG_WIDE))
-    codes, scales = wgmma_operands(q)
+    codes, scales = wgmma_operands(q, x2.dtype)
     xp = gemm_4bit_wgmma.permute_x(_pad_rows(x2, tn))
     y = gemm_4bit_wgmma.matmul(codes, scales, xp, values=gemm_4bit_wgmma.c4.table(q.quant_type), cfg=cfg)[:m]
     # the bias after the 16-bit rounding of the product (the Triton kernels add it in fp32)
