@@ -5,7 +5,10 @@ re-serialise): ``packed`` viewed as ``[N, K/2]`` and absmax as ``[N, K/blocksize
 is exact whenever K is a multiple of the blocksize (no block straddles two rows). Double
 quantization is undone in-kernel (uint8 absmax codes, nested scales, offset).
 
-Which kernel, by rows of x (M): one row of bf16/fp16 x, the one-row GEMV (``gemv_4bit``);
+Which kernel, by rows of x (M): on Hopper (sm_90, JAX >= 0.11), 16-bit x with WGMMA_MIN_M..
+WGMMA_MAX_M rows against layers of at least WGMMA_MIN_N rows take the Mosaic GPU wgmma GEMM
+(``gemm_4bit_wgmma``: the weight decoded in registers as wgmma's left operand). Otherwise: one
+row of bf16/fp16 x, the one-row GEMV (``gemv_4bit``);
 up to ``GEMV_MAX_M`` rows, the split-K tensor-core GEMV (``gemm_4bit`` in dot mode, or fma
 mode for a few fp32 rows); up to ``TILED_MIN_M``, the fused GEMM (the decoded W tile as the
 dot's left operand, ``orient="wx"``); from there, a band of W's rows at a time decoded by
