@@ -135,3 +135,26 @@ def apply_config(gpu_config: dict, items) -> dict:
         gpu_config[section][key] = value
         applied[name] = value
     return applied
+
+
+def cupti_kernel_us(f, *args) -> tuple:
+    """(output, median microseconds of the GPU kernels of one call of ``f``) from Mosaic GPU's
+    CUPTI profiler (10 calls). Kernel time only: no host dispatch, no gaps; a weight re-read
+    every call may sit partly in L2, so weight-streaming kernels read a little fast here."""
+    import statistics
+
+    from jax.experimental.mosaic.gpu import profiler
+
+    out, ms = profiler.measure(f, iterations=10)(*args)
+    return out, 1e3 * statistics.median(ms)
+
+
+def probe_shape_args():
+    """--ms (rows of x, comma-separated), --n, --k of the GPU probes."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default="16,128,4096")
+    ap.add_argument("--n", type=int, default=14336)
+    ap.add_argument("--k", type=int, default=4096)
+    return ap.parse_args()

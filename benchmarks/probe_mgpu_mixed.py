@@ -5,28 +5,23 @@ the same product, kernel time from CUPTI (Mosaic GPU's profiler), same process.
 
     PYTHONPATH=. python3 benchmarks/probe_mgpu_mixed.py --ms 16,128,4096
 """
-import argparse
 import itertools
-import statistics
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental.mosaic.gpu import profiler
 from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
 
 
-def kernel_us(f, *args):
-    out, ms = profiler.measure(f, iterations=10)(*args)
-    return out, 1e3 * statistics.median(ms)
+try:
+    from benchmarks._timing import cupti_kernel_us as kernel_us
+    from benchmarks._timing import probe_shape_args
+except ImportError:  # run from benchmarks/
+    from _timing import cupti_kernel_us as kernel_us
+    from _timing import probe_shape_args
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", default="16,128,4096")
-    ap.add_argument("--n", type=int, default=14336)
-    ap.add_argument("--k", type=int, default=4096)
-    a = ap.parse_args()
+    a = probe_shape_args()
     n, k = a.n, a.k
     w = jax.random.randint(jax.random.key(0), (n, k), -127, 127, dtype=jnp.int8)
     wb = w.astype(jnp.bfloat16)

@@ -6,21 +6,21 @@ call (so XLA's small preparation kernels count; host dispatch does not). K=4096,
 
     PYTHONPATH=. python3 benchmarks/probe_wgmma_4bit.py --ms 16,128,4096
 """
-import argparse
-import statistics
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.mosaic.gpu import profiler
 
 from lowbit_jax import ops, quant
 from pallas_kernels import _4bit_common as c4
 from pallas_kernels import gemm_4bit_wgmma as gw
 
 
-def kernel_us(f, *args):
-    out, ms = profiler.measure(f, iterations=10)(*args)
-    return out, 1e3 * statistics.median(ms)
+try:
+    from benchmarks._timing import cupti_kernel_us as kernel_us
+    from benchmarks._timing import probe_shape_args
+except ImportError:  # run from benchmarks/
+    from _timing import cupti_kernel_us as kernel_us
+    from _timing import probe_shape_args
 
 
 def configs(m):
@@ -46,11 +46,7 @@ def op_us(x, q, wgmma: bool):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", default="16,128,4096")
-    ap.add_argument("--n", type=int, default=14336)
-    ap.add_argument("--k", type=int, default=4096)
-    a = ap.parse_args()
+    a = probe_shape_args()
     n, k = a.n, a.k
     w = jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 0.02
     q = quant.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
