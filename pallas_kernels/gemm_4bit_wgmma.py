@@ -1,4 +1,5 @@
-"""4-bit (NF4/FP4) GEMM on Hopper's wgmma through Mosaic GPU: ``y.T = W @ x.T``, W never in HBM.
+"""4-bit (NF4/FP4) GEMM on Hopper's wgmma through Mosaic GPU: ``y = x @ W.T``, computed as
+``W @ x.T`` with W decoded on chip (never in HBM).
 
 Why a second GEMM beside the Triton one (``gemm_4bit``): wgmma can take its left operand from
 registers, so a weight tile decoded in registers feeds the tensor cores without a trip through
@@ -278,7 +279,8 @@ def matmul(codes, scales, xp, *, values, cfg: Config = Config(), num_sms: int | 
         ignore = lambda *_, **__: None
 
         @functools.partial(pl.run_scoped,
-                           pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(codes_gmem, scales_gmem, x_gmem),
+                           pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
+                               codes_gmem, scales_gmem, x_gmem),
                            collective_axes="wg")
         def _scope(pipeline_allocs):
             wg = lax.axis_index("wg")
